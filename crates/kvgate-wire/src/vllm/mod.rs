@@ -9,12 +9,12 @@ mod decode;
 mod encode;
 mod frames;
 
-pub use decode::decode_batch;
+pub use decode::{decode_batch, MAX_DEPTH, MAX_EVENTS, MAX_TOKEN_IDS};
 pub use encode::{encode_batch, EventEncoding};
 pub use frames::{
-    decode_replay_reply, decode_replay_request, encode_pub_frames, encode_replay_reply,
-    encode_replay_request, parse_pub_frames, PubFrame, ReplayReply, ReplayReplyGeneration,
-    REPLAY_END_SEQ,
+    decode_replay_reply, decode_replay_request, encode_pub_frames, encode_replay_end,
+    encode_replay_reply, encode_replay_request, parse_pub_frames, PubFrame, ReplayReply,
+    ReplayReplyGeneration, REPLAY_END_SEQ,
 };
 
 /// A block hash as the engine publishes it, folded to 64 bits.
@@ -95,10 +95,7 @@ pub enum WireError {
         limit: usize,
     },
     #[error("invalid value for {field}: {reason}")]
-    Invalid {
-        field: &'static str,
-        reason: String,
-    },
+    Invalid { field: &'static str, reason: String },
     #[error("trailing bytes after payload: {0}")]
     TrailingBytes(usize),
     #[error("bad ZMQ framing: {0}")]
