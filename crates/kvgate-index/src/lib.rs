@@ -330,6 +330,11 @@ impl KvIndex {
         }
     }
 
+    /// Verifies internal consistency (tests and debugging; O(entries)).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.state.read().check_invariants()
+    }
+
     pub fn dump(&self) -> IndexDump {
         let st = self.state.read();
         let endpoints = st

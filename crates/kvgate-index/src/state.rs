@@ -626,21 +626,37 @@ impl State {
             + self.queue.capacity() * std::mem::size_of::<QueueEntry>()
     }
 
-    #[cfg(test)]
-    pub fn check_invariants(&self) {
+    /// Internal consistency: every holder's engine hash maps back to its key,
+    /// and the counters equal what is stored.
+    pub fn check_invariants(&self) -> Result<(), String> {
         let mut total = 0;
         for (key, hs) in &self.blocks {
-            assert!(!hs.is_empty());
+            if hs.is_empty() {
+                return Err(format!("block {key:x} has no holders"));
+            }
             for h in hs {
-                let ep = self
-                    .endpoint(h.endpoint)
-                    .expect("holder of a live endpoint");
-                assert_eq!(ep.engine_to_key.get(&h.engine_hash), Some(key));
+                let ep = self.endpoint(h.endpoint).ok_or_else(|| {
+                    format!("block {key:x} held by unknown endpoint {}", h.endpoint)
+                })?;
+                if ep.engine_to_key.get(&h.engine_hash) != Some(key) {
+                    return Err(format!(
+                        "engine hash {:x} does not map back to {key:x}",
+                        h.engine_hash
+                    ));
+                }
             }
             total += hs.len();
         }
-        assert_eq!(total, self.holders_total);
+        if total != self.holders_total {
+            return Err(format!(
+                "{total} holders stored, counter says {}",
+                self.holders_total
+            ));
+        }
         let per_ep: usize = self.endpoints.iter().flatten().map(|e| e.holders).sum();
-        assert_eq!(per_ep, total);
+        if per_ep != total {
+            return Err(format!("{total} holders stored, endpoints count {per_ep}"));
+        }
+        Ok(())
     }
 }

@@ -296,6 +296,7 @@ fn run(ops: Vec<Op>, max: usize) {
                 assert_eq!(got, naive.lookup(&toks), "lookup of {toks:?}");
             }
         }
+        index.check_invariants().unwrap();
         let stats = index.stats();
         assert_eq!(stats.tracked_entries, naive.entries.len());
         assert!(stats.tracked_entries <= max);

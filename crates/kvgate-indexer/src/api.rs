@@ -1,0 +1,329 @@
+//! The index's HTTP service: locality queries, dumps, health and metrics.
+//!
+//! Errors use OpenAI's error shape so clients of the gateway and of the index
+//! parse one format.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use kvgate_index::{KvIndex, Locality, MAX_TIERS};
+use kvgate_keys::RequestContext;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::IndexerMetrics;
+
+/// Largest accepted request body: ~1M token ids as JSON.
+pub const MAX_BODY_BYTES: usize = 8 << 20;
+
+/// Relative worth of a cached block by tier (GPU, CPU, DISK, then others):
+/// a block in a slower tier saves less prefill time.
+pub const DEFAULT_TIER_WEIGHTS: [f64; MAX_TIERS] = [1.0, 0.8, 0.5, 0.3, 0.3, 0.3, 0.3, 0.3];
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub index: Arc<KvIndex>,
+    pub metrics: Arc<IndexerMetrics>,
+    pub registry: Arc<Registry>,
+    pub tier_weights: [f64; MAX_TIERS],
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/locality", get(locality_get).post(locality_post))
+        .route("/v1/index/dump", get(dump))
+        .route("/v1/index/endpoints", get(endpoints))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// OpenAI-shaped error body.
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    #[serde(skip)]
+    status: StatusCode,
+    error: ErrorBody,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorBody {
+    message: String,
+    r#type: &'static str,
+    param: Option<&'static str>,
+    code: u16,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            error: ErrorBody {
+                message: message.into(),
+                r#type: "invalid_request_error",
+                param,
+                code: 400,
+            },
+        }
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    /// Keeps the rejection's status (413 for oversized bodies, 415, 422 -> 400).
+    fn from(e: axum::extract::rejection::JsonRejection) -> Self {
+        let status = match e.status() {
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            s => s,
+        };
+        let mut err = Self::bad_request(e.body_text(), None);
+        err.status = status;
+        err.error.code = status.as_u16();
+        err
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(&self)).into_response()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityRequest {
+    pub model: String,
+    /// The prompt's token ids, after the chat template.
+    #[serde(default)]
+    pub tokens: Option<Vec<u32>>,
+    /// Raw text; needs a tokenizer, which this service does not load yet.
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub cache_salt: Option<String>,
+    #[serde(default)]
+    pub lora_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LocalityQuery {
+    pub model: Option<String>,
+    /// Comma-separated token ids.
+    pub tokens: Option<String>,
+    pub cache_salt: Option<String>,
+    pub lora_name: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct LocalityResponse {
+    pub model: String,
+    pub prompt_tokens: usize,
+    /// Share of the prompt's tokens cached on the best endpoint.
+    pub coverage: f64,
+    pub endpoints: Vec<EndpointScore>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct EndpointScore {
+    pub endpoint: String,
+    pub matched_blocks: u32,
+    pub matched_tokens: usize,
+    /// The tier holding most of the matched prefix (None when nothing matched).
+    pub tier: Option<String>,
+    pub tiers: Vec<(String, u32)>,
+    /// Tier-weighted share of the prompt's blocks that is cached, in [0, 1].
+    pub score: f64,
+    pub block_size: u32,
+    pub stale: bool,
+}
+
+async fn locality_get(
+    State(st): State<ApiState>,
+    Query(q): Query<LocalityQuery>,
+) -> Result<Json<LocalityResponse>, ApiError> {
+    let model = q
+        .model
+        .ok_or_else(|| ApiError::bad_request("missing query parameter 'model'", Some("model")))?;
+    let raw = q
+        .tokens
+        .ok_or_else(|| ApiError::bad_request("missing query parameter 'tokens'", Some("tokens")))?;
+    let tokens = parse_token_list(&raw)?;
+    run_locality(
+        &st,
+        &model,
+        &tokens,
+        q.cache_salt.as_deref(),
+        q.lora_name.as_deref(),
+    )
+}
+
+async fn locality_post(
+    State(st): State<ApiState>,
+    body: Result<Json<LocalityRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<LocalityResponse>, ApiError> {
+    let Json(req) = body?;
+    let tokens =
+        match (req.tokens, req.text) {
+            (Some(t), None) => t,
+            (None, Some(_)) => return Err(ApiError::bad_request(
+                "'text' needs a tokenizer, which this index service has not loaded; send 'tokens'",
+                Some("text"),
+            )),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "exactly one of 'tokens' or 'text' is required",
+                    Some("tokens"),
+                ))
+            }
+        };
+    run_locality(
+        &st,
+        &req.model,
+        &tokens,
+        req.cache_salt.as_deref(),
+        req.lora_name.as_deref(),
+    )
+}
+
+fn parse_token_list(raw: &str) -> Result<Vec<u32>, ApiError> {
+    if raw.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    raw.split(',')
+        .map(|t| {
+            t.trim().parse::<u32>().map_err(|_| {
+                ApiError::bad_request(format!("token id {t:?} is not a u32"), Some("tokens"))
+            })
+        })
+        .collect()
+}
+
+fn run_locality(
+    st: &ApiState,
+    model: &str,
+    tokens: &[u32],
+    cache_salt: Option<&str>,
+    lora_name: Option<&str>,
+) -> Result<Json<LocalityResponse>, ApiError> {
+    let ctx = RequestContext {
+        model,
+        lora_name,
+        cache_salt,
+        mm_items: &[],
+    };
+    let started = Instant::now();
+    let loc = st
+        .index
+        .locality(tokens, &ctx)
+        .map_err(|e| ApiError::bad_request(e.to_string(), None))?;
+    let resp = score_locality(model, &loc, &st.tier_weights);
+    let queried = loc
+        .endpoints
+        .iter()
+        .map(|e| e.total_blocks)
+        .max()
+        .unwrap_or(0);
+    let best = loc
+        .endpoints
+        .iter()
+        .map(|e| e.matched_blocks)
+        .max()
+        .unwrap_or(0);
+    st.metrics.record_query(
+        started.elapsed().as_secs_f64(),
+        u64::from(queried),
+        u64::from(best),
+    );
+    Ok(Json(resp))
+}
+
+/// Turns raw matches into scores: the matched blocks are credited fastest tier
+/// first (a block held in GPU and CPU is served from GPU), each at its tier's weight.
+pub fn score_locality(model: &str, loc: &Locality, weights: &[f64; MAX_TIERS]) -> LocalityResponse {
+    let tier_index = |name: &str| match name {
+        "GPU" => 0,
+        "CPU" => 1,
+        "DISK" => 2,
+        _ => 3,
+    };
+    let mut endpoints: Vec<EndpointScore> = loc
+        .endpoints
+        .iter()
+        .map(|e| {
+            let mut tiers = e.tiers.clone();
+            tiers.sort_by_key(|(n, _)| tier_index(n));
+            let mut left = e.matched_blocks;
+            let mut credit = 0.0;
+            for (name, n) in &tiers {
+                let take = left.min(*n);
+                credit += f64::from(take) * weights[tier_index(name).min(MAX_TIERS - 1)];
+                left -= take;
+            }
+            let score = if e.total_blocks == 0 {
+                0.0
+            } else {
+                credit / f64::from(e.total_blocks)
+            };
+            EndpointScore {
+                endpoint: e.endpoint.clone(),
+                matched_blocks: e.matched_blocks,
+                matched_tokens: e.matched_tokens,
+                tier: tiers.iter().max_by_key(|(_, n)| *n).map(|(t, _)| t.clone()),
+                tiers,
+                score,
+                block_size: e.block_size,
+                stale: e.stale,
+            }
+        })
+        .collect();
+    endpoints.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then_with(|| a.endpoint.cmp(&b.endpoint))
+    });
+    let coverage = if loc.prompt_tokens == 0 {
+        0.0
+    } else {
+        endpoints
+            .iter()
+            .map(|e| e.matched_tokens)
+            .max()
+            .unwrap_or(0) as f64
+            / loc.prompt_tokens as f64
+    };
+    LocalityResponse {
+        model: model.to_string(),
+        prompt_tokens: loc.prompt_tokens,
+        coverage,
+        endpoints,
+    }
+}
+
+async fn dump(State(st): State<ApiState>) -> impl IntoResponse {
+    Json(st.index.dump())
+}
+
+async fn endpoints(State(st): State<ApiState>) -> impl IntoResponse {
+    Json(st.index.endpoints())
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    st.metrics.refresh_gauges(&st.index);
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &st.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

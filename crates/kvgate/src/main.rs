@@ -1,0 +1,96 @@
+//! `kvgate`: one binary, one subcommand per role.
+
+mod config;
+mod demo;
+mod service;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::config::{IndexOverrides, IndexServiceConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "kvgate",
+    version,
+    about = "KV-cache-aware gateway and KV block index for vLLM fleets"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax); env KVGATE_LOG.
+    #[arg(long, env = "KVGATE_LOG", default_value = "info", global = true)]
+    log: String,
+    /// Human-readable logs instead of JSON.
+    #[arg(long, global = true)]
+    pretty_logs: bool,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the global KV block index as a service: subscribe to engines' KV
+    /// events and answer locality queries over HTTP.
+    Index {
+        /// YAML config file (see docs/config.md); env and flags override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// HTTP listen address (env KVGATE_LISTEN).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Bound on tracked (block, endpoint, tier) entries (env KVGATE_MAX_TRACKED_BLOCKS).
+        #[arg(long)]
+        max_tracked_blocks: Option<usize>,
+        /// An engine to subscribe to, repeatable:
+        /// name=URL,model=M,block_size=16,events=tcp://H:P[,replay=tcp://H:P][,topic=kv][,bind=true]
+        #[arg(long = "source")]
+        sources: Vec<String>,
+    },
+    /// Run the built-in demo on an embedded default (no arguments needed).
+    Demo(demo::DemoArgs),
+}
+
+fn init_logs(filter: &str, pretty: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if pretty {
+        builder.init();
+    } else {
+        builder.json().init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Command::Index {
+            config,
+            listen,
+            max_tracked_blocks,
+            sources,
+        } => {
+            init_logs(&cli.log, cli.pretty_logs);
+            let flags = IndexOverrides {
+                listen,
+                max_tracked_blocks,
+                sources,
+            };
+            let cfg =
+                IndexServiceConfig::load(config.as_deref(), |k| std::env::var(k).ok(), &flags)?;
+            let _service = service::IndexService::start(&cfg).await?;
+            tokio::signal::ctrl_c().await?;
+            tracing::info!("shutting down");
+            Ok(())
+        }
+        Command::Demo(args) => {
+            // The demo prints a report; logs only on request.
+            init_logs(if cli.log == "info" { "warn" } else { &cli.log }, true);
+            demo::run(args).await
+        }
+    }
+}
