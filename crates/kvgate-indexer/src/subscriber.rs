@@ -187,6 +187,7 @@ impl Stream {
             if let Err(e) = opened {
                 warn!(endpoint = %self.source.name, events = %self.source.events, error = %e,
                     "cannot open event socket; retrying in {backoff:?}");
+                drop(sock);
                 tokio::select! {
                     _ = wait_shutdown(shutdown) => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -195,10 +196,6 @@ impl Stream {
                 continue;
             }
             backoff = self.opts.reconnect_min;
-            if let Err(e) = sock.subscribe(&self.source.topic).await {
-                warn!(endpoint = %self.source.name, error = %e, "subscribe failed; reopening");
-                continue;
-            }
             // Created after connect so that only *later* connections show up;
             // in bind mode the engine's first connection shows up too.
             let mut monitor = sock.monitor();
@@ -461,10 +458,12 @@ impl Stream {
 
 async fn open(sock: &mut SubSocket, source: &EventSource) -> Result<(), zeromq::ZmqError> {
     if source.bind {
-        sock.bind(&source.events).await.map(|_| ())
+        sock.bind(&source.events).await?;
     } else {
-        sock.connect(&source.events).await
+        sock.connect(&source.events).await?;
     }
+    // zeromq-rs remembers the subscription and re-sends it on reconnects.
+    sock.subscribe(&source.topic).await
 }
 
 struct Ingest {
