@@ -526,32 +526,43 @@ impl State {
         let mut n_alive = matches.len();
         let mut next: SmallVec<[u64; 4]> = smallvec::smallvec![0; words];
         let mut depth = 1u32;
-        for key in &keys[1..] {
-            let Some(holders) = self.blocks.get(key) else {
-                break;
-            };
-            next.iter_mut().for_each(|w| *w = 0);
-            for h in holders {
-                let slot = h.endpoint as usize;
-                if alive[slot / 64] & (1 << (slot % 64)) != 0 {
-                    next[slot / 64] |= 1 << (slot % 64);
-                    matches[pos[slot] as usize].tier_blocks[h.tier.0 as usize] += 1;
+        // Keys are probed in groups: the probes are independent, so issuing a
+        // group's table reads together lets their cache misses overlap (the
+        // table is far larger than the CPU caches). The price is up to
+        // LOOKAHEAD-1 wasted probes past the end of the match.
+        const LOOKAHEAD: usize = 8;
+        'groups: for group in keys[1..].chunks(LOOKAHEAD) {
+            let mut found: [Option<&Holders>; LOOKAHEAD] = [None; LOOKAHEAD];
+            for (slot, key) in found.iter_mut().zip(group) {
+                *slot = self.blocks.get(key);
+            }
+            for holders in found.iter().take(group.len()) {
+                let Some(holders) = holders else {
+                    break 'groups;
+                };
+                next.iter_mut().for_each(|w| *w = 0);
+                for h in holders.iter() {
+                    let slot = h.endpoint as usize;
+                    if alive[slot / 64] & (1 << (slot % 64)) != 0 {
+                        next[slot / 64] |= 1 << (slot % 64);
+                        matches[pos[slot] as usize].tier_blocks[h.tier.0 as usize] += 1;
+                    }
                 }
-            }
-            for (w, (a, n)) in alive.iter_mut().zip(next.iter()).enumerate() {
-                let mut dropped = *a & !*n;
-                while dropped != 0 {
-                    let bit = dropped.trailing_zeros() as usize;
-                    dropped &= dropped - 1;
-                    matches[pos[w * 64 + bit] as usize].matched_blocks = depth;
-                    n_alive -= 1;
+                for (w, (a, n)) in alive.iter_mut().zip(next.iter()).enumerate() {
+                    let mut dropped = *a & !*n;
+                    while dropped != 0 {
+                        let bit = dropped.trailing_zeros() as usize;
+                        dropped &= dropped - 1;
+                        matches[pos[w * 64 + bit] as usize].matched_blocks = depth;
+                        n_alive -= 1;
+                    }
+                    *a = *n;
                 }
-                *a = *n;
+                if n_alive == 0 {
+                    break 'groups;
+                }
+                depth += 1;
             }
-            if n_alive == 0 {
-                break;
-            }
-            depth += 1;
         }
         for (w, a) in alive.iter().enumerate() {
             let mut rest = *a;
