@@ -314,29 +314,60 @@ async fn malformed_payload_is_counted_and_skipped() {
     let index = new_index();
     let metrics = Arc::new(IndexerMetrics::default());
     let (mut engine, source) = FakeEngine::start("http://e3", true).await;
+    let (mut peer, peer_source) = FakeEngine::start("http://e3-peer", true).await;
     let name = source.name.clone();
+    let peer_name = peer_source.name.clone();
     let (tx, handle) = spawn_subscriber(source, index.clone(), metrics.clone());
+    let (peer_tx, peer_handle) = spawn_subscriber(peer_source, index.clone(), metrics.clone());
     engine.warm_up(&index, &name).await;
+    peer.warm_up(&index, &peer_name).await;
 
     engine.publish(vec![stored(&[1, 2], None, 0)], true).await;
-    // msgpack array header promising 3 items, then garbage.
-    engine
-        .publish_raw(vec![0x93, 0xc1, 0xff, 0x00, 0x13], true)
-        .await;
+    peer.publish(vec![stored(&[1, 2], None, 0)], true).await;
+    let good = kvgate_wire::vllm::encode_batch(
+        &EventBatch {
+            ts: 0.0,
+            events: vec![stored(&[9], None, 90)],
+            data_parallel_rank: None,
+        },
+        kvgate_wire::vllm::EventEncoding::Map,
+    );
+    let garbage: Vec<Vec<u8>> = vec![
+        // msgpack array header promising 3 items, then garbage.
+        vec![0x93, 0xc1, 0xff, 0x00, 0x13],
+        // array32 header claiming 4 billion elements.
+        vec![0xdd, 0xff, 0xff, 0xff, 0xff, 0x01],
+        // a valid payload cut short.
+        good[..good.len() / 2].to_vec(),
+        // not msgpack at all.
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        Vec::new(),
+    ];
+    for g in &garbage {
+        engine.publish_raw(g.clone(), true).await;
+    }
     engine.publish(vec![stored(&[3], Some(2), 8)], true).await;
     let last = engine.publish(vec![stored(&[7], None, 50)], true).await;
+    let peer_last = peer.publish(vec![stored(&[3], Some(2), 8)], true).await;
     let want = engine.truth_set();
+    let peer_want = peer.truth_set();
     let done = wait_until(WAIT, || {
         endpoint(&index, &name).and_then(|e| e.last_seq) == Some(last)
             && held(&index, &name) == want
+            && endpoint(&index, &peer_name).and_then(|e| e.last_seq) == Some(peer_last)
+            && held(&index, &peer_name) == peer_want
     })
     .await;
     assert!(done, "index {:?} != engine {:?}", held(&index, &name), want);
-    assert_eq!(count(&metrics.decode_errors, &name), 1);
-    // The poison message's seq counts as consumed: no gap, no replay loop.
+    assert_eq!(count(&metrics.decode_errors, &name), garbage.len() as u64);
+    // The other endpoint never saw an error and holds exactly its own blocks.
+    assert_eq!(count(&metrics.decode_errors, &peer_name), 0);
+    assert_eq!(held(&index, &peer_name), peer_want);
+    // The poison messages' seqs count as consumed: no gap, no replay loop.
     assert_eq!(count(&metrics.seq_gaps, &name), 0);
     assert!(!endpoint(&index, &name).unwrap().stale);
     stop(tx, handle).await;
+    stop(peer_tx, peer_handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
