@@ -1,0 +1,467 @@
+//! Prompt tokens exactly as vLLM computes them, so block keys match the engine.
+//!
+//! - Chat: the model's Hugging Face chat template rendered the way
+//!   `transformers.apply_chat_template` renders it (Jinja with `trim_blocks`,
+//!   `lstrip_blocks`, Python string methods, Python-style `tojson`), after the
+//!   message normalisation vLLM applies (text parts joined by newlines, tool-call
+//!   arguments parsed from JSON), then encoded without adding special tokens.
+//! - Completions: the prompt encoded with special tokens added (BOS where the
+//!   tokenizer's post-processor adds one).
+
+mod pyjson;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+use minijinja::value::Kwargs;
+use minijinja::{Environment, ErrorKind, Value};
+use serde_json::Value as Json;
+
+pub use pyjson::dumps as python_json_dumps;
+
+const TEMPLATE: &str = "chat_template";
+
+/// The tokenizer embedded in the binary (Qwen's, Apache-2.0; see assets/tokenizers/qwen3/NOTICE.md).
+const EMBEDDED_TOKENIZER_GZ: &[u8] =
+    include_bytes!("../../../assets/tokenizers/qwen3/tokenizer.json.gz");
+const EMBEDDED_CONFIG: &[u8] =
+    include_bytes!("../../../assets/tokenizers/qwen3/tokenizer_config.json");
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizeError {
+    #[error("loading tokenizer: {0}")]
+    Load(String),
+    #[error("tokenizer has no chat template")]
+    NoChatTemplate,
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("invalid messages: {0}")]
+    InvalidMessages(String),
+    #[error("tokenizing: {0}")]
+    Encode(String),
+}
+
+/// What a chat request contributes to the rendered prompt.
+#[derive(Debug, Clone, Default)]
+pub struct ChatInput<'a> {
+    /// OpenAI-style messages, as the client sent them.
+    pub messages: &'a [Json],
+    pub tools: Option<&'a [Json]>,
+    /// vLLM's default is true.
+    pub add_generation_prompt: bool,
+    pub continue_final_message: bool,
+    /// `chat_template_kwargs` from the request (e.g. `enable_thinking`).
+    pub template_kwargs: Option<&'a serde_json::Map<String, Json>>,
+}
+
+pub struct ModelTokenizer {
+    tokenizer: tokenizers::Tokenizer,
+    env: Option<Environment<'static>>,
+    /// bos_token, eos_token, ... as strings, visible to templates.
+    special_tokens: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for ModelTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("has_chat_template", &self.env.is_some())
+            .finish()
+    }
+}
+
+impl ModelTokenizer {
+    /// The embedded default tokenizer (used by the demo and when no model dir is configured).
+    pub fn embedded_default() -> Result<Self, TokenizeError> {
+        let json = gunzip(EMBEDDED_TOKENIZER_GZ)?;
+        Self::from_parts(&json, Some(EMBEDDED_CONFIG), None)
+    }
+
+    /// Loads `tokenizer.json` (or `tokenizer.json.gz`), `tokenizer_config.json`
+    /// and, if present, `chat_template.jinja` (newer models keep it separately).
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizeError> {
+        let read = |name: &str| std::fs::read(dir.join(name));
+        let json = match read("tokenizer.json") {
+            Ok(b) => b,
+            Err(_) => gunzip(&read("tokenizer.json.gz").map_err(|e| {
+                TokenizeError::Load(format!("{}: no tokenizer.json(.gz): {e}", dir.display()))
+            })?)?,
+        };
+        let config = read("tokenizer_config.json").ok();
+        let template = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+        Self::from_parts(&json, config.as_deref(), template)
+    }
+
+    pub fn from_parts(
+        tokenizer_json: &[u8],
+        tokenizer_config: Option<&[u8]>,
+        chat_template: Option<String>,
+    ) -> Result<Self, TokenizeError> {
+        let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+            .map_err(|e| TokenizeError::Load(e.to_string()))?;
+        let config: Json = match tokenizer_config {
+            Some(b) => serde_json::from_slice(b)
+                .map_err(|e| TokenizeError::Load(format!("tokenizer_config.json: {e}")))?,
+            None => Json::Null,
+        };
+        let mut special_tokens = BTreeMap::new();
+        for key in [
+            "bos_token",
+            "eos_token",
+            "unk_token",
+            "pad_token",
+            "sep_token",
+            "cls_token",
+            "mask_token",
+        ] {
+            if let Some(s) = token_string(config.get(key)) {
+                special_tokens.insert(key.to_string(), s);
+            }
+        }
+        let template = chat_template.or_else(|| template_from_config(&config));
+        let env = template.map(build_env).transpose()?;
+        Ok(Self {
+            tokenizer,
+            env,
+            special_tokens,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.env.is_some()
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizeError> {
+        self.tokenizer
+            .encode_fast(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TokenizeError::Encode(e.to_string()))
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizeError> {
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TokenizeError::Encode(e.to_string()))
+    }
+
+    /// The prompt text the chat template produces for a request.
+    pub fn render_chat(&self, input: &ChatInput<'_>) -> Result<String, TokenizeError> {
+        let env = self.env.as_ref().ok_or(TokenizeError::NoChatTemplate)?;
+        let messages = normalize_messages(input.messages)?;
+        let mut ctx = serde_json::Map::new();
+        for (k, v) in &self.special_tokens {
+            ctx.insert(k.clone(), Json::String(v.clone()));
+        }
+        if let Some(kwargs) = input.template_kwargs {
+            for (k, v) in kwargs {
+                ctx.insert(k.clone(), v.clone());
+            }
+        }
+        let last_content = messages.last().and_then(|m| m.get("content")).cloned();
+        ctx.insert("messages".into(), Json::Array(messages));
+        if let Some(tools) = input.tools {
+            ctx.insert("tools".into(), Json::Array(tools.to_vec()));
+        }
+        // With continue_final_message the last turn is left open: render it as a
+        // closed turn and cut after its content, as transformers does.
+        let add_generation_prompt = input.add_generation_prompt && !input.continue_final_message;
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Json::Bool(add_generation_prompt),
+        );
+        let tmpl = env
+            .get_template(TEMPLATE)
+            .map_err(|e| TokenizeError::Template(e.to_string()))?;
+        let mut rendered = tmpl
+            .render(Value::from(minijinja::value::Serde(&ctx)))
+            .map_err(|e| TokenizeError::Template(template_error(&e)))?;
+        if input.continue_final_message {
+            let content = match last_content {
+                Some(Json::String(s)) => s,
+                _ => {
+                    return Err(TokenizeError::InvalidMessages(
+                        "continue_final_message needs a final message with text content".into(),
+                    ))
+                }
+            };
+            let end = rendered
+                .rfind(content.trim_end())
+                .map(|i| i + content.trim_end().len())
+                .ok_or_else(|| {
+                    TokenizeError::Template(
+                        "final message content not found in the rendered prompt".into(),
+                    )
+                })?;
+            rendered.truncate(end);
+        }
+        Ok(rendered)
+    }
+
+    /// Token ids of a chat request's prompt, as vLLM computes them.
+    pub fn chat_tokens(&self, input: &ChatInput<'_>) -> Result<Vec<u32>, TokenizeError> {
+        let text = self.render_chat(input)?;
+        self.encode(&text, false)
+    }
+
+    /// Token ids of a completions request's text prompt, as vLLM computes them.
+    pub fn completion_tokens(&self, prompt: &str) -> Result<Vec<u32>, TokenizeError> {
+        self.encode(prompt, true)
+    }
+}
+
+fn gunzip(bytes: &[u8]) -> Result<Vec<u8>, TokenizeError> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .map_err(|e| TokenizeError::Load(format!("gunzip: {e}")))?;
+    Ok(out)
+}
+
+/// A special token in tokenizer_config.json is a string or an AddedToken object.
+fn token_string(v: Option<&Json>) -> Option<String> {
+    match v? {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// `chat_template` is a string, or a list of named templates ("default" wins).
+fn template_from_config(config: &Json) -> Option<String> {
+    match config.get("chat_template")? {
+        Json::String(s) => Some(s.clone()),
+        Json::Array(list) => {
+            let named = |name: &str| {
+                list.iter().find_map(|t| {
+                    (t.get("name").and_then(Json::as_str) == Some(name))
+                        .then(|| t.get("template").and_then(Json::as_str).map(str::to_string))
+                        .flatten()
+                })
+            };
+            named("default").or_else(|| {
+                list.first()
+                    .and_then(|t| t.get("template"))
+                    .and_then(Json::as_str)
+                    .map(str::to_string)
+            })
+        }
+        _ => None,
+    }
+}
+
+fn build_env(template: String) -> Result<Environment<'static>, TokenizeError> {
+    let mut env = Environment::new();
+    // transformers renders with trim_blocks and lstrip_blocks on.
+    env.set_syntax(
+        minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| TokenizeError::Template(e.to_string()))?,
+    );
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_filter("tojson", tojson);
+    env.add_function("raise_exception", raise_exception);
+    env.add_function("strftime_now", strftime_now);
+    env.add_template_owned(TEMPLATE, template)
+        .map_err(|e| TokenizeError::Template(template_error(&e)))?;
+    Ok(env)
+}
+
+fn template_error(e: &minijinja::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let json = serde_json::to_value(value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    Ok(Value::from_safe_string(pyjson::dumps(&json, indent)))
+}
+
+fn raise_exception(msg: String) -> Result<Value, minijinja::Error> {
+    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+/// `strftime_now(fmt)` as transformers provides it (Llama 3 templates print the date).
+fn strftime_now(fmt: String) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format_utc(secs, &fmt)
+}
+
+fn format_utc(secs: u64, fmt: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let month_name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('B') => out.push_str(month_name),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem % 3600 / 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// vLLM's message normalisation before templating: text parts are joined with
+/// newlines, tool-call arguments given as JSON strings become objects.
+fn normalize_messages(messages: &[Json]) -> Result<Vec<Json>, TokenizeError> {
+    if messages.is_empty() {
+        return Err(TokenizeError::InvalidMessages(
+            "messages must not be empty".into(),
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let Json::Object(obj) = m else {
+                return Err(TokenizeError::InvalidMessages(format!("messages[{i}] is not an object")));
+            };
+            if !obj.get("role").is_some_and(Json::is_string) {
+                return Err(TokenizeError::InvalidMessages(format!("messages[{i}].role must be a string")));
+            }
+            let mut obj = obj.clone();
+            match obj.get("content") {
+                None | Some(Json::Null) | Some(Json::String(_)) => {}
+                Some(Json::Array(parts)) => {
+                    let mut texts = Vec::with_capacity(parts.len());
+                    for (j, p) in parts.iter().enumerate() {
+                        let kind = p.get("type").and_then(Json::as_str);
+                        match (kind, p.get("text").and_then(Json::as_str)) {
+                            (Some("text") | None, Some(t)) => texts.push(t.to_string()),
+                            (Some(other), _) if other != "text" => {
+                                return Err(TokenizeError::InvalidMessages(format!(
+                                    "messages[{i}].content[{j}]: content part type {other:?} is not supported"
+                                )))
+                            }
+                            _ => {
+                                return Err(TokenizeError::InvalidMessages(format!(
+                                    "messages[{i}].content[{j}] has no text"
+                                )))
+                            }
+                        }
+                    }
+                    obj.insert("content".into(), Json::String(texts.join("\n")));
+                }
+                Some(_) => {
+                    return Err(TokenizeError::InvalidMessages(format!(
+                        "messages[{i}].content must be a string or a list of parts"
+                    )))
+                }
+            }
+            if let Some(Json::Array(calls)) = obj.get_mut("tool_calls") {
+                for call in calls.iter_mut() {
+                    if let Some(Json::String(args)) = call.pointer("/function/arguments") {
+                        if let Ok(parsed) = serde_json::from_str::<Json>(args) {
+                            if let Some(slot) = call.pointer_mut("/function/arguments") {
+                                *slot = parsed;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(Json::Object(obj))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn dates_format_like_strftime() {
+        // 2024-07-23 12:34:56 UTC
+        assert_eq!(
+            format_utc(1_721_738_096, "%d %b %Y %H:%M:%S"),
+            "23 Jul 2024 12:34:56"
+        );
+        assert_eq!(format_utc(0, "%Y-%m-%d %B %%"), "1970-01-01 January %");
+    }
+
+    #[test]
+    fn messages_are_normalized_like_vllm() {
+        let msgs = vec![
+            json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]}),
+        ];
+        let out = normalize_messages(&msgs).unwrap();
+        assert_eq!(out[0]["content"], "a\nb");
+        assert_eq!(
+            out[1]["tool_calls"][0]["function"]["arguments"],
+            json!({"x": 1})
+        );
+        for bad in [
+            json!([]),
+            json!([1]),
+            json!([{"content": "x"}]),
+            json!([{"role": "user", "content": 5}]),
+            json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        ] {
+            assert!(
+                normalize_messages(bad.as_array().unwrap()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,135 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Chat rendering and token ids against Hugging Face transformers' own output
+//! (fixtures/tokenize/*.json, made by scripts/gen_tokenize_fixtures.py).
+
+use kvgate_tokenize::{ChatInput, ModelTokenizer};
+use serde_json::Value;
+
+fn fixture() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/tokenize/qwen3.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn input(
+    case: &Value,
+) -> (
+    Vec<Value>,
+    Option<Vec<Value>>,
+    Option<serde_json::Map<String, Value>>,
+) {
+    let messages = case["messages"].as_array().unwrap().clone();
+    let tools = case.get("tools").and_then(Value::as_array).cloned();
+    let kwargs = case
+        .get("chat_template_kwargs")
+        .and_then(Value::as_object)
+        .cloned();
+    (messages, tools, kwargs)
+}
+
+#[test]
+fn chat_templates_render_and_tokenize_like_transformers() {
+    let tok = ModelTokenizer::embedded_default().unwrap();
+    let fx = fixture();
+    let cases = fx["chat"].as_array().unwrap();
+    assert!(cases.len() >= 15);
+    let mut failures = Vec::new();
+    for case in cases {
+        let (messages, tools, kwargs) = input(case);
+        let inp = ChatInput {
+            messages: &messages,
+            tools: tools.as_deref(),
+            add_generation_prompt: case["add_generation_prompt"].as_bool().unwrap(),
+            continue_final_message: case["continue_final_message"].as_bool().unwrap(),
+            template_kwargs: kwargs.as_ref(),
+        };
+        let name = case["name"].as_str().unwrap();
+        let text = match tok.render_chat(&inp) {
+            Ok(t) => t,
+            Err(e) => {
+                failures.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let want_text = case["expected_text"].as_str().unwrap();
+        if text != want_text {
+            failures.push(format!(
+                "{name}: text differs\n  got:  {text:?}\n  want: {want_text:?}"
+            ));
+            continue;
+        }
+        let ids = tok.chat_tokens(&inp).unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["expected_ids"].clone()).unwrap();
+        if ids != want {
+            failures.push(format!("{name}: ids differ"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn completion_prompts_tokenize_like_transformers() {
+    let tok = ModelTokenizer::embedded_default().unwrap();
+    for case in fixture()["completions"].as_array().unwrap() {
+        let want: Vec<u32> = serde_json::from_value(case["expected_ids"].clone()).unwrap();
+        assert_eq!(
+            tok.completion_tokens(case["prompt"].as_str().unwrap())
+                .unwrap(),
+            want,
+            "{case}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let tok = ModelTokenizer::embedded_default().unwrap();
+    let bad = serde_json::json!([{"role": "user", "content": {"x": 1}}]);
+    let inp = ChatInput {
+        messages: bad.as_array().unwrap(),
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    assert!(tok.render_chat(&inp).is_err());
+    let inp = ChatInput {
+        messages: &[],
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    assert!(tok.render_chat(&inp).is_err());
+    // A template that raises, or that does not parse, is a template error.
+    let gz = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../assets/tokenizers/qwen3/tokenizer.json.gz"
+    ))
+    .unwrap();
+    let mut json = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut json).unwrap();
+    let raising = ModelTokenizer::from_parts(
+        &json,
+        None,
+        Some("{{ raise_exception('no system role') }}".into()),
+    )
+    .unwrap();
+    let msgs = serde_json::json!([{"role": "user", "content": "x"}]);
+    let inp = ChatInput {
+        messages: msgs.as_array().unwrap(),
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    let err = raising.render_chat(&inp).unwrap_err().to_string();
+    assert!(err.contains("no system role"), "{err}");
+    assert!(ModelTokenizer::from_parts(&json, None, Some("{% if %}".into())).is_err());
+    let plain = ModelTokenizer::from_parts(&json, None, None).unwrap();
+    assert!(!plain.has_chat_template());
+    assert!(plain.render_chat(&inp).is_err());
+    assert!(ModelTokenizer::from_parts(b"not json", None, None).is_err());
+}
