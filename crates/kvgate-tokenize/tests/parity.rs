@@ -13,13 +13,13 @@ fn fixture() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn input(
-    case: &Value,
-) -> (
+type CaseInput = (
     Vec<Value>,
     Option<Vec<Value>>,
     Option<serde_json::Map<String, Value>>,
-) {
+);
+
+fn input(case: &Value) -> CaseInput {
     let messages = case["messages"].as_array().unwrap().clone();
     let tools = case.get("tools").and_then(Value::as_array).cloned();
     let kwargs = case
