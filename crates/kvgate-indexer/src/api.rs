@@ -13,6 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use kvgate_index::{KvIndex, Locality, MAX_TIERS};
 use kvgate_keys::RequestContext;
+use kvgate_tokenize::{ChatInput, TokenizerRegistry};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +32,8 @@ pub struct ApiState {
     pub metrics: Arc<IndexerMetrics>,
     pub registry: Arc<Registry>,
     pub tier_weights: [f64; MAX_TIERS],
+    /// Tokenizers for `text` / `messages` queries (by model).
+    pub tokenizers: Arc<TokenizerRegistry>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -101,9 +104,14 @@ pub struct LocalityRequest {
     /// The prompt's token ids, after the chat template.
     #[serde(default)]
     pub tokens: Option<Vec<u32>>,
-    /// Raw text; needs a tokenizer, which this service does not load yet.
+    /// A completions-style prompt, tokenized with the model's tokenizer.
     #[serde(default)]
     pub text: Option<String>,
+    /// Chat messages, rendered with the model's chat template and tokenized.
+    #[serde(default)]
+    pub messages: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    pub tools: Option<Vec<serde_json::Value>>,
     #[serde(default)]
     pub cache_salt: Option<String>,
     #[serde(default)]
@@ -167,20 +175,29 @@ async fn locality_post(
     body: Result<Json<LocalityRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<LocalityResponse>, ApiError> {
     let Json(req) = body?;
-    let tokens =
-        match (req.tokens, req.text) {
-            (Some(t), None) => t,
-            (None, Some(_)) => return Err(ApiError::bad_request(
-                "'text' needs a tokenizer, which this index service has not loaded; send 'tokens'",
-                Some("text"),
-            )),
-            _ => {
-                return Err(ApiError::bad_request(
-                    "exactly one of 'tokens' or 'text' is required",
-                    Some("tokens"),
-                ))
-            }
-        };
+    let tokens = match (req.tokens, req.text, req.messages) {
+        (Some(t), None, None) => t,
+        (None, Some(text), None) => tokenizer(&st, &req.model)?
+            .completion_tokens(&text)
+            .map_err(|e| ApiError::bad_request(e.to_string(), Some("text")))?,
+        (None, None, Some(messages)) => {
+            let input = ChatInput {
+                messages: &messages,
+                tools: req.tools.as_deref(),
+                add_generation_prompt: true,
+                ..Default::default()
+            };
+            tokenizer(&st, &req.model)?
+                .chat_tokens(&input)
+                .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "exactly one of 'tokens', 'text' or 'messages' is required",
+                Some("tokens"),
+            ))
+        }
+    };
     run_locality(
         &st,
         &req.model,
@@ -188,6 +205,18 @@ async fn locality_post(
         req.cache_salt.as_deref(),
         req.lora_name.as_deref(),
     )
+}
+
+fn tokenizer<'a>(
+    st: &'a ApiState,
+    model: &str,
+) -> Result<&'a Arc<kvgate_tokenize::ModelTokenizer>, ApiError> {
+    st.tokenizers.get(model).ok_or_else(|| {
+        ApiError::bad_request(
+            format!("no tokenizer is configured for model {model:?}; send 'tokens'"),
+            Some("model"),
+        )
+    })
 }
 
 fn parse_token_list(raw: &str) -> Result<Vec<u32>, ApiError> {

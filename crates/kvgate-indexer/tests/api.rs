@@ -10,9 +10,13 @@ use kvgate_index::{IndexConfig, KvIndex};
 use kvgate_indexer::api::{router, ApiState, LocalityResponse, DEFAULT_TIER_WEIGHTS};
 use kvgate_indexer::metrics::IndexerMetrics;
 use kvgate_keys::BlockHasher;
+use kvgate_tokenize::{ChatInput, ModelTokenizer, TokenizerRegistry};
 use kvgate_wire::vllm::{BlockStored, EventBatch, KvEvent};
 use prometheus_client::registry::Registry;
 use tower::ServiceExt;
+
+static TOKENIZER: std::sync::LazyLock<Arc<ModelTokenizer>> =
+    std::sync::LazyLock::new(|| Arc::new(ModelTokenizer::embedded_default().unwrap()));
 
 fn stored(hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32>, medium: &str) -> KvEvent {
     KvEvent::BlockStored(BlockStored {
@@ -61,6 +65,8 @@ fn app() -> (axum::Router, Arc<KvIndex>) {
             &batch(vec![stored(vec![3, 4], Some(2), (8..16).collect(), "CPU")]),
         )
         .unwrap();
+    let mut tokenizers = TokenizerRegistry::default();
+    tokenizers.insert("m", TOKENIZER.clone());
     let metrics = Arc::new(IndexerMetrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -69,6 +75,7 @@ fn app() -> (axum::Router, Arc<KvIndex>) {
         metrics,
         registry: Arc::new(registry),
         tier_weights: DEFAULT_TIER_WEIGHTS,
+        tokenizers: Arc::new(tokenizers),
     };
     (router(state), index)
 }
@@ -137,7 +144,15 @@ async fn bad_requests_get_openai_shaped_400s() {
             post(r#"{"model":"m","tokens":[-1]}"#),
             serde_json::Value::Null,
         ),
-        (post(r#"{"model":"m","text":"hi"}"#), "text".into()),
+        (post(r#"{"model":"nope","text":"hi"}"#), "model".into()),
+        (
+            post(r#"{"model":"m","text":"hi","tokens":[1]}"#),
+            "tokens".into(),
+        ),
+        (
+            post(r#"{"model":"m","messages":[{"content":"no role"}]}"#),
+            "messages".into(),
+        ),
         (
             post(r#"{"model":"m","tokens":[1],"bogus":1}"#),
             serde_json::Value::Null,
@@ -215,4 +230,48 @@ async fn dump_endpoints_and_metrics_are_served() {
         "{text}"
     );
     assert!(text.contains("kv_cache_hit_ratio 1.0"), "{text}");
+}
+
+#[tokio::test]
+async fn text_and_messages_are_tokenized_like_the_engine() {
+    let (app, index) = app();
+    // Store the blocks of a chat prompt's tokens (block size 4) on endpoint a.
+    let messages =
+        serde_json::json!([{"role": "user", "content": "Tell me about KV caches, please."}]);
+    let chat = TOKENIZER
+        .chat_tokens(&ChatInput {
+            messages: messages.as_array().unwrap(),
+            add_generation_prompt: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let full = chat.len() / 4 * 4;
+    let a = index.endpoint_id("http://a").unwrap();
+    index.clear_endpoint(a);
+    let hashes: Vec<u64> = (100..100 + full as u64 / 4).collect();
+    let batch = EventBatch {
+        ts: 0.0,
+        events: vec![stored(hashes, None, chat[..full].to_vec(), "GPU")],
+        data_parallel_rank: None,
+    };
+    index.apply_batch(a, &batch).unwrap();
+    let body = serde_json::json!({"model": "m", "messages": messages}).to_string();
+    let (status, json, text) = call(&app, post(&body)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let resp: LocalityResponse = serde_json::from_value(json).unwrap();
+    assert_eq!(resp.prompt_tokens, chat.len());
+    let got = resp
+        .endpoints
+        .iter()
+        .find(|e| e.endpoint == "http://a")
+        .unwrap();
+    assert_eq!(got.matched_tokens, full);
+
+    // Text prompts use completion tokenization.
+    let prompt = "The quick brown fox jumps over the lazy dog";
+    let ids = TOKENIZER.completion_tokens(prompt).unwrap();
+    let body = serde_json::json!({"model": "m", "text": prompt}).to_string();
+    let (status, json, _) = call(&app, post(&body)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["prompt_tokens"], ids.len());
 }

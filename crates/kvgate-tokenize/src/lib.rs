@@ -465,3 +465,24 @@ mod tests {
         }
     }
 }
+
+/// Tokenizers by model name, with an optional fallback for unlisted models.
+#[derive(Debug, Default, Clone)]
+pub struct TokenizerRegistry {
+    by_model: std::collections::HashMap<String, std::sync::Arc<ModelTokenizer>>,
+    fallback: Option<std::sync::Arc<ModelTokenizer>>,
+}
+
+impl TokenizerRegistry {
+    pub fn insert(&mut self, model: impl Into<String>, tokenizer: std::sync::Arc<ModelTokenizer>) {
+        self.by_model.insert(model.into(), tokenizer);
+    }
+
+    pub fn set_fallback(&mut self, tokenizer: std::sync::Arc<ModelTokenizer>) {
+        self.fallback = Some(tokenizer);
+    }
+
+    pub fn get(&self, model: &str) -> Option<&std::sync::Arc<ModelTokenizer>> {
+        self.by_model.get(model).or(self.fallback.as_ref())
+    }
+}

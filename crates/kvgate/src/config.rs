@@ -25,6 +25,11 @@ pub struct IndexServiceConfig {
     pub sources: Vec<EventSource>,
     /// How often TTL and stale-grace expiry run.
     pub expire_interval_secs: u64,
+    /// Model name -> directory with tokenizer.json / tokenizer_config.json, for
+    /// `text` and `messages` locality queries.
+    pub tokenizers: std::collections::BTreeMap<String, String>,
+    /// Use the embedded (Qwen) tokenizer for models not listed above.
+    pub embedded_tokenizer_fallback: bool,
 }
 
 impl Default for IndexServiceConfig {
@@ -35,6 +40,8 @@ impl Default for IndexServiceConfig {
             index: IndexConfig::default(),
             sources: Vec::new(),
             expire_interval_secs: 1,
+            tokenizers: Default::default(),
+            embedded_tokenizer_fallback: false,
         }
     }
 }

@@ -10,6 +10,7 @@ use kvgate_indexer::api::{router, ApiState, DEFAULT_TIER_WEIGHTS};
 use kvgate_indexer::metrics::IndexerMetrics;
 use kvgate_indexer::subscriber::IngestManager;
 use kvgate_keys::BlockHasher;
+use kvgate_tokenize::{ModelTokenizer, TokenizerRegistry};
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 
@@ -56,6 +57,7 @@ impl IndexService {
             metrics: metrics.clone(),
             registry: Arc::new(registry),
             tier_weights: DEFAULT_TIER_WEIGHTS,
+            tokenizers: Arc::new(load_tokenizers(cfg)?),
         });
         let server = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -86,4 +88,21 @@ impl IndexService {
             expiry,
         })
     }
+}
+
+/// Tokenizers for text/messages locality queries: one per configured model
+/// directory, and the embedded default for everything else unless disabled.
+fn load_tokenizers(cfg: &IndexServiceConfig) -> Result<TokenizerRegistry> {
+    let mut reg = TokenizerRegistry::default();
+    for (model, dir) in &cfg.tokenizers {
+        let tok = ModelTokenizer::from_dir(std::path::Path::new(dir))
+            .with_context(|| format!("loading the tokenizer of {model:?} from {dir}"))?;
+        reg.insert(model.clone(), Arc::new(tok));
+    }
+    if cfg.embedded_tokenizer_fallback {
+        reg.set_fallback(Arc::new(
+            ModelTokenizer::embedded_default().context("loading the embedded tokenizer")?,
+        ));
+    }
+    Ok(reg)
 }
