@@ -233,6 +233,21 @@ impl KvIndex {
         Ok(stats)
     }
 
+    /// Records that `id` holds `keys` without an engine event: the approximate
+    /// prefix index learns from the gateway's own routing decisions this way.
+    /// Each key stands in for its own engine hash.
+    pub fn record_keys(&self, id: EndpointId, keys: &[BlockKey]) -> Result<usize, IndexError> {
+        let now = self.now_secs();
+        let mut st = self.state.write();
+        if st.endpoint(id).is_none() {
+            return Err(IndexError::UnknownEndpoint(id));
+        }
+        for &key in keys {
+            st.restore_entry(id, key, key, Tier::GPU, now);
+        }
+        Ok(st.enforce_bound_now())
+    }
+
     /// Records the last sequence number applied for an endpoint.
     pub fn set_last_seq(&self, id: EndpointId, seq: i64) {
         if let Some(Some(ep)) = self.state.write().endpoints.get_mut(id as usize) {

@@ -1,0 +1,426 @@
+//! kvgate's scheduling: which endpoint gets a request.
+//!
+//! One pipeline: filters (healthy, serves the model or adapter) -> scorers ->
+//! pick. The cost-based policies combine every scorer into one number in units
+//! of prefill tokens, an estimate of the work ahead of this request's first token:
+//!
+//! ```text
+//! cost(e) = w.prefill_token        * (prompt tokens - cached tokens on e)
+//!         + w.queued_prefill_token * (uncached tokens of requests routed to e, not yet started)
+//!         + w.active_request       * (requests in flight on e)      // decode interference
+//!         + w.engine_waiting       * (e's own waiting queue, scraped)
+//!         + w.kv_usage             * (e's KV cache usage in [0, 1])
+//!         - w.session_bonus        * (e is the session's home)
+//! ```
+//!
+//! Cached tokens come from the precise index (engine events, tier-weighted) or,
+//! for endpoints without events, from an approximate index that learns from the
+//! gateway's own routing decisions. Simple baselines exist too.
+
+pub mod load;
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use kvgate_index::{EndpointId, EndpointMatch, IndexConfig, KvIndex, MAX_TIERS};
+use kvgate_keys::{BlockHasher, BlockKey};
+use serde::{Deserialize, Serialize};
+
+pub use load::{LoadCounters, LoadSnapshot, RequestGuard};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Cost function with cached tokens from engine KV events.
+    #[default]
+    PrecisePrefix,
+    /// Cost function with cached tokens learned from routing decisions only.
+    ApproxPrefix,
+    RoundRobin,
+    LeastLoad,
+    /// Sticky by session id (rendezvous hashing), least load without one.
+    Session,
+    Random,
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::PrecisePrefix => "precise_prefix",
+            Policy::ApproxPrefix => "approx_prefix",
+            Policy::RoundRobin => "round_robin",
+            Policy::LeastLoad => "least_load",
+            Policy::Session => "session",
+            Policy::Random => "random",
+        }
+    }
+}
+
+/// Weights of the cost function, in prefill-token units.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CostWeights {
+    pub prefill_token: f64,
+    pub queued_prefill_token: f64,
+    /// What one request in flight costs a newcomer, in prefill tokens
+    /// (decode steps it shares the batch with).
+    pub active_request: f64,
+    pub engine_waiting: f64,
+    pub kv_usage: f64,
+    pub session_bonus: f64,
+    /// Worth of a cached block per tier (GPU, CPU, DISK, others).
+    pub tier: [f64; MAX_TIERS],
+}
+
+impl Default for CostWeights {
+    fn default() -> Self {
+        Self {
+            prefill_token: 1.0,
+            queued_prefill_token: 1.0,
+            active_request: 64.0,
+            engine_waiting: 256.0,
+            kv_usage: 0.0,
+            session_bonus: 0.0,
+            tier: [1.0, 0.8, 0.5, 0.3, 0.3, 0.3, 0.3, 0.3],
+        }
+    }
+}
+
+/// Default bound of the approximate index (entries) and its TTL.
+pub const DEFAULT_APPROX_MAX_BLOCKS: usize = 1 << 18;
+pub const DEFAULT_APPROX_TTL_SECS: u32 = 120;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    pub policy: Policy,
+    pub weights: CostWeights,
+    pub approx_max_blocks: usize,
+    pub approx_ttl_secs: u32,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            weights: CostWeights::default(),
+            approx_max_blocks: DEFAULT_APPROX_MAX_BLOCKS,
+            approx_ttl_secs: DEFAULT_APPROX_TTL_SECS,
+        }
+    }
+}
+
+/// One endpoint as the scheduler sees it for one request.
+#[derive(Debug, Clone)]
+pub struct Candidate<'a> {
+    pub name: &'a str,
+    pub healthy: bool,
+    /// Serves the requested model (or LoRA adapter).
+    pub serves: bool,
+    pub block_size: u32,
+    /// Its id in the precise index, when it publishes KV events.
+    pub index_id: Option<EndpointId>,
+    pub load: LoadSnapshot,
+}
+
+/// What the scheduler needs to know about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRequest<'a> {
+    pub model: &'a str,
+    pub prompt_tokens: usize,
+    /// The prompt's block keys for each block size among the candidates.
+    pub keys: &'a [(u32, Vec<BlockKey>)],
+    pub session_id: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Score {
+    pub endpoint: String,
+    pub cached_tokens: f64,
+    /// "precise", "approx" or "none".
+    pub cached_source: &'static str,
+    pub load_tokens: f64,
+    pub cost: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    /// Index into the candidates slice.
+    pub chosen: usize,
+    /// Why: the policy, or for cost policies whether the prefix or load decided.
+    pub reason: &'static str,
+    /// Filtered-in candidates' scores (empty for baselines that do not score).
+    pub scores: Vec<Score>,
+    /// Uncached prompt tokens expected on the chosen endpoint.
+    pub expected_uncached_tokens: u64,
+    pub expected_cached_tokens: u64,
+}
+
+impl Decision {
+    /// A compact, header-safe explanation: `name:cost/cached;...`.
+    pub fn explain(&self) -> String {
+        self.scores
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}:{:.0}/{:.0}{}",
+                    s.endpoint,
+                    s.cost,
+                    s.cached_tokens,
+                    &s.cached_source[..1]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RouteError {
+    #[error("no endpoint serves model {0:?}")]
+    UnknownModel(String),
+    #[error("no healthy endpoint serves model {0:?}")]
+    NoHealthyEndpoint(String),
+}
+
+pub struct Scheduler {
+    cfg: RouterConfig,
+    rr: AtomicUsize,
+    /// Learns (keys -> endpoint) from routing decisions, for endpoints without events.
+    approx: KvIndex,
+}
+
+impl Scheduler {
+    pub fn new(cfg: RouterConfig) -> Self {
+        let approx = KvIndex::new(
+            IndexConfig {
+                max_tracked_blocks: cfg.approx_max_blocks.max(1),
+                ttl_secs: Some(cfg.approx_ttl_secs),
+                ..Default::default()
+            },
+            // Keys are computed by the caller; this secret only names the index.
+            BlockHasher::from_secret(b"kvgate-approx-index"),
+        );
+        Self {
+            cfg,
+            rr: AtomicUsize::new(0),
+            approx,
+        }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.cfg
+    }
+
+    /// Picks an endpoint. `precise` is the KV event index (None: not available).
+    pub fn schedule(
+        &self,
+        req: &RouteRequest<'_>,
+        candidates: &[Candidate<'_>],
+        precise: Option<&KvIndex>,
+    ) -> Result<Decision, RouteError> {
+        let serving: Vec<usize> = (0..candidates.len())
+            .filter(|i| candidates[*i].serves)
+            .collect();
+        if serving.is_empty() {
+            return Err(RouteError::UnknownModel(req.model.to_string()));
+        }
+        let eligible: Vec<usize> = serving
+            .into_iter()
+            .filter(|i| candidates[*i].healthy)
+            .collect();
+        if eligible.is_empty() {
+            return Err(RouteError::NoHealthyEndpoint(req.model.to_string()));
+        }
+        let pick = |chosen: usize, reason| Decision {
+            chosen,
+            reason,
+            scores: Vec::new(),
+            expected_uncached_tokens: req.prompt_tokens as u64,
+            expected_cached_tokens: 0,
+        };
+        Ok(match self.cfg.policy {
+            Policy::RoundRobin => {
+                let n = self.rr.fetch_add(1, Ordering::Relaxed);
+                pick(eligible[n % eligible.len()], "round_robin")
+            }
+            Policy::Random => pick(eligible[rand::random_range(0..eligible.len())], "random"),
+            Policy::LeastLoad => pick(self.least_loaded(&eligible, candidates), "least_load"),
+            Policy::Session => match req.session_id {
+                Some(s) => pick(rendezvous(s, &eligible, candidates), "session"),
+                None => pick(self.least_loaded(&eligible, candidates), "least_load"),
+            },
+            Policy::PrecisePrefix | Policy::ApproxPrefix => {
+                self.by_cost(req, candidates, &eligible, precise)
+            }
+        })
+    }
+
+    fn load_tokens(&self, l: &LoadSnapshot) -> f64 {
+        let w = &self.cfg.weights;
+        w.queued_prefill_token * l.pending_prefill_tokens as f64
+            + w.active_request * l.in_flight as f64
+            + w.engine_waiting * l.engine_waiting as f64
+            + w.kv_usage * l.engine_kv_usage
+    }
+
+    fn least_loaded(&self, eligible: &[usize], candidates: &[Candidate<'_>]) -> usize {
+        let n = self.rr.fetch_add(1, Ordering::Relaxed);
+        // Ties rotate, so an idle fleet is not all sent to the first endpoint.
+        let rotated = eligible
+            .iter()
+            .cycle()
+            .skip(n % eligible.len())
+            .take(eligible.len());
+        rotated
+            .min_by(|a, b| {
+                self.load_tokens(&candidates[**a].load)
+                    .total_cmp(&self.load_tokens(&candidates[**b].load))
+            })
+            .copied()
+            .unwrap_or(eligible[0])
+    }
+
+    fn by_cost(
+        &self,
+        req: &RouteRequest<'_>,
+        candidates: &[Candidate<'_>],
+        eligible: &[usize],
+        precise: Option<&KvIndex>,
+    ) -> Decision {
+        let w = &self.cfg.weights;
+        let use_precise = self.cfg.policy == Policy::PrecisePrefix;
+        let home = req.session_id.map(|s| rendezvous(s, eligible, candidates));
+        // One lookup per block size, shared by the endpoints of that size.
+        let mut precise_matches: Vec<(u32, Vec<EndpointMatch>)> = Vec::new();
+        let mut approx_matches: Vec<(u32, Vec<EndpointMatch>)> = Vec::new();
+        for (bs, keys) in req.keys {
+            if let (true, Some(index)) = (use_precise, precise) {
+                precise_matches.push((*bs, index.lookup(keys)));
+            }
+            approx_matches.push((*bs, self.approx.lookup(keys)));
+        }
+        let n = self.rr.fetch_add(1, Ordering::Relaxed);
+        let mut scores = Vec::with_capacity(eligible.len());
+        let mut best: Option<(f64, usize, usize)> = None; // (cost, rotation rank, candidate)
+        for (rank, &i) in eligible.iter().enumerate() {
+            let c = &candidates[i];
+            let (cached_blocks, source) = match (use_precise, c.index_id) {
+                (true, Some(id)) => (
+                    find(&precise_matches, c.block_size, |m| m.endpoint == id)
+                        .map_or(0.0, |m| weighted_blocks(m, &w.tier)),
+                    "precise",
+                ),
+                _ => (
+                    self.approx
+                        .endpoint_id(c.name)
+                        .and_then(|id| find(&approx_matches, c.block_size, |m| m.endpoint == id))
+                        .map_or(0.0, |m| f64::from(m.matched_blocks)),
+                    "approx",
+                ),
+            };
+            // The engine always computes the last prompt token.
+            let cached = (cached_blocks * f64::from(c.block_size))
+                .min(req.prompt_tokens.saturating_sub(1) as f64);
+            let load = self.load_tokens(&c.load);
+            let bonus = if home == Some(i) {
+                w.session_bonus
+            } else {
+                0.0
+            };
+            let cost = w.prefill_token * (req.prompt_tokens as f64 - cached) + load - bonus;
+            let source = if cached > 0.0 { source } else { "none" };
+            // Equal costs rotate (rank relative to a moving start).
+            let rot = (rank + eligible.len() - n % eligible.len()) % eligible.len();
+            if best.is_none_or(|(bc, br, _)| cost < bc || (cost == bc && rot < br)) {
+                best = Some((cost, rot, i));
+            }
+            scores.push(Score {
+                endpoint: c.name.to_string(),
+                cached_tokens: cached,
+                cached_source: source,
+                load_tokens: load,
+                cost,
+            });
+        }
+        let chosen = best.map_or(eligible[0], |(_, _, i)| i);
+        let chosen_score = eligible
+            .iter()
+            .position(|i| *i == chosen)
+            .and_then(|p| scores.get(p));
+        let cached = chosen_score.map_or(0.0, |s| s.cached_tokens);
+        let max_cached = scores.iter().map(|s| s.cached_tokens).fold(0.0, f64::max);
+        let reason = if max_cached == 0.0 {
+            "load_no_prefix"
+        } else if cached >= max_cached {
+            "prefix"
+        } else {
+            "load_over_prefix"
+        };
+        Decision {
+            chosen,
+            reason,
+            scores,
+            expected_uncached_tokens: (req.prompt_tokens as f64 - cached).max(0.0) as u64,
+            expected_cached_tokens: cached as u64,
+        }
+    }
+
+    /// Teaches the approximate index that `endpoint` now caches these keys.
+    pub fn observe_routed(&self, endpoint: &str, model: &str, block_size: u32, keys: &[BlockKey]) {
+        if let Ok(id) = self.approx.add_endpoint(endpoint, model, block_size) {
+            let _ = self.approx.record_keys(id, keys);
+        }
+    }
+
+    /// Forgets what was learned about an endpoint (removed, restarted).
+    pub fn forget_endpoint(&self, endpoint: &str) {
+        self.approx.remove_endpoint(endpoint);
+    }
+
+    /// Drops expired approximate entries (call periodically).
+    pub fn expire(&self) -> usize {
+        self.approx.expire()
+    }
+}
+
+fn find(
+    matches: &[(u32, Vec<EndpointMatch>)],
+    block_size: u32,
+    pred: impl Fn(&EndpointMatch) -> bool,
+) -> Option<&EndpointMatch> {
+    matches
+        .iter()
+        .find(|(bs, _)| *bs == block_size)
+        .and_then(|(_, ms)| ms.iter().find(|m| pred(m)))
+}
+
+/// Matched blocks credited fastest tier first, each at its tier's weight.
+pub fn weighted_blocks(m: &EndpointMatch, tier_weights: &[f64; MAX_TIERS]) -> f64 {
+    let mut left = m.matched_blocks;
+    let mut credit = 0.0;
+    for (t, n) in m.tier_blocks.iter().enumerate() {
+        let take = left.min(*n);
+        credit += f64::from(take) * tier_weights[t];
+        left -= take;
+        if left == 0 {
+            break;
+        }
+    }
+    credit
+}
+
+/// Highest-random-weight hashing: a session keeps its endpoint while it stays
+/// eligible, and only sessions of a removed endpoint move.
+fn rendezvous(session: &str, eligible: &[usize], candidates: &[Candidate<'_>]) -> usize {
+    eligible
+        .iter()
+        .copied()
+        .max_by_key(|i| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            session.hash(&mut h);
+            candidates[*i].name.hash(&mut h);
+            h.finish()
+        })
+        .unwrap_or(eligible[0])
+}

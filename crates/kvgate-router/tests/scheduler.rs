@@ -1,0 +1,248 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use kvgate_index::{IndexConfig, KvIndex};
+use kvgate_keys::{BlockHasher, RequestContext};
+use kvgate_router::{
+    Candidate, LoadSnapshot, Policy, RouteError, RouteRequest, RouterConfig, Scheduler,
+};
+use kvgate_wire::vllm::{BlockStored, EventBatch, KvEvent};
+
+const BS: u32 = 16;
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+fn candidates(loads: [LoadSnapshot; 3], index: &KvIndex) -> Vec<Candidate<'static>> {
+    NAMES
+        .iter()
+        .zip(loads)
+        .map(|(n, load)| Candidate {
+            name: n,
+            healthy: true,
+            serves: true,
+            block_size: BS,
+            index_id: index.endpoint_id(n),
+            load,
+        })
+        .collect()
+}
+
+fn index_with_prefix(cached: [usize; 3], tokens: &[u32]) -> KvIndex {
+    let index = KvIndex::new(IndexConfig::default(), BlockHasher::from_secret(b"r"));
+    for (n, blocks) in NAMES.iter().zip(cached) {
+        let id = index.add_endpoint(n, "m", BS).unwrap();
+        if blocks > 0 {
+            let ev = KvEvent::BlockStored(BlockStored {
+                block_hashes: (0..blocks as u64).collect(),
+                parent_block_hash: None,
+                token_ids: tokens[..blocks * BS as usize].to_vec(),
+                block_size: BS,
+                lora_id: None,
+                medium: None,
+                lora_name: None,
+                extra_keys: None,
+                group_idx: 0,
+                kv_cache_spec_kind: None,
+            });
+            index
+                .apply_batch(
+                    id,
+                    &EventBatch {
+                        ts: 0.0,
+                        events: vec![ev],
+                        data_parallel_rank: None,
+                    },
+                )
+                .unwrap();
+        }
+    }
+    index
+}
+
+fn keys(index: &KvIndex, tokens: &[u32]) -> Vec<(u32, Vec<u64>)> {
+    let ctx = RequestContext {
+        model: "m",
+        ..Default::default()
+    };
+    vec![(
+        BS,
+        index
+            .hasher()
+            .request_keys(tokens, BS as usize, &ctx)
+            .unwrap(),
+    )]
+}
+
+fn sched(policy: Policy) -> Scheduler {
+    Scheduler::new(RouterConfig {
+        policy,
+        ..Default::default()
+    })
+}
+
+fn idle() -> LoadSnapshot {
+    LoadSnapshot::default()
+}
+
+fn busy(in_flight: u64, pending: u64) -> LoadSnapshot {
+    LoadSnapshot {
+        in_flight,
+        pending_prefill_tokens: pending,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn precise_prefers_the_longest_cached_prefix_unless_load_outweighs_it() {
+    let tokens: Vec<u32> = (0..1024).collect();
+    let index = index_with_prefix([16, 48, 0], &tokens);
+    let k = keys(&index, &tokens);
+    let req = RouteRequest {
+        model: "m",
+        prompt_tokens: 1024,
+        keys: &k,
+        session_id: None,
+    };
+    let s = sched(Policy::PrecisePrefix);
+    let d = s
+        .schedule(
+            &req,
+            &candidates([idle(), idle(), idle()], &index),
+            Some(&index),
+        )
+        .unwrap();
+    assert_eq!(NAMES[d.chosen], "b");
+    assert_eq!(d.reason, "prefix");
+    assert_eq!(d.expected_cached_tokens, 768);
+    assert!(d.explain().contains("b:256/768p"), "{}", d.explain());
+    // b has 512 more cached tokens than a; 2000 queued prefill tokens on b outweigh that.
+    let d = s
+        .schedule(
+            &req,
+            &candidates([idle(), busy(1, 2000), idle()], &index),
+            Some(&index),
+        )
+        .unwrap();
+    assert_eq!(NAMES[d.chosen], "a");
+    assert_eq!(d.reason, "load_over_prefix");
+}
+
+#[test]
+fn approximate_prefix_learns_from_routing_decisions() {
+    let tokens: Vec<u32> = (0..512).collect();
+    let index = index_with_prefix([0, 0, 0], &tokens);
+    let k = keys(&index, &tokens);
+    let s = sched(Policy::ApproxPrefix);
+    let req = RouteRequest {
+        model: "m",
+        prompt_tokens: 512,
+        keys: &k,
+        session_id: None,
+    };
+    let c = candidates([idle(), idle(), idle()], &index);
+    let first = s.schedule(&req, &c, None).unwrap();
+    assert_eq!(first.reason, "load_no_prefix");
+    s.observe_routed(NAMES[first.chosen], "m", BS, &k[0].1);
+    for _ in 0..5 {
+        let d = s.schedule(&req, &c, None).unwrap();
+        assert_eq!(d.chosen, first.chosen);
+        assert_eq!(d.reason, "prefix");
+    }
+    s.forget_endpoint(NAMES[first.chosen]);
+    assert_eq!(s.schedule(&req, &c, None).unwrap().reason, "load_no_prefix");
+}
+
+#[test]
+fn baselines_behave_as_named() {
+    let tokens: Vec<u32> = (0..64).collect();
+    let index = index_with_prefix([4, 0, 0], &tokens);
+    let k = keys(&index, &tokens);
+    let req = RouteRequest {
+        model: "m",
+        prompt_tokens: 64,
+        keys: &k,
+        session_id: None,
+    };
+    let c = candidates([busy(5, 0), busy(1, 0), busy(3, 0)], &index);
+    let rr = sched(Policy::RoundRobin);
+    let picks: Vec<usize> = (0..6)
+        .map(|_| rr.schedule(&req, &c, Some(&index)).unwrap().chosen)
+        .collect();
+    assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+    let ll = sched(Policy::LeastLoad);
+    assert_eq!(ll.schedule(&req, &c, None).unwrap().chosen, 1);
+    let random = sched(Policy::Random);
+    let mut seen = [false; 3];
+    for _ in 0..200 {
+        seen[random.schedule(&req, &c, None).unwrap().chosen] = true;
+    }
+    assert_eq!(seen, [true; 3]);
+    // Sessions stick, and move only when their endpoint leaves.
+    let ss = sched(Policy::Session);
+    let with_session = RouteRequest {
+        session_id: Some("user-42"),
+        ..req
+    };
+    let home = ss.schedule(&with_session, &c, None).unwrap().chosen;
+    for _ in 0..10 {
+        assert_eq!(ss.schedule(&with_session, &c, None).unwrap().chosen, home);
+    }
+    let mut c2 = c.clone();
+    c2[home].healthy = false;
+    let moved = ss.schedule(&with_session, &c2, None).unwrap().chosen;
+    assert_ne!(moved, home);
+    let other = (0..3).find(|i| *i != home && *i != moved).unwrap();
+    c2[other].healthy = false;
+    c2[home].healthy = true;
+    assert_eq!(ss.schedule(&with_session, &c2, None).unwrap().chosen, home);
+}
+
+#[test]
+fn equal_costs_spread_over_the_fleet() {
+    let tokens: Vec<u32> = (0..64).collect();
+    let index = index_with_prefix([0, 0, 0], &tokens);
+    let k = keys(&index, &tokens);
+    let req = RouteRequest {
+        model: "m",
+        prompt_tokens: 64,
+        keys: &k,
+        session_id: None,
+    };
+    let s = sched(Policy::PrecisePrefix);
+    let c = candidates([idle(), idle(), idle()], &index);
+    let mut counts = [0; 3];
+    for _ in 0..30 {
+        counts[s.schedule(&req, &c, Some(&index)).unwrap().chosen] += 1;
+    }
+    assert_eq!(counts, [10, 10, 10]);
+}
+
+#[test]
+fn filters_give_typed_errors() {
+    let tokens: Vec<u32> = (0..64).collect();
+    let index = index_with_prefix([0, 0, 0], &tokens);
+    let k = keys(&index, &tokens);
+    let req = RouteRequest {
+        model: "m",
+        prompt_tokens: 64,
+        keys: &k,
+        session_id: None,
+    };
+    let s = sched(Policy::PrecisePrefix);
+    let mut c = candidates([idle(), idle(), idle()], &index);
+    for x in &mut c {
+        x.healthy = false;
+    }
+    assert_eq!(
+        s.schedule(&req, &c, Some(&index)),
+        Err(RouteError::NoHealthyEndpoint("m".into()))
+    );
+    for x in &mut c {
+        x.serves = false;
+    }
+    assert_eq!(
+        s.schedule(&req, &c, Some(&index)),
+        Err(RouteError::UnknownModel("m".into()))
+    );
+    c[2].serves = true;
+    c[2].healthy = true;
+    assert_eq!(s.schedule(&req, &c, Some(&index)).unwrap().chosen, 2);
+}
