@@ -9,6 +9,9 @@
 //!   tokenizer's post-processor adds one).
 
 mod pyjson;
+mod segments;
+
+pub use segments::DEFAULT_SEGMENT_CACHE_ENTRIES;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -60,6 +63,8 @@ pub struct ModelTokenizer {
     env: Option<Environment<'static>>,
     /// bos_token, eos_token, ... as strings, visible to templates.
     special_tokens: BTreeMap<String, String>,
+    /// Piecewise cached encoding of chat prompts (None: not safe for this tokenizer).
+    segments: Option<segments::SegmentEncoder>,
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -121,10 +126,12 @@ impl ModelTokenizer {
         }
         let template = chat_template.or_else(|| template_from_config(&config));
         let env = template.map(build_env).transpose()?;
+        let segments = segments::SegmentEncoder::new(&tokenizer, DEFAULT_SEGMENT_CACHE_ENTRIES);
         Ok(Self {
             tokenizer,
             env,
             special_tokens,
+            segments,
         })
     }
 
@@ -202,10 +209,34 @@ impl ModelTokenizer {
         Ok(rendered)
     }
 
-    /// Token ids of a chat request's prompt, as vLLM computes them.
+    /// Token ids of a chat request's prompt, as vLLM computes them. Pieces of
+    /// text between special tokens are cached, so resent history is not re-encoded.
     pub fn chat_tokens(&self, input: &ChatInput<'_>) -> Result<Vec<u32>, TokenizeError> {
         let text = self.render_chat(input)?;
-        self.encode(&text, false)
+        match &self.segments {
+            Some(seg) => seg.encode(&self.tokenizer, &text),
+            None => self.encode(&text, false),
+        }
+    }
+
+    /// Whether chat tokenization is cached piecewise for this tokenizer.
+    pub fn caches_segments(&self) -> bool {
+        self.segments.is_some()
+    }
+
+    /// Text pieces currently cached (0 when caching is off).
+    pub fn cached_segments(&self) -> usize {
+        self.segments
+            .as_ref()
+            .map_or(0, segments::SegmentEncoder::cached_pieces)
+    }
+
+    /// Encodes like `encode(text, false)` through the segment cache when it is on.
+    pub fn encode_cached(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+        match &self.segments {
+            Some(seg) => seg.encode(&self.tokenizer, text),
+            None => self.encode(text, false),
+        }
     }
 
     /// Token ids of a completions request's text prompt, as vLLM computes them.
