@@ -89,7 +89,7 @@ async fn main() -> Result<()> {
         }
         Command::Demo(args) => {
             // The demo prints a report; logs only on request.
-            init_logs(if cli.log == "info" { "warn" } else { &cli.log }, true);
+            init_logs(if cli.log == "info" { "error" } else { &cli.log }, true);
             demo::run(args).await
         }
     }
