@@ -64,6 +64,28 @@ struct ErrorBody {
 }
 
 impl ApiError {
+    /// Any status, with an OpenAI-style error `type` (e.g. "NotFoundError").
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        message: impl Into<String>,
+        param: Option<&'static str>,
+    ) -> Self {
+        Self {
+            status,
+            error: ErrorBody {
+                message: message.into(),
+                r#type: kind,
+                param,
+                code: status.as_u16(),
+            },
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
     pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,

@@ -1,0 +1,103 @@
+//! The gateway's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: String,
+    pub model: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub endpoint: String,
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub policy: String,
+    pub reason: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+pub struct GatewayMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    pub ttft: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    pub decisions: Family<ReasonLabels, Counter>,
+    pub predicted_hit_tokens: Counter,
+    pub prompt_tokens: Counter,
+    pub connect_retries: Counter,
+    pub routing_duration: Histogram,
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            ttft: Family::new_with_constructor(latency_histogram),
+            decisions: Family::default(),
+            predicted_hit_tokens: Counter::default(),
+            prompt_tokens: Counter::default(),
+            connect_retries: Counter::default(),
+            // 1 µs .. ~33 ms
+            routing_duration: Histogram::new(exponential_buckets(1e-6, 2.0, 16)),
+        }
+    }
+}
+
+impl GatewayMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "kvgate_requests",
+            "Proxied requests by endpoint, model and status",
+            self.requests.clone(),
+        );
+        r.register(
+            "kvgate_request_duration_seconds",
+            "Time from receiving a request to the end of its response",
+            self.request_duration.clone(),
+        );
+        r.register(
+            "kvgate_time_to_first_token_seconds",
+            "Time from receiving a request to the first response chunk, at the gateway",
+            self.ttft.clone(),
+        );
+        r.register(
+            "kvgate_routing_decisions",
+            "Routing decisions by policy and reason",
+            self.decisions.clone(),
+        );
+        r.register(
+            "kvgate_predicted_prefix_hit_tokens",
+            "Prompt tokens the router expected to hit the chosen endpoint's cache",
+            self.predicted_hit_tokens.clone(),
+        );
+        r.register(
+            "kvgate_prompt_tokens",
+            "Prompt tokens routed",
+            self.prompt_tokens.clone(),
+        );
+        r.register(
+            "kvgate_connect_retries",
+            "Requests retried on another endpoint after a connection failure",
+            self.connect_retries.clone(),
+        );
+        r.register(
+            "kvgate_routing_duration_seconds",
+            "Template + tokenize + keys + score time per request",
+            self.routing_duration.clone(),
+        );
+    }
+}
