@@ -222,3 +222,153 @@ mod tests {
         assert!(IndexServiceConfig::load(None, env, &IndexOverrides::default()).is_err());
     }
 }
+
+/// `kvgate gateway` flag overrides, applied after the file and the environment.
+#[derive(Debug, Default, Clone)]
+pub struct GatewayOverrides {
+    pub listen: Option<String>,
+    pub policy: Option<String>,
+    /// `url=http://h:p,model=m,block_size=16[,events=tcp://h:p][,replay=tcp://h:p]`
+    pub endpoints: Vec<String>,
+}
+
+pub fn load_gateway_config(
+    path: Option<&Path>,
+    env: impl Fn(&str) -> Option<String>,
+    flags: &GatewayOverrides,
+) -> Result<kvgate_gateway::GatewayConfig> {
+    let mut cfg: kvgate_gateway::GatewayConfig = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading config {}", p.display()))?;
+            serde_yaml::from_str(&text)
+                .with_context(|| format!("parsing config {}", p.display()))?
+        }
+        None => Default::default(),
+    };
+    if let Some(v) = env("KVGATE_LISTEN") {
+        cfg.listen = v;
+    }
+    if let Some(v) = env("KVGATE_KEY_SECRET") {
+        cfg.key_secret = Some(v);
+    }
+    if let Some(v) = env("KVGATE_SALT_SECRET") {
+        cfg.tenancy.salt_secret = Some(v);
+    }
+    if let Some(v) = env("KVGATE_POLICY") {
+        cfg.router.policy = parse_policy(&v)?;
+    }
+    if let Some(v) = &flags.listen {
+        cfg.listen = v.clone();
+    }
+    if let Some(v) = &flags.policy {
+        cfg.router.policy = parse_policy(v)?;
+    }
+    for e in &flags.endpoints {
+        cfg.endpoints.push(parse_endpoint_flag(e)?);
+    }
+    for e in &cfg.endpoints {
+        if e.block_size == 0 {
+            bail!("endpoint {:?}: block_size must be > 0", e.url);
+        }
+        if e.models.is_empty() {
+            bail!("endpoint {:?}: at least one model is required", e.url);
+        }
+        if !e.url.starts_with("http://") && !e.url.starts_with("https://") {
+            bail!(
+                "endpoint {:?}: url must start with http:// or https://",
+                e.url
+            );
+        }
+    }
+    Ok(cfg)
+}
+
+pub fn parse_policy(s: &str) -> Result<kvgate_router::Policy> {
+    serde_yaml::from_str(s).with_context(|| {
+        format!("unknown policy {s:?} (precise_prefix, approx_prefix, round_robin, least_load, session, random)")
+    })
+}
+
+fn parse_endpoint_flag(s: &str) -> Result<kvgate_gateway::EndpointConfig> {
+    let mut e = kvgate_gateway::EndpointConfig {
+        url: String::new(),
+        models: Vec::new(),
+        adapters: Vec::new(),
+        block_size: 0,
+        events: None,
+        replay: None,
+        topic: String::new(),
+        bind: false,
+    };
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("--endpoint part {part:?} is not key=value"))?;
+        match k {
+            "url" => e.url = v.to_string(),
+            "model" => e.models.push(v.to_string()),
+            "adapter" => e.adapters.push(v.to_string()),
+            "block_size" => {
+                e.block_size = v.parse().with_context(|| format!("block_size={v:?}"))?
+            }
+            "events" => e.events = Some(v.to_string()),
+            "replay" => e.replay = Some(v.to_string()),
+            "topic" => e.topic = v.to_string(),
+            "bind" => e.bind = v.parse().with_context(|| format!("bind={v:?}"))?,
+            other => bail!("--endpoint: unknown key {other:?}"),
+        }
+    }
+    Ok(e)
+}
+
+#[cfg(test)]
+mod gateway_tests {
+    use super::*;
+
+    #[test]
+    fn gateway_config_layers_and_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.yaml");
+        std::fs::write(
+            &p,
+            "listen: 127.0.0.1:1\nrouter:\n  policy: round_robin\nendpoints:\n  - url: http://127.0.0.1:8000\n    models: [m]\n    block_size: 16\n",
+        )
+        .unwrap();
+        let env = |k: &str| (k == "KVGATE_POLICY").then(|| "least_load".to_string());
+        let flags = GatewayOverrides {
+            listen: Some("127.0.0.1:2".into()),
+            policy: None,
+            endpoints: vec![
+                "url=http://127.0.0.1:8001,model=m,block_size=32,events=tcp://127.0.0.1:5557"
+                    .into(),
+            ],
+        };
+        let cfg = load_gateway_config(Some(&p), env, &flags).unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:2");
+        assert_eq!(cfg.router.policy, kvgate_router::Policy::LeastLoad);
+        assert_eq!(cfg.endpoints.len(), 2);
+        assert_eq!(
+            cfg.endpoints[1].events.as_deref(),
+            Some("tcp://127.0.0.1:5557")
+        );
+        let none = |_: &str| None;
+        for bad in [
+            "url=http://h,block_size=16",
+            "url=h:1,model=m,block_size=16",
+            "url=http://h,model=m,block_size=0",
+            "x",
+        ] {
+            let flags = GatewayOverrides {
+                endpoints: vec![bad.into()],
+                ..Default::default()
+            };
+            assert!(load_gateway_config(None, none, &flags).is_err(), "{bad}");
+        }
+        let flags = GatewayOverrides {
+            policy: Some("fastest".into()),
+            ..Default::default()
+        };
+        assert!(load_gateway_config(None, none, &flags).is_err());
+    }
+}

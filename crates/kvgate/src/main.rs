@@ -47,6 +47,23 @@ enum Command {
         #[arg(long = "source")]
         sources: Vec<String>,
     },
+    /// Run the OpenAI-compatible KV-cache-aware gateway in front of vLLM endpoints.
+    Gateway {
+        /// YAML config file; env (KVGATE_*) and flags override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Listen address (env KVGATE_LISTEN).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Routing policy (env KVGATE_POLICY): precise_prefix, approx_prefix,
+        /// round_robin, least_load, session, random.
+        #[arg(long)]
+        policy: Option<String>,
+        /// An endpoint, repeatable:
+        /// url=http://H:P,model=M,block_size=16[,events=tcp://H:P][,replay=tcp://H:P][,adapter=A]
+        #[arg(long = "endpoint")]
+        endpoints: Vec<String>,
+    },
     /// Run the built-in demo on an embedded default (no arguments needed).
     Demo(demo::DemoArgs),
 }
@@ -85,6 +102,32 @@ async fn main() -> Result<()> {
             let _service = service::IndexService::start(&cfg).await?;
             tokio::signal::ctrl_c().await?;
             tracing::info!("shutting down");
+            Ok(())
+        }
+        Command::Gateway {
+            config,
+            listen,
+            policy,
+            endpoints,
+        } => {
+            init_logs(&cli.log, cli.pretty_logs);
+            let flags = config::GatewayOverrides {
+                listen,
+                policy,
+                endpoints,
+            };
+            let cfg =
+                config::load_gateway_config(config.as_deref(), |k| std::env::var(k).ok(), &flags)?;
+            let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
+            let discovery =
+                std::sync::Arc::new(kvgate_gateway::StaticDiscovery(cfg.endpoints.clone()));
+            let gw = kvgate_gateway::Gateway::start(cfg, discovery).await?;
+            tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+            axum::serve(listener, gw.router())
+                .with_graceful_shutdown(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
             Ok(())
         }
         Command::Demo(args) => {
