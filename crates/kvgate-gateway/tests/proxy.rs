@@ -1,0 +1,321 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The gateway's proxy behaviour against small in-test upstreams.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::StreamExt;
+use kvgate_gateway::{EndpointConfig, Gateway, GatewayConfig, StaticDiscovery};
+use kvgate_router::Policy;
+use parking_lot::Mutex;
+
+/// Records the bodies it receives; streams `n` SSE chunks 100 ms apart.
+#[derive(Clone, Default)]
+struct Upstream {
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+async fn upstream_chat(State(u): State<Upstream>, body: Bytes) -> axum::response::Response {
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    u.bodies.lock().push(v);
+    let chunks = futures_util::stream::iter(0..5).then(|i| async move {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok::<_, std::io::Error>(Bytes::from(format!("data: {{\"i\": {i}}}\n\n")))
+    });
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(chunks))
+        .unwrap()
+}
+
+async fn spawn_upstream() -> (String, Upstream) {
+    let u = Upstream::default();
+    let app = Router::new()
+        .route("/v1/chat/completions", post(upstream_chat))
+        .route("/v1/completions", post(upstream_chat))
+        .route("/health", get(|| async { "" }))
+        .route(
+            "/metrics",
+            get(|| async { "vllm:num_requests_waiting{engine=\"0\"} 0\n" }),
+        )
+        .with_state(u.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (format!("http://{addr}"), u)
+}
+
+fn endpoint(url: &str) -> EndpointConfig {
+    EndpointConfig {
+        url: url.to_string(),
+        models: vec!["m".into()],
+        adapters: vec![],
+        block_size: 16,
+        events: None,
+        replay: None,
+        topic: String::new(),
+        bind: false,
+    }
+}
+
+async fn gateway(cfg: GatewayConfig) -> (String, Arc<Gateway>) {
+    let discovery = Arc::new(StaticDiscovery(cfg.endpoints.clone()));
+    let gw = Gateway::start(cfg, discovery).await.unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let app = gw.router();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (format!("http://{addr}"), gw)
+}
+
+fn chat_body(content: &str) -> serde_json::Value {
+    serde_json::json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": content}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_incrementally_and_releases_load_on_disconnect() {
+    let (url, _u) = spawn_upstream().await;
+    let (gw_url, gw) = gateway(GatewayConfig {
+        endpoints: vec![endpoint(&url)],
+        ..Default::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let t = Instant::now();
+    let resp = client
+        .post(format!("{gw_url}/v1/chat/completions"))
+        .json(&chat_body("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-kvgate-endpoint"], url.as_str());
+    let mut stream = resp.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    let first_at = t.elapsed();
+    assert!(String::from_utf8_lossy(&first).contains("\"i\": 0"));
+    // The first chunk arrives well before the last one is produced (400 ms later).
+    assert!(
+        first_at < Duration::from_millis(300),
+        "first chunk after {first_at:?}"
+    );
+    let load = gw.fleet().snapshot()[0].load.clone();
+    assert_eq!(load.snapshot().in_flight, 1);
+    drop(stream); // the client goes away mid-stream
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while load.snapshot().in_flight != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(load.snapshot().in_flight, 0, "load released on disconnect");
+    assert_eq!(load.snapshot().pending_prefill_tokens, 0);
+
+    // A full stream: all chunks, in order.
+    let resp = client
+        .post(format!("{gw_url}/v1/chat/completions"))
+        .json(&chat_body("hi"))
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    assert_eq!(text.matches("data:").count(), 5);
+    assert_eq!(load.snapshot().in_flight, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors() {
+    let (url, _u) = spawn_upstream().await;
+    let (gw_url, _gw) = gateway(GatewayConfig {
+        endpoints: vec![endpoint(&url)],
+        max_body_bytes: 64 * 1024,
+        ..Default::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let cases: Vec<(&str, String, u16)> = vec![
+        ("/v1/chat/completions", "{nope".into(), 400),
+        ("/v1/chat/completions", "[1,2]".into(), 400),
+        ("/v1/chat/completions", r#"{"messages": []}"#.into(), 400),
+        (
+            "/v1/chat/completions",
+            r#"{"model": 5, "messages": []}"#.into(),
+            400,
+        ),
+        ("/v1/chat/completions", r#"{"model": "m"}"#.into(), 400),
+        ("/v1/completions", r#"{"model": "m"}"#.into(), 400),
+        (
+            "/v1/chat/completions",
+            r#"{"model": "other", "messages": []}"#.into(),
+            404,
+        ),
+        (
+            "/v1/chat/completions",
+            format!(
+                r#"{{"model": "m", "messages": [], "x": "{}"}}"#,
+                "a".repeat(100_000)
+            ),
+            413,
+        ),
+    ];
+    for (path, body, status) in cases {
+        let resp = client
+            .post(format!("{gw_url}{path}"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status().as_u16(),
+            status,
+            "{}",
+            &body[..body.len().min(60)]
+        );
+        let json: serde_json::Value = resp.json().await.unwrap();
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{json}"
+        );
+        assert_eq!(json["error"]["code"], status);
+    }
+    let models: serde_json::Value = client
+        .get(format!("{gw_url}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "m");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_endpoint_is_retried_and_ejected_without_failed_requests() {
+    let (url, u) = spawn_upstream().await;
+    // Nothing listens here: connects are refused.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let (gw_url, gw) = gateway(GatewayConfig {
+        endpoints: vec![endpoint(&dead), endpoint(&url)],
+        router: kvgate_router::RouterConfig {
+            policy: Policy::RoundRobin,
+            ..Default::default()
+        },
+        eject_after_failures: 1,
+        eject_cooldown_ms: 60_000,
+        ..Default::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    for _ in 0..6 {
+        let resp = client
+            .post(format!("{gw_url}/v1/chat/completions"))
+            .json(&chat_body("x"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-kvgate-endpoint"], url.as_str());
+        resp.text().await.unwrap();
+    }
+    assert_eq!(u.bodies.lock().len(), 6);
+    assert!(
+        !gw.fleet().snapshot()[0].is_available(),
+        "the dead endpoint is ejected"
+    );
+    // Everything down: 503 with Retry-After.
+    let (gw_url, _gw) = gateway(GatewayConfig {
+        endpoints: vec![endpoint(&dead)],
+        eject_after_failures: 1,
+        ..Default::default()
+    })
+    .await;
+    let resp = client
+        .post(format!("{gw_url}/v1/chat/completions"))
+        .json(&chat_body("x"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.status() == 502 || resp.status() == 503,
+        "{}",
+        resp.status()
+    );
+    let resp = client
+        .post(format!("{gw_url}/v1/chat/completions"))
+        .json(&chat_body("x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_sets_cache_salt_and_client_salt_is_dropped() {
+    let (url, u) = spawn_upstream().await;
+    let mut cfg = GatewayConfig {
+        endpoints: vec![endpoint(&url)],
+        ..Default::default()
+    };
+    cfg.tenancy.api_keys = [("key-a".to_string(), "acme".to_string())].into();
+    cfg.tenancy.salt_secret = Some("s".into());
+    let (gw_url, _gw) = gateway(cfg).await;
+    let client = reqwest::Client::new();
+    let mut body = chat_body("x");
+    body["cache_salt"] = "stolen-salt".into();
+    let resp = client
+        .post(format!("{gw_url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = client
+        .post(format!("{gw_url}/v1/chat/completions"))
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = client
+        .post(format!("{gw_url}/v1/chat/completions"))
+        .bearer_auth("key-a")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap();
+    let seen = u.bodies.lock()[0].clone();
+    let salt = seen["cache_salt"].as_str().unwrap();
+    assert_ne!(salt, "stolen-salt");
+    assert_eq!(salt.len(), 32);
+    // Without tenancy, a client salt is still never forwarded.
+    let (url2, u2) = spawn_upstream().await;
+    let (gw2, _g) = gateway(GatewayConfig {
+        endpoints: vec![endpoint(&url2)],
+        ..Default::default()
+    })
+    .await;
+    client
+        .post(format!("{gw2}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(u2.bodies.lock()[0].get("cache_salt").is_none());
+}
