@@ -106,7 +106,7 @@ fn main() {
         sched,
         ids,
     };
-    let turns = 19;
+    let turns = 23;
     let sample = conversation(0, turns);
     let n_tokens = setup
         .tok
