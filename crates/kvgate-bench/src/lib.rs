@@ -1,0 +1,9 @@
+//! kvgate's load generator: the published KV-cache workloads over the OpenAI
+//! protocol, streamed so TTFT is measured at the client.
+
+pub mod client;
+pub mod runner;
+pub mod workload;
+
+pub use client::Outcome;
+pub use runner::{run_stage, summarize, StageOptions, StageSummary};
