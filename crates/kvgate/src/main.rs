@@ -1,5 +1,6 @@
 //! `kvgate`: one binary, one subcommand per role.
 
+mod bench_cmd;
 mod config;
 mod demo;
 mod service;
@@ -64,6 +65,8 @@ enum Command {
         #[arg(long = "endpoint")]
         endpoints: Vec<String>,
     },
+    /// Load-test an OpenAI endpoint with a published workload; writes a report.
+    Bench(bench_cmd::BenchArgs),
     /// Run the built-in demo on an embedded default (no arguments needed).
     Demo(demo::DemoArgs),
 }
@@ -129,6 +132,10 @@ async fn main() -> Result<()> {
                 })
                 .await?;
             Ok(())
+        }
+        Command::Bench(args) => {
+            init_logs(if cli.log == "info" { "warn" } else { &cli.log }, true);
+            bench_cmd::run(args).await
         }
         Command::Demo(args) => {
             // The demo prints a report; logs only on request.
