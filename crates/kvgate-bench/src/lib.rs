@@ -2,6 +2,7 @@
 //! protocol, streamed so TTFT is measured at the client.
 
 pub mod client;
+pub mod plot;
 pub mod report;
 pub mod runner;
 pub mod workload;

@@ -211,6 +211,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 pub fn write_report(report: &Report, out: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("report.json"), serde_json::to_vec_pretty(report)?)?;
-    std::fs::write(out.join("report.md"), report.markdown())?;
+    let plots = kvgate_bench::plot::report_plots(report, out)?;
+    let mut md = report.markdown();
+    for p in plots {
+        md.push_str(&format!("\n![{p}]({p})\n"));
+    }
+    std::fs::write(out.join("report.md"), md)?;
     Ok(())
 }
