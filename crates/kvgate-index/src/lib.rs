@@ -96,6 +96,37 @@ pub struct EndpointMatch {
     pub tier_blocks: [u32; MAX_TIERS],
 }
 
+/// Relative worth of a cached block by tier (GPU, CPU, DISK, then others): a
+/// block in a slower tier saves less prefill time.
+pub const DEFAULT_TIER_WEIGHTS: [f64; MAX_TIERS] = [1.0, 0.8, 0.5, 0.3, 0.3, 0.3, 0.3, 0.3];
+
+impl EndpointMatch {
+    /// Matched blocks credited fastest tier first (a block held in two tiers is
+    /// served from the faster), each at its tier's weight.
+    pub fn weighted_blocks(&self, tier_weights: &[f64; MAX_TIERS]) -> f64 {
+        weighted_blocks(self.matched_blocks, &self.tier_blocks, tier_weights)
+    }
+}
+
+/// See [`EndpointMatch::weighted_blocks`]; tiers are in speed order (GPU first).
+pub fn weighted_blocks(
+    matched: u32,
+    tier_blocks: &[u32; MAX_TIERS],
+    tier_weights: &[f64; MAX_TIERS],
+) -> f64 {
+    let mut left = matched;
+    let mut credit = 0.0;
+    for (n, w) in tier_blocks.iter().zip(tier_weights) {
+        let take = left.min(*n);
+        credit += f64::from(take) * w;
+        left -= take;
+        if left == 0 {
+            break;
+        }
+    }
+    credit
+}
+
 /// A snapshot of counters for gauges.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct IndexStats {
@@ -328,6 +359,7 @@ impl KvIndex {
                         .filter(|(_, n)| **n > 0)
                         .map(|(t, n)| (st.tiers.name(Tier(t as u8)).to_string(), *n))
                         .collect(),
+                    tier_blocks,
                     stale: ep.stale.is_some(),
                 });
             }
@@ -425,5 +457,8 @@ pub struct EndpointLocality {
     pub matched_tokens: usize,
     /// Blocks of the matched prefix per tier name.
     pub tiers: Vec<(String, u32)>,
+    /// The same, by tier id (speed order).
+    #[serde(skip)]
+    pub tier_blocks: [u32; MAX_TIERS],
     pub stale: bool,
 }

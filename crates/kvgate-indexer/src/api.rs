@@ -22,9 +22,7 @@ use crate::metrics::IndexerMetrics;
 /// Largest accepted request body: ~1M token ids as JSON.
 pub const MAX_BODY_BYTES: usize = 8 << 20;
 
-/// Relative worth of a cached block by tier (GPU, CPU, DISK, then others):
-/// a block in a slower tier saves less prefill time.
-pub const DEFAULT_TIER_WEIGHTS: [f64; MAX_TIERS] = [1.0, 0.8, 0.5, 0.3, 0.3, 0.3, 0.3, 0.3];
+pub use kvgate_index::DEFAULT_TIER_WEIGHTS;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -296,25 +294,11 @@ fn run_locality(
 /// Turns raw matches into scores: the matched blocks are credited fastest tier
 /// first (a block held in GPU and CPU is served from GPU), each at its tier's weight.
 pub fn score_locality(model: &str, loc: &Locality, weights: &[f64; MAX_TIERS]) -> LocalityResponse {
-    let tier_index = |name: &str| match name {
-        "GPU" => 0,
-        "CPU" => 1,
-        "DISK" => 2,
-        _ => 3,
-    };
     let mut endpoints: Vec<EndpointScore> = loc
         .endpoints
         .iter()
         .map(|e| {
-            let mut tiers = e.tiers.clone();
-            tiers.sort_by_key(|(n, _)| tier_index(n));
-            let mut left = e.matched_blocks;
-            let mut credit = 0.0;
-            for (name, n) in &tiers {
-                let take = left.min(*n);
-                credit += f64::from(take) * weights[tier_index(name).min(MAX_TIERS - 1)];
-                left -= take;
-            }
+            let credit = kvgate_index::weighted_blocks(e.matched_blocks, &e.tier_blocks, weights);
             let score = if e.total_blocks == 0 {
                 0.0
             } else {
@@ -324,8 +308,12 @@ pub fn score_locality(model: &str, loc: &Locality, weights: &[f64; MAX_TIERS]) -
                 endpoint: e.endpoint.clone(),
                 matched_blocks: e.matched_blocks,
                 matched_tokens: e.matched_tokens,
-                tier: tiers.iter().max_by_key(|(_, n)| *n).map(|(t, _)| t.clone()),
-                tiers,
+                tier: e
+                    .tiers
+                    .iter()
+                    .max_by_key(|(_, n)| *n)
+                    .map(|(t, _)| t.clone()),
+                tiers: e.tiers.clone(),
                 score,
                 block_size: e.block_size,
                 stale: e.stale,

@@ -81,7 +81,7 @@ impl Default for CostWeights {
             engine_waiting: 256.0,
             kv_usage: 0.0,
             session_bonus: 0.0,
-            tier: [1.0, 0.8, 0.5, 0.3, 0.3, 0.3, 0.3, 0.3],
+            tier: kvgate_index::DEFAULT_TIER_WEIGHTS,
         }
     }
 }
@@ -308,7 +308,7 @@ impl Scheduler {
             let (cached_blocks, source) = match (use_precise, c.index_id) {
                 (true, Some(id)) => (
                     find(&precise_matches, c.block_size, |m| m.endpoint == id)
-                        .map_or(0.0, |m| weighted_blocks(m, &w.tier)),
+                        .map_or(0.0, |m| m.weighted_blocks(&w.tier)),
                     "precise",
                 ),
                 _ => (
@@ -393,21 +393,6 @@ fn find(
         .iter()
         .find(|(bs, _)| *bs == block_size)
         .and_then(|(_, ms)| ms.iter().find(|m| pred(m)))
-}
-
-/// Matched blocks credited fastest tier first, each at its tier's weight.
-pub fn weighted_blocks(m: &EndpointMatch, tier_weights: &[f64; MAX_TIERS]) -> f64 {
-    let mut left = m.matched_blocks;
-    let mut credit = 0.0;
-    for (t, n) in m.tier_blocks.iter().enumerate() {
-        let take = left.min(*n);
-        credit += f64::from(take) * tier_weights[t];
-        left -= take;
-        if left == 0 {
-            break;
-        }
-    }
-    credit
 }
 
 /// Highest-random-weight hashing: a session keeps its endpoint while it stays
