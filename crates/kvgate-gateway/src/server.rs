@@ -355,18 +355,7 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     gw.index_metrics.refresh_gauges(&gw.index);
-    let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &gw.registry) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            out,
-        )
-            .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+    kvgate_indexer::metrics::render(&gw.registry)
 }
 
 fn no_endpoint(msg: impl Into<String>) -> Response {

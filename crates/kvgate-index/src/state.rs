@@ -210,6 +210,30 @@ impl State {
         removed
     }
 
+    /// Removes endpoint `id`'s holders of `key` matching `pred`, keeping the
+    /// endpoint's counters and engine map in step: the engine hash stops
+    /// resolving once no tier of the endpoint holds the key.
+    fn remove_endpoint_holders(
+        &mut self,
+        id: EndpointId,
+        key: BlockKey,
+        engine_hash: EngineHash,
+        pred: impl Fn(&Holder) -> bool,
+    ) -> usize {
+        let removed = self.remove_holders(key, |h| h.endpoint == id && pred(h));
+        let still_held = self
+            .blocks
+            .get(&key)
+            .is_some_and(|hs| hs.iter().any(|h| h.endpoint == id));
+        if let Some(Some(ep)) = self.endpoints.get_mut(id as usize) {
+            ep.holders -= removed;
+            if !still_held {
+                ep.engine_to_key.remove(&engine_hash);
+            }
+        }
+        removed
+    }
+
     pub fn apply_event(
         &mut self,
         id: EndpointId,
@@ -366,18 +390,8 @@ impl State {
                     continue;
                 }
             };
-            let removed = self.remove_holders(key, |h| h.endpoint == id && h.tier == tier);
-            stats.removed_blocks += removed;
-            let still_held = self
-                .blocks
-                .get(&key)
-                .is_some_and(|hs| hs.iter().any(|h| h.endpoint == id));
-            if let Some(Some(ep)) = self.endpoints.get_mut(id as usize) {
-                ep.holders -= removed;
-                if !still_held {
-                    ep.engine_to_key.remove(hash);
-                }
-            }
+            stats.removed_blocks +=
+                self.remove_endpoint_holders(id, key, *hash, |h| h.tier == tier);
         }
         Ok(())
     }
@@ -408,18 +422,7 @@ impl State {
         else {
             return 0;
         };
-        let removed = self.remove_holders(e.key, |x| *x == h);
-        let still_held = self
-            .blocks
-            .get(&e.key)
-            .is_some_and(|hs| hs.iter().any(|x| x.endpoint == e.endpoint));
-        if let Some(Some(ep)) = self.endpoints.get_mut(e.endpoint as usize) {
-            ep.holders -= removed;
-            if !still_held {
-                ep.engine_to_key.remove(&h.engine_hash);
-            }
-        }
-        removed
+        self.remove_endpoint_holders(e.endpoint, e.key, h.engine_hash, |x| *x == h)
     }
 
     fn enforce_bound(&mut self, stats: &mut ApplyStats) {
@@ -456,18 +459,8 @@ impl State {
             ep.engine_to_key.iter().map(|(h, k)| (*h, *k)).collect();
         let mut removed = 0;
         for (hash, key) in entries {
-            let n = self.remove_holders(key, |h| h.endpoint == id && stamp_before(h.stamp, before));
-            removed += n;
-            let still_held = self
-                .blocks
-                .get(&key)
-                .is_some_and(|hs| hs.iter().any(|h| h.endpoint == id));
-            if let Some(Some(ep)) = self.endpoints.get_mut(id as usize) {
-                ep.holders -= n;
-                if !still_held {
-                    ep.engine_to_key.remove(&hash);
-                }
-            }
+            removed +=
+                self.remove_endpoint_holders(id, key, hash, |h| stamp_before(h.stamp, before));
         }
         removed
     }

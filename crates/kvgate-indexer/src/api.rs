@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -353,16 +353,5 @@ async fn endpoints(State(st): State<ApiState>) -> impl IntoResponse {
 
 async fn metrics(State(st): State<ApiState>) -> Response {
     st.metrics.refresh_gauges(&st.index);
-    let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &st.registry) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            out,
-        )
-            .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+    crate::metrics::render(&st.registry)
 }

@@ -27,6 +27,24 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// A Prometheus scrape response for `registry` (OpenMetrics text).
+pub fn render(registry: &Registry) -> axum::response::Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
 /// Every metric the indexer exports; cheap to share behind an `Arc`.
 pub struct IndexerMetrics {
     pub events_received: Family<EventLabels, Counter>,
