@@ -1,0 +1,601 @@
+//! The simulated engine's HTTP face: the OpenAI endpoints and metrics as vLLM
+//! serves them, on top of [`crate::engine`].
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kvgate_tokenize::{ChatInput, ModelTokenizer};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::engine::{EngineError, EngineHandle, Histogram, SimRequest, TokenEvent};
+
+/// vLLM's limit on `cache_salt`.
+const MAX_SALT_LEN: usize = 128;
+
+#[derive(Clone)]
+pub struct SimState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<ModelTokenizer>,
+    pub model: String,
+    pub max_model_len: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+}
+
+pub fn router(state: SimState) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route(
+            "/version",
+            get(|| async { Json(json!({"version": "0.32.0+kvgate-sim"})) }),
+        )
+        .route("/tokenize", post(tokenize))
+        .route("/metrics", get(metrics))
+        .route("/reset_prefix_cache", post(reset))
+        .route("/sim/faults", post(faults))
+        .with_state(state)
+}
+
+/// vLLM's error body: `{"error": {"message", "type", "param", "code"}}`.
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.status.as_u16()}})),
+        )
+            .into_response()
+    }
+}
+
+fn error(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        status,
+        kind,
+        message: message.into(),
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    error(StatusCode::BAD_REQUEST, "BadRequestError", message)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Parses a body, checks the model and the salt; returns the JSON object.
+fn parse(state: &SimState, body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))?;
+    let Value::Object(obj) = v else {
+        return Err(bad_request("request body must be a JSON object"));
+    };
+    match obj.get("model").and_then(Value::as_str) {
+        Some(m) if m == state.model => {}
+        Some(m) => {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                "NotFoundError",
+                format!("The model `{m}` does not exist."),
+            ))
+        }
+        None => return Err(bad_request("'model' is required")),
+    }
+    if let Some(salt) = obj.get("cache_salt") {
+        let ok = salt.as_str().is_some_and(|s| {
+            !s.is_empty() && s.len() <= MAX_SALT_LEN && !s.contains(['@', '/', '\\', '\0'])
+        });
+        if !ok {
+            return Err(bad_request("cache_salt must be a non-empty string of at most 128 characters without '@', '/', '\\'"));
+        }
+    }
+    Ok(obj)
+}
+
+fn sim_request(
+    state: &SimState,
+    obj: &serde_json::Map<String, Value>,
+    prompt_tokens: Vec<u32>,
+) -> Result<SimRequest, ApiError> {
+    let max_tokens = match obj
+        .get("max_tokens")
+        .or_else(|| obj.get("max_completion_tokens"))
+    {
+        None | Some(Value::Null) => 16,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| bad_request("max_tokens must be a positive integer"))?
+            as u32,
+    };
+    if prompt_tokens.is_empty() {
+        return Err(bad_request("the prompt is empty"));
+    }
+    if prompt_tokens.len() + max_tokens as usize > state.max_model_len {
+        return Err(bad_request(format!(
+            "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the messages, {} in the completion).",
+            state.max_model_len,
+            prompt_tokens.len() + max_tokens as usize,
+            prompt_tokens.len(),
+            max_tokens
+        )));
+    }
+    Ok(SimRequest {
+        prompt_tokens,
+        max_tokens,
+        cache_salt: obj
+            .get("cache_salt")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        lora_name: None,
+    })
+}
+
+async fn completions(State(state): State<SimState>, body: Bytes) -> Response {
+    let obj = match parse(&state, &body) {
+        Ok(o) => o,
+        Err(r) => return r.into_response(),
+    };
+    let tokens = match obj.get("prompt") {
+        Some(Value::String(p)) => match state.tokenizer.completion_tokens(p) {
+            Ok(t) => t,
+            Err(e) => return bad_request(e.to_string()).into_response(),
+        },
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_u64) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|t| t as u32)
+            .collect(),
+        _ => {
+            return bad_request("'prompt' must be a string or a list of token ids").into_response()
+        }
+    };
+    let req = match sim_request(&state, &obj, tokens) {
+        Ok(r) => r,
+        Err(r) => return r.into_response(),
+    };
+    run(state, obj, req, false).await.into_response()
+}
+
+async fn chat(State(state): State<SimState>, body: Bytes) -> Response {
+    let obj = match parse(&state, &body) {
+        Ok(o) => o,
+        Err(r) => return r.into_response(),
+    };
+    let Some(messages) = obj.get("messages").and_then(Value::as_array) else {
+        return bad_request("'messages' is required and must be a list").into_response();
+    };
+    let input = ChatInput {
+        messages,
+        tools: obj
+            .get("tools")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice),
+        add_generation_prompt: obj
+            .get("add_generation_prompt")
+            .and_then(Value::as_bool)
+            .unwrap_or(true),
+        continue_final_message: obj
+            .get("continue_final_message")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        template_kwargs: obj.get("chat_template_kwargs").and_then(Value::as_object),
+    };
+    let tokens = match state.tokenizer.chat_tokens(&input) {
+        Ok(t) => t,
+        Err(e) => return bad_request(e.to_string()).into_response(),
+    };
+    let req = match sim_request(&state, &obj, tokens) {
+        Ok(r) => r,
+        Err(r) => return r.into_response(),
+    };
+    run(state, obj, req, true).await.into_response()
+}
+
+struct Usage {
+    prompt: usize,
+    completion: usize,
+    cached: usize,
+}
+
+impl Usage {
+    fn json(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt,
+            "total_tokens": self.prompt + self.completion,
+            "completion_tokens": self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        })
+    }
+}
+
+async fn run(
+    state: SimState,
+    obj: serde_json::Map<String, Value>,
+    req: SimRequest,
+    chat: bool,
+) -> Result<Response, ApiError> {
+    let prompt_len = req.prompt_tokens.len();
+    let mut events = match state.engine.submit(req).await {
+        Ok(rx) => rx,
+        Err(e @ EngineError::TooLong { .. }) => return Err(bad_request(e.to_string())),
+        Err(e) => {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailableError",
+                e.to_string(),
+            ))
+        }
+    };
+    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = obj
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let id = format!(
+        "{}-{:016x}",
+        if chat { "chatcmpl" } else { "cmpl" },
+        rand_id()
+    );
+    let created = now_secs();
+    let model = state.model.clone();
+    if !stream {
+        let mut ids = Vec::new();
+        let mut usage = Usage {
+            prompt: prompt_len,
+            completion: 0,
+            cached: 0,
+        };
+        let mut done = false;
+        while let Some(ev) = events.recv().await {
+            match ev {
+                TokenEvent::FirstToken { cached_tokens, .. } => usage.cached = cached_tokens,
+                TokenEvent::Token(t) => ids.push(t),
+                TokenEvent::Done {
+                    completion_tokens,
+                    cached_tokens,
+                    ..
+                } => {
+                    usage.completion = completion_tokens;
+                    usage.cached = cached_tokens;
+                    done = true;
+                }
+            }
+        }
+        if !done {
+            return Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+                "the engine stopped before the request finished",
+            ));
+        }
+        let text = state.tokenizer.decode(&ids, true).unwrap_or_default();
+        let choice = if chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []}, "logprobs": null, "finish_reason": "length", "stop_reason": null})
+        } else {
+            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": "length", "stop_reason": null})
+        };
+        let object = if chat {
+            "chat.completion"
+        } else {
+            "text_completion"
+        };
+        return Ok(Json(json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage.json()})).into_response());
+    }
+    // Streamed: one SSE event per token, as vLLM sends them.
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let tokenizer = state.tokenizer.clone();
+    tokio::spawn(async move {
+        let object = if chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        let sse = |v: Value| Ok(Bytes::from(format!("data: {v}\n\n")));
+        let chunk = |choice: Value| json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]});
+        if chat {
+            let first = chunk(
+                json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+            );
+            if tx.send(sse(first)).await.is_err() {
+                return;
+            }
+        }
+        let mut usage = Usage {
+            prompt: prompt_len,
+            completion: 0,
+            cached: 0,
+        };
+        while let Some(ev) = events.recv().await {
+            match ev {
+                TokenEvent::FirstToken { cached_tokens, .. } => usage.cached = cached_tokens,
+                TokenEvent::Token(t) => {
+                    let text = tokenizer.decode(&[t], true).unwrap_or_default();
+                    let text = if text.is_empty() {
+                        " ".to_string()
+                    } else {
+                        text
+                    };
+                    let c = if chat {
+                        chunk(
+                            json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}),
+                        )
+                    } else {
+                        chunk(
+                            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null, "stop_reason": null}),
+                        )
+                    };
+                    // The client went away: dropping `events` aborts the request.
+                    if tx.send(sse(c)).await.is_err() {
+                        return;
+                    }
+                }
+                TokenEvent::Done {
+                    completion_tokens,
+                    cached_tokens,
+                    ..
+                } => {
+                    usage.completion = completion_tokens;
+                    usage.cached = cached_tokens;
+                }
+            }
+        }
+        if usage.completion == 0 {
+            // The engine restarted under us: end the stream without [DONE], as a
+            // dying vLLM would.
+            return;
+        }
+        let last = if chat {
+            chunk(
+                json!({"index": 0, "delta": {"content": ""}, "logprobs": null, "finish_reason": "length", "stop_reason": null}),
+            )
+        } else {
+            chunk(
+                json!({"index": 0, "text": "", "logprobs": null, "finish_reason": "length", "stop_reason": null}),
+            )
+        };
+        let _ = tx.send(sse(last)).await;
+        if include_usage {
+            let mut u = chunk(Value::Null);
+            u["choices"] = json!([]);
+            u["usage"] = usage.json();
+            let _ = tx.send(sse(u)).await;
+        }
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+        .body(Body::from_stream(tokio_stream_from(rx)))
+        .map_err(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+                e.to_string(),
+            )
+        })
+}
+
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<Result<Bytes, Infallible>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn rand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0x5151_0000);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+async fn models(State(state): State<SimState>) -> Response {
+    Json(json!({"object": "list", "data": [{
+        "id": state.model, "object": "model", "created": now_secs(), "owned_by": "vllm",
+        "root": state.model, "parent": null, "max_model_len": state.max_model_len,
+    }]}))
+    .into_response()
+}
+
+async fn tokenize(State(state): State<SimState>, body: Bytes) -> Result<Response, ApiError> {
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return Err(bad_request(format!("invalid JSON body: {e}"))),
+    };
+    let tokens = if let Some(p) = v.get("prompt").and_then(Value::as_str) {
+        let add_special = v
+            .get("add_special_tokens")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        state.tokenizer.encode(p, add_special)
+    } else if let Some(m) = v.get("messages").and_then(Value::as_array) {
+        state.tokenizer.chat_tokens(&ChatInput {
+            messages: m,
+            add_generation_prompt: true,
+            ..Default::default()
+        })
+    } else {
+        return Err(bad_request("'prompt' or 'messages' is required"));
+    };
+    let t = tokens.map_err(|e| bad_request(e.to_string()))?;
+    Ok(
+        Json(json!({"count": t.len(), "max_model_len": state.max_model_len, "tokens": t}))
+            .into_response(),
+    )
+}
+
+async fn reset(State(state): State<SimState>) -> Response {
+    state.engine.reset_prefix_cache().await;
+    StatusCode::OK.into_response()
+}
+
+async fn metrics(State(state): State<SimState>) -> Response {
+    let m = state.engine.metrics_snapshot();
+    let labels = format!("engine=\"0\",model_name=\"{}\"", state.model);
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, v: f64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{labels}}} {v}\n"
+        ));
+    };
+    gauge(
+        "vllm:num_requests_running",
+        "Number of requests in model execution batches.",
+        m.running as f64,
+    );
+    gauge(
+        "vllm:num_requests_waiting",
+        "Number of requests waiting to be processed.",
+        m.waiting as f64,
+    );
+    gauge(
+        "vllm:kv_cache_usage_perc",
+        "KV-cache usage. 1 means 100 percent usage.",
+        m.kv_usage,
+    );
+    let mut counter = |name: &str, help: &str, v: u64| {
+        out.push_str(&format!("# HELP {name}_total {help}\n# TYPE {name}_total counter\n{name}_total{{{labels}}} {v}.0\n"));
+    };
+    counter(
+        "vllm:prefix_cache_queries",
+        "Prefix cache queries, in terms of number of queried tokens.",
+        m.prefix_cache_queries,
+    );
+    counter(
+        "vllm:prefix_cache_hits",
+        "Prefix cache hits, in terms of number of cached tokens.",
+        m.prefix_cache_hits,
+    );
+    counter(
+        "vllm:prompt_tokens",
+        "Number of prefill tokens processed.",
+        m.prompt_tokens,
+    );
+    counter(
+        "vllm:generation_tokens",
+        "Number of generation tokens processed.",
+        m.generation_tokens,
+    );
+    counter(
+        "vllm:request_success",
+        "Count of successfully processed requests.",
+        m.requests_finished,
+    );
+    counter(
+        "vllm:prompt_tokens_cached",
+        "Number of cached prompt tokens.",
+        m.prompt_tokens_cached,
+    );
+    counter(
+        "vllm:num_preemptions",
+        "Cumulative number of preemption from the engine.",
+        m.preemptions,
+    );
+    out.push_str(&format!(
+        "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{block_size=\"{}\",enable_prefix_caching=\"True\",engine=\"0\",num_gpu_blocks=\"{}\",prefix_caching_hash_algo=\"sha256\"}} 1.0\n",
+        state.block_size, state.num_blocks
+    ));
+    histogram(
+        &mut out,
+        &labels,
+        "vllm:time_to_first_token_seconds",
+        "Histogram of time to first token in seconds.",
+        &m.ttft,
+    );
+    histogram(
+        &mut out,
+        &labels,
+        "vllm:e2e_request_latency_seconds",
+        "Histogram of e2e request latency in seconds.",
+        &m.e2e,
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+fn histogram(out: &mut String, labels: &str, name: &str, help: &str, h: &Histogram) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+    let mut cumulative = 0u64;
+    for (le, n) in h.bounds.iter().zip(&h.counts) {
+        cumulative += n;
+        out.push_str(&format!(
+            "{name}_bucket{{{labels},le=\"{le:?}\"}} {cumulative}.0\n"
+        ));
+    }
+    out.push_str(&format!(
+        "{name}_bucket{{{labels},le=\"+Inf\"}} {}.0\n",
+        h.count
+    ));
+    out.push_str(&format!(
+        "{name}_count{{{labels}}} {}.0\n{name}_sum{{{labels}}} {}\n",
+        h.count, h.sum
+    ));
+}
+
+/// Fault injection for tests and demos:
+/// `{"restart": true, "drop_event_batches": N, "slowdown": F, "refuse": B}`.
+async fn faults(State(state): State<SimState>, body: Bytes) -> Result<Response, ApiError> {
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(Value::Object(o)) => Value::Object(o),
+        Ok(_) => return Err(bad_request("body must be a JSON object")),
+        Err(e) => return Err(bad_request(format!("invalid JSON body: {e}"))),
+    };
+    if let Some(f) = v.get("slowdown") {
+        match f.as_f64().filter(|f| *f > 0.0 && f.is_finite()) {
+            Some(f) => state
+                .engine
+                .faults
+                .slowdown_permille
+                .store((f * 1000.0) as u64, Ordering::Relaxed),
+            None => return Err(bad_request("slowdown must be a positive number")),
+        }
+    }
+    if let Some(r) = v.get("refuse") {
+        match r.as_bool() {
+            Some(r) => state.engine.faults.refuse.store(r, Ordering::Relaxed),
+            None => return Err(bad_request("refuse must be a boolean")),
+        }
+    }
+    if let Some(n) = v.get("drop_event_batches") {
+        match (n.as_u64(), &state.engine.publisher) {
+            (Some(n), Some(p)) => p.drop_next(n),
+            (None, _) => {
+                return Err(bad_request(
+                    "drop_event_batches must be a non-negative integer",
+                ))
+            }
+            (Some(_), None) => return Err(bad_request("this engine publishes no events")),
+        }
+    }
+    if v.get("restart").and_then(Value::as_bool) == Some(true) {
+        state.engine.restart().await;
+    }
+    Ok(Json(json!({"ok": true})).into_response())
+}
