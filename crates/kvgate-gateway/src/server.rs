@@ -537,6 +537,17 @@ async fn handle(
             excluded.push(decision.chosen);
             continue;
         }
+        // Learned at decision time: requests that arrive before this one's
+        // KV events do should still find its prefix here.
+        if let Some(bs) = keys.iter().find(|(bs, _)| *bs == chosen.cfg.block_size) {
+            let root_model = chosen
+                .cfg
+                .models
+                .first()
+                .map_or(model.as_str(), String::as_str);
+            gw.scheduler
+                .observe_routed(chosen.name(), root_model, bs.0, &bs.1);
+        }
         if attempt == 0 {
             gw.metrics
                 .routing_duration
@@ -574,15 +585,6 @@ async fn handle(
                     chosen.record_failure(gw.ejection);
                 } else {
                     chosen.record_success();
-                }
-                if let Some(bs) = keys.iter().find(|(bs, _)| *bs == chosen.cfg.block_size) {
-                    let root_model = chosen
-                        .cfg
-                        .models
-                        .first()
-                        .map_or(model.as_str(), String::as_str);
-                    gw.scheduler
-                        .observe_routed(chosen.name(), root_model, bs.0, &bs.1);
                 }
                 return Ok(stream_back(
                     &gw, chosen, &model, resp, guard, &decision, received,

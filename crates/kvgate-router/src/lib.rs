@@ -68,6 +68,12 @@ pub struct CostWeights {
     pub engine_waiting: f64,
     pub kv_usage: f64,
     pub session_bonus: f64,
+    /// Costs within this many tokens of the cheapest count as a tie. A tie
+    /// goes to the endpoint caching most of the prompt, or, for a prefix
+    /// cached nowhere, to its home endpoint (rendezvous hash of its block at
+    /// AFFINITY_PREFIX_TOKENS). A group's requests then gather on one engine
+    /// instead of copying the prefix into several caches.
+    pub prefix_affinity_slack: f64,
     /// Worth of a cached block per tier (GPU, CPU, DISK, others).
     pub tier: [f64; MAX_TIERS],
 }
@@ -81,6 +87,7 @@ impl Default for CostWeights {
             engine_waiting: 256.0,
             kv_usage: 0.0,
             session_bonus: 0.0,
+            prefix_affinity_slack: 256.0,
             tier: kvgate_index::DEFAULT_TIER_WEIGHTS,
         }
     }
@@ -89,6 +96,10 @@ impl Default for CostWeights {
 /// Default bound of the approximate index (entries) and its TTL.
 pub const DEFAULT_APPROX_MAX_BLOCKS: usize = 1 << 18;
 pub const DEFAULT_APPROX_TTL_SECS: u32 = 120;
+/// Prompt depth (tokens) whose block names a prefix for affinity.
+pub const AFFINITY_PREFIX_TOKENS: usize = 128;
+/// A prefill of a long prompt under load takes seconds; its events follow.
+pub const DEFAULT_SPECULATIVE_TTL_SECS: u32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -97,6 +108,9 @@ pub struct RouterConfig {
     pub weights: CostWeights,
     pub approx_max_blocks: usize,
     pub approx_ttl_secs: u32,
+    /// How long the precise policy trusts its own recent routing decisions
+    /// for prefixes whose KV events have not arrived yet (0: never).
+    pub speculative_ttl_secs: u32,
 }
 
 impl Default for RouterConfig {
@@ -106,6 +120,7 @@ impl Default for RouterConfig {
             weights: CostWeights::default(),
             approx_max_blocks: DEFAULT_APPROX_MAX_BLOCKS,
             approx_ttl_secs: DEFAULT_APPROX_TTL_SECS,
+            speculative_ttl_secs: DEFAULT_SPECULATIVE_TTL_SECS,
         }
     }
 }
@@ -137,7 +152,7 @@ pub struct RouteRequest<'a> {
 pub struct Score {
     pub endpoint: String,
     pub cached_tokens: f64,
-    /// "precise", "approx" or "none".
+    /// "precise", "speculative" (recently routed, events pending), "approx" or "none".
     pub cached_source: &'static str,
     pub load_tokens: f64,
     pub cost: f64,
@@ -188,6 +203,9 @@ pub struct Scheduler {
     rr: AtomicUsize,
     /// Learns (keys -> endpoint) from routing decisions, for endpoints without events.
     approx: KvIndex,
+    /// The same, kept briefly: what the precise policy assumes is being cached
+    /// by requests in flight, until the engine's events say so.
+    speculative: KvIndex,
 }
 
 impl Scheduler {
@@ -201,10 +219,19 @@ impl Scheduler {
             // Keys are computed by the caller; this secret only names the index.
             BlockHasher::from_secret(b"kvgate-approx-index"),
         );
+        let speculative = KvIndex::new(
+            IndexConfig {
+                max_tracked_blocks: cfg.approx_max_blocks.max(1),
+                ttl_secs: Some(cfg.speculative_ttl_secs),
+                ..Default::default()
+            },
+            BlockHasher::from_secret(b"kvgate-speculative-index"),
+        );
         Self {
             cfg,
             rr: AtomicUsize::new(0),
             approx,
+            speculative,
         }
     }
 
@@ -294,9 +321,14 @@ impl Scheduler {
         // One lookup per block size, shared by the endpoints of that size.
         let mut precise_matches: Vec<(u32, Vec<EndpointMatch>)> = Vec::new();
         let mut approx_matches: Vec<(u32, Vec<EndpointMatch>)> = Vec::new();
+        let mut speculative_matches: Vec<(u32, Vec<EndpointMatch>)> = Vec::new();
+        let speculate = use_precise && self.cfg.speculative_ttl_secs > 0;
         for (bs, keys) in req.keys {
             if let (true, Some(index)) = (use_precise, precise) {
                 precise_matches.push((*bs, index.lookup(keys)));
+            }
+            if speculate {
+                speculative_matches.push((*bs, self.speculative.lookup(keys)));
             }
             approx_matches.push((*bs, self.approx.lookup(keys)));
         }
@@ -306,11 +338,22 @@ impl Scheduler {
         for (rank, &i) in eligible.iter().enumerate() {
             let c = &candidates[i];
             let (cached_blocks, source) = match (use_precise, c.index_id) {
-                (true, Some(id)) => (
-                    find(&precise_matches, c.block_size, |m| m.endpoint == id)
-                        .map_or(0.0, |m| m.weighted_blocks(&w.tier)),
-                    "precise",
-                ),
+                (true, Some(id)) => {
+                    let known = find(&precise_matches, c.block_size, |m| m.endpoint == id)
+                        .map_or(0.0, |m| m.weighted_blocks(&w.tier));
+                    let expected = self
+                        .speculative
+                        .endpoint_id(c.name)
+                        .and_then(|id| {
+                            find(&speculative_matches, c.block_size, |m| m.endpoint == id)
+                        })
+                        .map_or(0.0, |m| f64::from(m.matched_blocks));
+                    if expected > known {
+                        (expected, "speculative")
+                    } else {
+                        (known, "precise")
+                    }
+                }
                 _ => (
                     self.approx
                         .endpoint_id(c.name)
@@ -343,7 +386,44 @@ impl Scheduler {
                 cost,
             });
         }
-        let chosen = best.map_or(eligible[0], |(_, _, i)| i);
+        let mut chosen = best.map_or(eligible[0], |(_, _, i)| i);
+        // The prefix is named by its block at ~AFFINITY_PREFIX_TOKENS (or its
+        // last full block): past a chat template's fixed header, short enough
+        // that a group's requests agree on it.
+        let prefix_key = req.keys.first().and_then(|(bs, k)| {
+            let depth = (AFFINITY_PREFIX_TOKENS / (*bs).max(1) as usize).max(1);
+            k.get(depth.min(k.len()).checked_sub(1)?)
+        });
+        // Near-ties (within the slack) keep prefixes together: the endpoint
+        // caching most of the prompt wins; a prefix cached nowhere goes home.
+        if let Some((best_cost, _, _)) = best {
+            let near: Vec<(usize, &Score)> = eligible
+                .iter()
+                .copied()
+                .zip(&scores)
+                .filter(|(_, s)| s.cost <= best_cost + w.prefix_affinity_slack)
+                .collect();
+            let most_cached = near
+                .iter()
+                .map(|(_, s)| s.cached_tokens)
+                .fold(0.0, f64::max);
+            if most_cached > 0.0 {
+                if let Some((i, _)) = near
+                    .iter()
+                    .filter(|(_, s)| s.cached_tokens == most_cached)
+                    .min_by(|a, b| a.1.cost.total_cmp(&b.1.cost))
+                {
+                    chosen = *i;
+                }
+            } else if scores.iter().all(|s| s.cached_tokens == 0.0) {
+                if let Some(prefix_key) = prefix_key {
+                    let home = rendezvous(&prefix_key.to_le_bytes(), eligible, candidates);
+                    if near.iter().any(|(i, _)| *i == home) {
+                        chosen = home;
+                    }
+                }
+            }
+        }
         let chosen_score = eligible
             .iter()
             .position(|i| *i == chosen)
@@ -368,19 +448,26 @@ impl Scheduler {
 
     /// Teaches the approximate index that `endpoint` now caches these keys.
     pub fn observe_routed(&self, endpoint: &str, model: &str, block_size: u32, keys: &[BlockKey]) {
-        if let Ok(id) = self.approx.add_endpoint(endpoint, model, block_size) {
-            let _ = self.approx.record_keys(id, keys);
+        let learn = |index: &KvIndex| {
+            if let Ok(id) = index.add_endpoint(endpoint, model, block_size) {
+                let _ = index.record_keys(id, keys);
+            }
+        };
+        learn(&self.approx);
+        if self.cfg.policy == Policy::PrecisePrefix && self.cfg.speculative_ttl_secs > 0 {
+            learn(&self.speculative);
         }
     }
 
     /// Forgets what was learned about an endpoint (removed, restarted).
     pub fn forget_endpoint(&self, endpoint: &str) {
         self.approx.remove_endpoint(endpoint);
+        self.speculative.remove_endpoint(endpoint);
     }
 
     /// Drops expired approximate entries (call periodically).
     pub fn expire(&self) -> usize {
-        self.approx.expire()
+        self.approx.expire() + self.speculative.expire()
     }
 }
 
@@ -397,7 +484,11 @@ fn find(
 
 /// Highest-random-weight hashing: a session keeps its endpoint while it stays
 /// eligible, and only sessions of a removed endpoint move.
-fn rendezvous(session: &str, eligible: &[usize], candidates: &[Candidate<'_>]) -> usize {
+fn rendezvous<K: Hash + ?Sized>(
+    session: &K,
+    eligible: &[usize],
+    candidates: &[Candidate<'_>],
+) -> usize {
     eligible
         .iter()
         .copied()

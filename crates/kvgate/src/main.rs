@@ -4,6 +4,7 @@ mod bench_cmd;
 mod config;
 mod demo;
 mod service;
+mod sim_cmd;
 
 use std::path::PathBuf;
 
@@ -65,6 +66,8 @@ enum Command {
         #[arg(long = "endpoint")]
         endpoints: Vec<String>,
     },
+    /// Run simulated vLLM engines (OpenAI API, KV events, vLLM metrics) without a GPU.
+    Sim(sim_cmd::SimArgs),
     /// Load-test an OpenAI endpoint with a published workload; writes a report.
     Bench(bench_cmd::BenchArgs),
     /// Run the built-in demo on an embedded default (no arguments needed).
@@ -102,7 +105,8 @@ async fn main() -> Result<()> {
             };
             let cfg =
                 IndexServiceConfig::load(config.as_deref(), |k| std::env::var(k).ok(), &flags)?;
-            let _service = service::IndexService::start(&cfg).await?;
+            let service = service::IndexService::start(&cfg).await?;
+            tracing::info!(addr = %service.addr, sources = cfg.sources.len(), "index listening");
             tokio::signal::ctrl_c().await?;
             tracing::info!("shutting down");
             Ok(())
@@ -132,6 +136,10 @@ async fn main() -> Result<()> {
                 })
                 .await?;
             Ok(())
+        }
+        Command::Sim(args) => {
+            init_logs(&cli.log, cli.pretty_logs);
+            sim_cmd::run(args).await
         }
         Command::Bench(args) => {
             init_logs(if cli.log == "info" { "warn" } else { &cli.log }, true);

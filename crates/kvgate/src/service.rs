@@ -18,9 +18,8 @@ use crate::config::IndexServiceConfig;
 
 pub struct IndexService {
     pub addr: SocketAddr,
-    pub index: Arc<KvIndex>,
-    pub metrics: Arc<IndexerMetrics>,
-    pub ingest: IngestManager,
+    /// Holds the subscriptions: dropping it stops ingestion.
+    _ingest: IngestManager,
     server: JoinHandle<()>,
     expiry: JoinHandle<()>,
 }
@@ -81,9 +80,7 @@ impl IndexService {
         tracing::info!(%addr, key_fingerprint = %index.hasher().fingerprint(), sources = cfg.sources.len(), "index service listening");
         Ok(Self {
             addr,
-            index,
-            metrics,
-            ingest,
+            _ingest: ingest,
             server,
             expiry,
         })
