@@ -33,8 +33,9 @@ use crate::publisher::EventPublisher;
 /// Defaults are calibrated on an 8B-class model on one H100 (see
 /// `../shared/workloads.md`): ~35 us per uncached prompt token, plus a fixed
 /// cost for every forward pass that carries prefill work. A ~10k-token prompt
-/// then takes ~0.41 s cold and ~0.06 s when all but its last block is cached,
-/// the ~7x shape of llm-d's single-pod anchor.
+/// then takes ~0.46 s cold (two chunks of the default 8192-token budget) and
+/// ~0.056 s when all but its last block is cached: ~8x, the shape of llm-d's
+/// single-pod anchor (~7x).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LatencyModel {
@@ -327,7 +328,8 @@ impl EngineCore {
     pub fn add_request(&mut self, req: SimRequest, seed: u64) -> Result<RequestId, EngineError> {
         let bs = self.cfg.block_size.max(1);
         let usable = self.cfg.num_blocks.saturating_sub(1);
-        let blocks = (req.prompt_tokens.len() + 1).div_ceil(bs);
+        // The whole sequence must fit, or it would preempt itself forever.
+        let blocks = (req.prompt_tokens.len() + req.max_tokens.max(1) as usize).div_ceil(bs);
         if blocks > usable {
             return Err(EngineError::TooLong {
                 tokens: req.prompt_tokens.len(),
@@ -808,8 +810,16 @@ async fn drive(
             .load(std::sync::atomic::Ordering::Relaxed) as f64
             / 1000.0;
         deadline += Duration::from_secs_f64(out.duration_secs * slow.max(0.0) / scale);
-        tokio::time::sleep_until(deadline.into()).await;
+        // Past deadlines (catching up, or the first step after idling) must not
+        // wait for the timer's next 1 ms tick.
+        if deadline > Instant::now() {
+            tokio::time::sleep_until(deadline.into()).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
         publish(&publisher, out.kv_events).await;
+        // Counters first, so a client that has its response sees them.
+        *stats.lock() = core.stats();
         for o in out.outputs {
             let mut gone = false;
             if let Some(tx) = streams.get(&o.id) {

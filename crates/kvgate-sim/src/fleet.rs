@@ -117,6 +117,11 @@ impl RunningSim {
             }
             None => None,
         };
+        // A sequence longer than the whole cache could never run; vLLM refuses
+        // such a max_model_len, the sim caps it.
+        cfg.max_model_len = cfg
+            .max_model_len
+            .min((cfg.engine.num_blocks - 1) * cfg.engine.block_size);
         // Sampled output tokens stay in the regular vocabulary.
         cfg.engine.output_vocab = cfg
             .engine
