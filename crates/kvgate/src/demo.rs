@@ -37,7 +37,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 16)]
     groups: usize,
     /// Requests per group.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 24)]
     prompts_per_group: usize,
     /// Tokens per shared prefix (about; filler words).
     #[arg(long, default_value_t = 2048)]
