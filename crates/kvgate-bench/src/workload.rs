@@ -421,3 +421,56 @@ mod tests {
         assert!(trace("{bad", 1).is_err());
     }
 }
+
+/// The best prefix-cache hit rate any placement could reach for these prompts
+/// (token ids, in arrival order): every earlier prompt sits in one infinite
+/// cache, only full blocks hit, and the last prompt token is always computed.
+pub fn oracle_hit_rate(prompts: &[Vec<u32>], block_size: usize) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let bs = block_size.max(1);
+    let mut seen = std::collections::HashSet::new();
+    let (mut hits, mut total) = (0usize, 0usize);
+    for tokens in prompts {
+        let mut parent = 0u64;
+        let chain: Vec<u64> = tokens
+            .chunks_exact(bs)
+            .map(|block| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (parent, block).hash(&mut h);
+                parent = h.finish();
+                parent
+            })
+            .collect();
+        let max_hit = tokens.len().saturating_sub(1) / bs;
+        hits += chain[..max_hit.min(chain.len())]
+            .iter()
+            .take_while(|h| seen.contains(*h))
+            .count()
+            * bs;
+        total += tokens.len();
+        seen.extend(chain);
+    }
+    if total == 0 {
+        0.0
+    } else {
+        hits as f64 / total as f64
+    }
+}
+
+#[cfg(test)]
+mod oracle_tests {
+    use super::oracle_hit_rate;
+
+    #[test]
+    fn oracle_counts_full_shared_blocks_only() {
+        let a: Vec<u32> = (0..40).collect();
+        let mut b: Vec<u32> = (0..32).collect();
+        b.extend(100..108);
+        // b shares a's first two 16-token blocks; a's third block is partial.
+        assert_eq!(oracle_hit_rate(&[a.clone(), b], 16), 32.0 / 80.0);
+        // An identical 32-token prompt hits 1 block: the last token is computed.
+        let c: Vec<u32> = (0..32).collect();
+        assert_eq!(oracle_hit_rate(&[c.clone(), c], 16), 16.0 / 64.0);
+        assert_eq!(oracle_hit_rate(&[], 16), 0.0);
+    }
+}

@@ -3,7 +3,6 @@
 //! ZMQ KV events): hit rate against the oracle, incremental streaming, a killed
 //! engine, bad bodies.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -69,34 +68,16 @@ async fn gateway(sims: &[RunningSim], policy: Policy) -> (String, Arc<Gateway>) 
     (url, gw)
 }
 
-/// Hit rate of one infinite cache holding every earlier prompt.
+/// The oracle's hit rate, with prompts tokenized as the engines tokenize them.
 fn oracle(tok: &ModelTokenizer, specs: &[workload::RequestSpec]) -> f64 {
-    let mut seen = HashSet::new();
-    let (mut hits, mut total) = (0, 0);
-    for s in specs {
-        let Body::Completion(p) = &s.body else {
-            panic!("completions only")
-        };
-        let t = tok.completion_tokens(p).unwrap();
-        let mut parent = None;
-        let hs: Vec<u64> = t
-            .chunks_exact(BS)
-            .map(|c| {
-                let h = kvgate_sim::cache::block_hash(parent, c, None);
-                parent = Some(h);
-                h
-            })
-            .collect();
-        let max = (t.len() - 1) / BS;
-        hits += hs[..max.min(hs.len())]
-            .iter()
-            .take_while(|h| seen.contains(*h))
-            .count()
-            * BS;
-        total += t.len();
-        seen.extend(hs);
-    }
-    hits as f64 / total as f64
+    let prompts: Vec<Vec<u32>> = specs
+        .iter()
+        .map(|s| match &s.body {
+            Body::Completion(p) => tok.completion_tokens(p).unwrap(),
+            Body::Chat(_) => panic!("completions only"),
+        })
+        .collect();
+    workload::oracle_hit_rate(&prompts, BS)
 }
 
 async fn hit_rate(policy: Policy) -> (f64, f64, usize) {

@@ -8,7 +8,6 @@
 //! throughput) with the fleet's prefix-cache hit rate against the oracle's
 //! (one infinite cache holding every earlier prompt).
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,39 +99,16 @@ const POLICIES: [Policy; 4] = [
 ];
 const BLOCK_SIZE: usize = 16;
 
-/// The best hit rate any placement could reach: every earlier prompt sits in
-/// one infinite cache; only full blocks hit and the last token is computed.
+/// The oracle's hit rate for a workload, tokenized as the engines tokenize it.
 fn oracle_hit_rate(tok: &ModelTokenizer, specs: &[RequestSpec]) -> Result<f64> {
-    let mut seen: HashSet<u64> = HashSet::new();
-    let (mut hits, mut total) = (0usize, 0usize);
-    for s in specs {
-        let tokens = match &s.body {
-            Body::Completion(p) => tok.completion_tokens(p)?,
-            Body::Chat(_) => continue,
-        };
-        let mut parent = None;
-        let hashes: Vec<u64> = tokens
-            .chunks_exact(BLOCK_SIZE)
-            .map(|c| {
-                let h = kvgate_sim::cache::block_hash(parent, c, None);
-                parent = Some(h);
-                h
-            })
-            .collect();
-        let max_hit = (tokens.len().saturating_sub(1)) / BLOCK_SIZE;
-        let hit = hashes[..max_hit.min(hashes.len())]
-            .iter()
-            .take_while(|h| seen.contains(h))
-            .count();
-        hits += hit * BLOCK_SIZE;
-        total += tokens.len();
-        seen.extend(hashes);
-    }
-    Ok(if total == 0 {
-        0.0
-    } else {
-        hits as f64 / total as f64
-    })
+    let prompts = specs
+        .iter()
+        .filter_map(|s| match &s.body {
+            Body::Completion(p) => Some(tok.completion_tokens(p)),
+            Body::Chat(_) => None,
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(workload::oracle_hit_rate(&prompts, BLOCK_SIZE))
 }
 
 fn progress(msg: &str) {
