@@ -820,6 +820,7 @@ async fn drive(
         publish(&publisher, out.kv_events).await;
         // Counters first, so a client that has its response sees them.
         *stats.lock() = core.stats();
+        let mut aborted = false;
         for o in out.outputs {
             let mut gone = false;
             if let Some(tx) = streams.get(&o.id) {
@@ -834,10 +835,13 @@ async fn drive(
                 streams.remove(&o.id);
                 if gone && !o.finished {
                     core.abort(o.id);
+                    aborted = true;
                 }
             }
         }
-        *stats.lock() = core.stats();
+        if aborted {
+            *stats.lock() = core.stats();
+        }
     }
 }
 

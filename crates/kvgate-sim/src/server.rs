@@ -217,9 +217,38 @@ struct Usage {
     prompt: usize,
     completion: usize,
     cached: usize,
+    /// The engine finished the request (not cut by a restart).
+    done: bool,
 }
 
 impl Usage {
+    fn new(prompt: usize) -> Self {
+        Self {
+            prompt,
+            completion: 0,
+            cached: 0,
+            done: false,
+        }
+    }
+
+    /// Takes one engine event; returns the token it carries, if any.
+    fn observe(&mut self, ev: TokenEvent) -> Option<u32> {
+        match ev {
+            TokenEvent::FirstToken { cached_tokens, .. } => self.cached = cached_tokens,
+            TokenEvent::Token(t) => return Some(t),
+            TokenEvent::Done {
+                completion_tokens,
+                cached_tokens,
+                ..
+            } => {
+                self.completion = completion_tokens;
+                self.cached = cached_tokens;
+                self.done = true;
+            }
+        }
+        None
+    }
+
     fn json(&self) -> Value {
         json!({
             "prompt_tokens": self.prompt,
@@ -263,28 +292,11 @@ async fn run(
     let model = state.model.clone();
     if !stream {
         let mut ids = Vec::new();
-        let mut usage = Usage {
-            prompt: prompt_len,
-            completion: 0,
-            cached: 0,
-        };
-        let mut done = false;
+        let mut usage = Usage::new(prompt_len);
         while let Some(ev) = events.recv().await {
-            match ev {
-                TokenEvent::FirstToken { cached_tokens, .. } => usage.cached = cached_tokens,
-                TokenEvent::Token(t) => ids.push(t),
-                TokenEvent::Done {
-                    completion_tokens,
-                    cached_tokens,
-                    ..
-                } => {
-                    usage.completion = completion_tokens;
-                    usage.cached = cached_tokens;
-                    done = true;
-                }
-            }
+            ids.extend(usage.observe(ev));
         }
-        if !done {
+        if !usage.done {
             return Err(error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "InternalServerError",
@@ -323,46 +335,31 @@ async fn run(
                 return;
             }
         }
-        let mut usage = Usage {
-            prompt: prompt_len,
-            completion: 0,
-            cached: 0,
-        };
+        let mut usage = Usage::new(prompt_len);
         while let Some(ev) = events.recv().await {
-            match ev {
-                TokenEvent::FirstToken { cached_tokens, .. } => usage.cached = cached_tokens,
-                TokenEvent::Token(t) => {
-                    let text = tokenizer.decode(&[t], true).unwrap_or_default();
-                    let text = if text.is_empty() {
-                        " ".to_string()
-                    } else {
-                        text
-                    };
-                    let c = if chat {
-                        chunk(
-                            json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}),
-                        )
-                    } else {
-                        chunk(
-                            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null, "stop_reason": null}),
-                        )
-                    };
-                    // The client went away: dropping `events` aborts the request.
-                    if tx.send(sse(c)).await.is_err() {
-                        return;
-                    }
-                }
-                TokenEvent::Done {
-                    completion_tokens,
-                    cached_tokens,
-                    ..
-                } => {
-                    usage.completion = completion_tokens;
-                    usage.cached = cached_tokens;
+            if let Some(t) = usage.observe(ev) {
+                let text = tokenizer.decode(&[t], true).unwrap_or_default();
+                let text = if text.is_empty() {
+                    " ".to_string()
+                } else {
+                    text
+                };
+                let c = if chat {
+                    chunk(
+                        json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}),
+                    )
+                } else {
+                    chunk(
+                        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null, "stop_reason": null}),
+                    )
+                };
+                // The client went away: dropping `events` aborts the request.
+                if tx.send(sse(c)).await.is_err() {
+                    return;
                 }
             }
         }
-        if usage.completion == 0 {
+        if !usage.done {
             // The engine restarted under us: end the stream without [DONE], as a
             // dying vLLM would.
             return;
