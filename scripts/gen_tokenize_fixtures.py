@@ -6,7 +6,7 @@ and tokenizer (the code vLLM calls), after the message normalisation vLLM applie
 (text parts joined with newlines, tool-call arguments parsed from JSON). The Rust
 tests in crates/kvgate-tokenize compare against this data.
 
-  pip install transformers jinja2
+  (in the vLLM venv of scripts/vllm/install.sh: transformers, jinja2, vllm)
   python3 scripts/gen_tokenize_fixtures.py assets/tokenizers/qwen3 fixtures/tokenize/qwen3.json
 """
 import copy
@@ -84,6 +84,15 @@ def vllm_normalize(messages):
     return out
 
 
+def vllm_tools(tools):
+    """Tools as vLLM passes them to the template: through its request model
+    (ChatCompletionToolsParam) and back to dicts."""
+    if tools is None:
+        return None
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam
+    return [ChatCompletionToolsParam(**t).model_dump() for t in tools]
+
+
 def main(src, dst):
     with tempfile.TemporaryDirectory() as d:
         if os.path.exists(os.path.join(src, "tokenizer.json")):
@@ -98,7 +107,7 @@ def main(src, dst):
         agp = case.get("add_generation_prompt", True)
         cfm = case.get("continue_final_message", False)
         text = tok.apply_chat_template(
-            vllm_normalize(case["messages"]), tools=case.get("tools"), tokenize=False,
+            vllm_normalize(case["messages"]), tools=vllm_tools(case.get("tools")), tokenize=False,
             add_generation_prompt=agp, continue_final_message=cfm, **case.get("chat_template_kwargs", {}))
         ids = tok.encode(text, add_special_tokens=False)
         cases.append(dict(case, add_generation_prompt=agp, continue_final_message=cfm, expected_text=text, expected_ids=ids))

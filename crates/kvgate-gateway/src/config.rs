@@ -41,6 +41,9 @@ pub struct GatewayConfig {
     pub connect_retries: u32,
     /// Adds `x-kvgate-endpoint` and `x-kvgate-decision` to responses.
     pub debug_headers: bool,
+    /// Serves the explain endpoints (`/kvgate/v1/explain/...`): a request's
+    /// tokens and which endpoints hold each of its blocks.
+    pub debug_api: bool,
     /// Header carrying a session id for session affinity.
     pub session_header: String,
 }
@@ -64,6 +67,7 @@ impl Default for GatewayConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             connect_retries: DEFAULT_CONNECT_RETRIES,
             debug_headers: true,
+            debug_api: true,
             session_header: "x-session-id".to_string(),
         }
     }

@@ -198,13 +198,21 @@ impl Gateway {
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
-        Router::new()
+        let router = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
             .route("/v1/models", get(models))
             .route("/health", get(|| async { StatusCode::OK }))
             .route("/ready", get(ready))
-            .route("/metrics", get(metrics))
+            .route("/metrics", get(metrics));
+        let router = if self.cfg.debug_api {
+            router
+                .route(EXPLAIN_CHAT_PATH, post(explain_chat))
+                .route(EXPLAIN_COMPLETIONS_PATH, post(explain_completions))
+        } else {
+            router
+        };
+        router
             .layer(DefaultBodyLimit::max(self.cfg.max_body_bytes))
             .with_state(self.clone())
     }
@@ -335,6 +343,65 @@ async fn completions(
         .unwrap_or_else(IntoResponse::into_response)
 }
 
+/// What routing sees for a chat request: same body and auth as
+/// `/v1/chat/completions`, nothing is sent to an engine.
+pub const EXPLAIN_CHAT_PATH: &str = "/kvgate/v1/explain/chat/completions";
+/// As [`EXPLAIN_CHAT_PATH`], for `/v1/completions`.
+pub const EXPLAIN_COMPLETIONS_PATH: &str = "/kvgate/v1/explain/completions";
+
+async fn explain_chat(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    explain(&gw, Kind::Chat, &headers, body)
+}
+
+async fn explain_completions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    explain(&gw, Kind::Completion, &headers, body)
+}
+
+/// The prompt's token ids as the gateway computed them, and for every block
+/// key (per block size) which endpoints the index says hold it. Scoped to the
+/// caller's tenant like a real request: keys carry the tenant's salt.
+fn explain(
+    gw: &Gateway,
+    kind: Kind,
+    headers: &HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let p = match prepare(gw, kind, headers, body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let blocks: Vec<Value> = p
+        .keys
+        .iter()
+        .map(|(bs, keys)| {
+            let holders = gw.index.block_holders(keys);
+            let keys: Vec<Value> = keys
+                .iter()
+                .zip(holders)
+                .map(|(k, h)| serde_json::json!({"key": format!("{k:016x}"), "held_by": h}))
+                .collect();
+            serde_json::json!({"block_size": bs, "keys": keys})
+        })
+        .collect();
+    let endpoints: Vec<&str> = p.serving.iter().map(|e| e.name()).collect();
+    Json(serde_json::json!({
+        "model": p.model,
+        "tenant_isolated": p.tenant.is_some(),
+        "prompt_tokens": p.tokens,
+        "endpoints": endpoints,
+        "blocks": blocks,
+    }))
+    .into_response()
+}
+
 async fn models(State(gw): State<Arc<Gateway>>) -> Response {
     let data: Vec<Value> = gw
         .fleet
@@ -390,13 +457,27 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-async fn handle(
-    gw: Arc<Gateway>,
+/// A validated request, ready to route: its tenant's salt applied, its prompt
+/// tokenized and keyed once per block size among the endpoints serving it.
+struct Prepared {
+    model: String,
+    /// The body to forward (with the tenant's `cache_salt`, never the client's).
+    body: Bytes,
+    serving: Vec<Arc<Endpoint>>,
+    tokens: Vec<u32>,
+    keys: Vec<(u32, Vec<BlockKey>)>,
+    tenant: Option<String>,
+}
+
+/// Authenticates, validates and tokenizes a request (no routing yet).
+// The error is the finished error response, built at most once per request.
+#[allow(clippy::result_large_err)]
+fn prepare(
+    gw: &Gateway,
     kind: Kind,
-    headers: HeaderMap,
+    headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Response, Response> {
-    let received = Instant::now();
+) -> Result<Prepared, Response> {
     let body = body.map_err(|e| {
         ApiError::new(e.status(), "BadRequestError", e.body_text(), None).into_response()
     })?;
@@ -453,8 +534,13 @@ async fn handle(
     if let Some(s) = &salt {
         obj.insert("cache_salt".into(), Value::String(s.clone()));
     }
-    let fleet = gw.fleet.snapshot();
-    let serving: Vec<&Arc<Endpoint>> = fleet.iter().filter(|e| e.serves(&model)).collect();
+    let serving: Vec<Arc<Endpoint>> = gw
+        .fleet
+        .snapshot()
+        .iter()
+        .filter(|e| e.serves(&model))
+        .cloned()
+        .collect();
     if serving.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -474,7 +560,6 @@ async fn handle(
     };
 
     // Template + tokenize + keys, once per distinct block size.
-    let routing_started = Instant::now();
     let tokens = gw.prompt_tokens(kind, &model, &json).unwrap_or_default();
     let lora = serving
         .iter()
@@ -502,6 +587,32 @@ async fn handle(
             keys.push((e.cfg.block_size, k));
         }
     }
+    Ok(Prepared {
+        model,
+        body,
+        serving,
+        tokens,
+        keys,
+        tenant,
+    })
+}
+
+async fn handle(
+    gw: Arc<Gateway>,
+    kind: Kind,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, Response> {
+    let received = Instant::now();
+    let routing_started = Instant::now();
+    let Prepared {
+        model,
+        body,
+        serving,
+        tokens,
+        keys,
+        ..
+    } = prepare(&gw, kind, &headers, body)?;
     let session = headers
         .get(gw.cfg.session_header.as_str())
         .and_then(|v| v.to_str().ok())
@@ -531,7 +642,7 @@ async fn handle(
             Ok(d) => d,
             Err(e) => return Err(no_endpoint(e.to_string())),
         };
-        let chosen = serving[decision.chosen];
+        let chosen = &serving[decision.chosen];
         if !chosen.admit() {
             // Lost a half-open probe race: try the others.
             excluded.push(decision.chosen);

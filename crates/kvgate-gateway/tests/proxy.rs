@@ -319,3 +319,106 @@ async fn tenant_sets_cache_salt_and_client_salt_is_dropped() {
         .unwrap();
     assert!(u2.bodies.lock()[0].get("cache_salt").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_shows_tokens_and_which_endpoint_holds_each_block() {
+    use kvgate_wire::vllm::{BlockStored, EventBatch, KvEvent};
+    let (url, u) = spawn_upstream().await;
+    let mut cfg = GatewayConfig {
+        endpoints: vec![endpoint(&url)],
+        ..Default::default()
+    };
+    cfg.tenancy.api_keys = [
+        ("key-a".to_string(), "acme".to_string()),
+        ("key-b".to_string(), "globex".to_string()),
+    ]
+    .into();
+    let (gw_url, gw) = gateway(cfg).await;
+    let client = reqwest::Client::new();
+    let body = serde_json::json!({"model": "m", "prompt": (0..40).collect::<Vec<u32>>()});
+    let explain = |key: &'static str| {
+        let client = client.clone();
+        let url = format!(
+            "{gw_url}{}",
+            kvgate_gateway::server::EXPLAIN_COMPLETIONS_PATH
+        );
+        let body = body.clone();
+        async move {
+            let resp = client
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let v = explain("key-a").await;
+    assert_eq!(v["prompt_tokens"].as_array().unwrap().len(), 40);
+    assert_eq!(v["tenant_isolated"], true);
+    let keys = v["blocks"][0]["keys"].as_array().unwrap().clone();
+    assert_eq!(v["blocks"][0]["block_size"], 16);
+    assert_eq!(keys.len(), 2, "two full 16-token blocks of 40 tokens");
+    assert!(keys
+        .iter()
+        .all(|k| k["held_by"].as_array().unwrap().is_empty()));
+
+    // The engine reports the first block stored, under tenant acme's salt.
+    let salt = {
+        let resp = client
+            .post(format!("{gw_url}/v1/completions"))
+            .bearer_auth("key-a")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        resp.text().await.unwrap();
+        u.bodies.lock()[0]["cache_salt"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let id = gw.index().add_endpoint(&url, "m", 16).unwrap();
+    let stored = BlockStored {
+        block_hashes: vec![1],
+        parent_block_hash: None,
+        token_ids: (0..16).collect(),
+        block_size: 16,
+        lora_id: None,
+        medium: Some("GPU".into()),
+        lora_name: None,
+        extra_keys: Some(vec![Some(vec![kvgate_wire::vllm::ExtraKey::Str(salt)])]),
+        group_idx: 0,
+        kv_cache_spec_kind: None,
+    };
+    let batch = EventBatch {
+        ts: 0.0,
+        events: vec![KvEvent::BlockStored(stored)],
+        data_parallel_rank: None,
+    };
+    gw.index().apply_batch(id, &batch).unwrap();
+    let v = explain("key-a").await;
+    let keys = v["blocks"][0]["keys"].as_array().unwrap();
+    assert_eq!(keys[0]["held_by"][0]["endpoint"], url.as_str());
+    assert_eq!(keys[0]["held_by"][0]["tier"], "GPU");
+    assert!(keys[1]["held_by"].as_array().unwrap().is_empty());
+    // Another tenant's keys carry another salt: nothing of acme's is visible.
+    let v = explain("key-b").await;
+    let keys = v["blocks"][0]["keys"].as_array().unwrap();
+    assert!(keys
+        .iter()
+        .all(|k| k["held_by"].as_array().unwrap().is_empty()));
+    // Explain authenticates like a real request.
+    let resp = client
+        .post(format!(
+            "{gw_url}{}",
+            kvgate_gateway::server::EXPLAIN_COMPLETIONS_PATH
+        ))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+}

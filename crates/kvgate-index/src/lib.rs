@@ -166,6 +166,13 @@ pub struct DumpEndpoint {
     pub entries: Vec<(BlockKey, EngineHash, String)>,
 }
 
+/// One cached copy of a block: which endpoint, which tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockHolder {
+    pub endpoint: String,
+    pub tier: String,
+}
+
 pub struct KvIndex {
     state: RwLock<state::State>,
     hasher: BlockHasher,
@@ -308,6 +315,27 @@ impl KvIndex {
     /// Per endpoint, leading blocks of `keys` held. Endpoints holding nothing are absent.
     pub fn lookup(&self, keys: &[BlockKey]) -> Vec<EndpointMatch> {
         self.state.read().lookup(keys)
+    }
+
+    /// For each key, the endpoints holding that block and in which tier (by
+    /// name). Unlike [`lookup`](Self::lookup) this is per block, not a prefix
+    /// match: it answers "is this exact block indexed", for audits and tests.
+    pub fn block_holders(&self, keys: &[BlockKey]) -> Vec<Vec<BlockHolder>> {
+        let st = self.state.read();
+        keys.iter()
+            .map(|k| {
+                st.holders_of(k)
+                    .into_iter()
+                    .filter_map(|(id, tier)| {
+                        let ep = st.endpoint(id)?;
+                        Some(BlockHolder {
+                            endpoint: ep.name.clone(),
+                            tier: st.tiers.name(tier).to_string(),
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// Locality of a request's tokens: keys are computed once per distinct block

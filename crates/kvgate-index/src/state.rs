@@ -568,6 +568,14 @@ impl State {
         matches
     }
 
+    /// Who holds one block: (endpoint, tier) per copy, in no particular order.
+    pub fn holders_of(&self, key: &BlockKey) -> Vec<(EndpointId, Tier)> {
+        self.blocks
+            .get(key)
+            .map(|hs| hs.iter().map(|h| (h.endpoint, h.tier)).collect())
+            .unwrap_or_default()
+    }
+
     /// Every (key, engine hash, tier) an endpoint holds, for dumps.
     pub fn endpoint_entries(&self, id: EndpointId) -> Vec<(BlockKey, EngineHash, Tier)> {
         let Some(ep) = self.endpoint(id) else {

@@ -128,6 +128,7 @@ pub async fn run_with_options(
         last_applied,
         live_high: None,
         gone: false,
+        replay_saw_from: false,
     };
     st.run_loop(&mut shutdown).await;
     Ok(())
@@ -170,6 +171,8 @@ struct Stream {
     live_high: Option<i64>,
     /// The endpoint was removed from the index under us: stop.
     gone: bool,
+    /// The last replay delivered the batch it was asked to start from.
+    replay_saw_from: bool,
 }
 
 impl Stream {
@@ -251,9 +254,25 @@ impl Stream {
             IndexerMetrics::inc(&self.metrics.reconnects, &self.source.name);
         }
         if let (Some(last), Some(addr)) = (self.last_applied, self.source.replay.clone()) {
-            debug!(endpoint = %self.source.name, from = last + 1, "replaying after (re)connect");
-            let result = self.replay(&addr, last + 1, None).await;
-            self.record_replay(result);
+            // Asks from `last`, a batch we already hold: an engine that still
+            // buffers it is the one we were following; one that does not has
+            // restarted (fresh counter, empty cache) or overflowed its buffer.
+            debug!(endpoint = %self.source.name, from = last, "replaying after (re)connect");
+            let result = self.replay(&addr, last, None).await;
+            if result == ReplayResult::Covered && !self.replay_saw_from {
+                warn!(endpoint = %self.source.name, last,
+                    "engine no longer has our last event batch: restarted; clearing its entries");
+                self.index.clear_endpoint(self.id);
+                self.last_applied = None;
+                self.live_high = None;
+                let result = match self.replay(&addr, 0, None).await {
+                    ReplayResult::Covered => OUTCOME_OK,
+                    _ => OUTCOME_UNAVAILABLE,
+                };
+                IndexerMetrics::record_outcome(&self.metrics.replays, &self.source.name, result);
+            } else {
+                self.record_replay(result);
+            }
         }
     }
 
@@ -343,6 +362,7 @@ impl Stream {
         // Next seq the replay must deliver for coverage to be whole.
         let mut next = from;
         let mut holes = false;
+        self.replay_saw_from = false;
         let timeout = self.opts.replay_timeout;
         let exchange = async {
             // A fresh DEALER per replay: a late reply to an abandoned replay
@@ -361,6 +381,9 @@ impl Stream {
                 match decode_replay_reply(&frames) {
                     Ok(ReplayReply::End) => return Ok::<(), String>(()),
                     Ok(ReplayReply::Batch { seq, payload, .. }) => {
+                        if seq == from {
+                            self.replay_saw_from = true;
+                        }
                         if seq < next {
                             continue;
                         }

@@ -447,3 +447,40 @@ async fn reconnect_replays_what_was_missed() {
     assert!(!endpoint(&index, &name).unwrap().stale);
     stop(tx, handle).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_seen_on_reconnect_clears_before_any_new_event() {
+    let index = new_index();
+    let metrics = Arc::new(IndexerMetrics::default());
+    let (mut engine, source) = FakeEngine::start("http://e6", true).await;
+    let name = source.name.clone();
+    let (tx, handle) = spawn_subscriber(source, index.clone(), metrics.clone());
+    engine.warm_up(&index, &name).await;
+    let last = engine.publish(vec![stored(&[1, 2], None, 0)], true).await;
+    assert!(
+        wait_until(WAIT, || endpoint(&index, &name).and_then(|e| e.last_seq)
+            == Some(last))
+        .await
+    );
+    assert_eq!(held(&index, &name).len(), 2);
+
+    // The engine process dies and comes back: the connection drops, its
+    // counter and replay buffer start over, and it has published nothing yet.
+    engine.close_pub().await;
+    engine.next_seq = 0;
+    engine.truth.clear();
+    engine.buffer.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    engine.rebind_pub().await;
+    let done = wait_until(WAIT, || held(&index, &name).is_empty()).await;
+    assert!(done, "stale entries kept: {:?}", held(&index, &name));
+
+    // The new incarnation's events apply from seq 0 on.
+    let last = engine.publish(vec![stored(&[7], None, 70)], true).await;
+    assert_eq!(last, 0);
+    let want = engine.truth_set();
+    let done = wait_until(WAIT, || held(&index, &name) == want).await;
+    assert!(done, "index {:?} != engine {:?}", held(&index, &name), want);
+    assert!(!endpoint(&index, &name).unwrap().stale);
+    stop(tx, handle).await;
+}

@@ -229,15 +229,43 @@ impl BlockPool {
         Some(out)
     }
 
-    /// Drops a request's references, its last block first.
+    /// Drops a request's references, its last block first. As in vLLM, freed
+    /// blocks that cache nothing go to the head of the free queue (reused
+    /// first, LIFO) and cached ones to the tail (evicted last, LRU).
     pub fn free(&mut self, ids: &[BlockId]) {
+        let mut uncached = Vec::new();
         for &id in ids.iter().rev() {
             let b = &mut self.blocks[id as usize];
             b.ref_cnt = b.ref_cnt.saturating_sub(1);
             if b.ref_cnt == 0 && !b.in_free_queue {
-                self.push_tail(id);
+                if b.hash.is_some() {
+                    self.push_tail(id);
+                } else {
+                    uncached.push(id);
+                }
             }
         }
+        // Prepended as a run: the first freed ends up at the head.
+        for &id in uncached.iter().rev() {
+            self.push_head(id);
+        }
+    }
+
+    fn push_head(&mut self, id: BlockId) {
+        let head = self.head;
+        {
+            let b = &mut self.blocks[id as usize];
+            b.prev = NIL;
+            b.next = head;
+            b.in_free_queue = true;
+        }
+        if head == NIL {
+            self.tail = id;
+        } else {
+            self.blocks[head as usize].prev = id;
+        }
+        self.head = id;
+        self.free_count += 1;
     }
 
     /// Registers newly full blocks as cached and records one `BlockStored` for
@@ -372,6 +400,26 @@ mod tests {
                 h
             })
             .collect()
+    }
+
+    #[test]
+    fn freed_uncached_blocks_are_reused_before_any_cached_block_is_evicted() {
+        let mut p = BlockPool::new(5, 2);
+        let toks = [1, 2, 3, 4, 5];
+        let hs = hashes(&toks, 2);
+        // Two full (cached) blocks and one partial block.
+        let ids = p.allocate(3).unwrap_or_default();
+        p.cache_full_blocks(&ids[..2], &hs, &toks[..4], None, None, true);
+        p.free(&ids);
+        // The fresh block and the freed partial block go first: no eviction.
+        let a = p.allocate(2).unwrap_or_default();
+        assert!(a.contains(&ids[2]), "the partial block is reused first");
+        assert_eq!(p.take_events().1, 0);
+        assert_eq!(p.longest_hit(&hs).len(), 2);
+        // Only then the cached blocks, the request's last block first.
+        p.allocate(1).unwrap_or_default();
+        assert_eq!(p.take_events().1, 1);
+        assert_eq!(p.longest_hit(&hs).len(), 1);
     }
 
     #[test]

@@ -172,7 +172,7 @@ impl ModelTokenizer {
         let last_content = messages.last().and_then(|m| m.get("content")).cloned();
         ctx.insert("messages".into(), Json::Array(messages));
         if let Some(tools) = input.tools {
-            ctx.insert("tools".into(), Json::Array(tools.to_vec()));
+            ctx.insert("tools".into(), Json::Array(normalize_tools(tools)?));
         }
         // With continue_final_message the last turn is left open: render it as a
         // closed turn and cut after its content, as transformers does.
@@ -392,6 +392,56 @@ fn format_utc(secs: u64, fmt: &str) -> String {
     out
 }
 
+/// Tools as vLLM hands them to the template: parsed into its request model and
+/// dumped again, so each is `{type, function: {name, description, parameters}}`
+/// in that order, absent `description` / `parameters` as null, `strict` and
+/// `defer_loading` only when set (a tool-level `defer_loading` also fills the
+/// function's), and unknown fields dropped.
+fn normalize_tools(tools: &[Json]) -> Result<Vec<Json>, TokenizeError> {
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            let bad = |what: &str| TokenizeError::InvalidMessages(format!("tools[{i}]: {what}"));
+            let Json::Object(tool) = tool else {
+                return Err(bad("not an object"));
+            };
+            if tool.get("type").is_some_and(|t| t != "function") {
+                return Err(bad("type must be \"function\""));
+            }
+            let Some(Json::Object(f)) = tool.get("function") else {
+                return Err(bad("function must be an object"));
+            };
+            let Some(name) = f.get("name").filter(|n| n.is_string()) else {
+                return Err(bad("function.name must be a string"));
+            };
+            let tool_defer = tool.get("defer_loading").filter(|v| !v.is_null());
+            let mut func = serde_json::Map::new();
+            func.insert("name".into(), name.clone());
+            for key in ["description", "parameters"] {
+                func.insert(key.into(), f.get(key).cloned().unwrap_or(Json::Null));
+            }
+            if let Some(strict) = f.get("strict").filter(|v| !v.is_null()) {
+                func.insert("strict".into(), strict.clone());
+            }
+            if let Some(defer) = f
+                .get("defer_loading")
+                .filter(|v| !v.is_null())
+                .or(tool_defer)
+            {
+                func.insert("defer_loading".into(), defer.clone());
+            }
+            let mut out = serde_json::Map::new();
+            out.insert("type".into(), Json::String("function".into()));
+            out.insert("function".into(), Json::Object(func));
+            if let Some(defer) = tool_defer {
+                out.insert("defer_loading".into(), defer.clone());
+            }
+            Ok(Json::Object(out))
+        })
+        .collect()
+}
+
 /// vLLM's message normalisation before templating: text parts are joined with
 /// newlines, tool-call arguments given as JSON strings become objects.
 fn normalize_messages(messages: &[Json]) -> Result<Vec<Json>, TokenizeError> {
@@ -416,8 +466,16 @@ fn normalize_messages(messages: &[Json]) -> Result<Vec<Json>, TokenizeError> {
                 Some(Json::Array(parts)) => {
                     let mut texts = Vec::with_capacity(parts.len());
                     for (j, p) in parts.iter().enumerate() {
+                        // vLLM takes bare strings as text parts and drops empty ones.
+                        if let Json::String(t) = p {
+                            if !t.is_empty() {
+                                texts.push(t.clone());
+                            }
+                            continue;
+                        }
                         let kind = p.get("type").and_then(Json::as_str);
                         match (kind, p.get("text").and_then(Json::as_str)) {
+                            (Some("text") | None, Some("")) => {}
                             (Some("text") | None, Some(t)) => texts.push(t.to_string()),
                             (Some(other), _) if other != "text" => {
                                 return Err(TokenizeError::InvalidMessages(format!(
@@ -458,6 +516,31 @@ fn normalize_messages(messages: &[Json]) -> Result<Vec<Json>, TokenizeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tools_are_normalised_as_vllm_dumps_them() {
+        let tools = vec![
+            json!({"type": "function", "function": {"parameters": {}, "name": "noop", "x-extra": 1}}),
+            json!({"function": {"name": "f", "description": "d", "strict": true}, "defer_loading": true}),
+        ];
+        let out = normalize_tools(&tools).unwrap();
+        assert_eq!(
+            serde_json::to_string(&out).unwrap(),
+            concat!(
+                r#"[{"type":"function","function":{"name":"noop","description":null,"parameters":{}}},"#,
+                r#"{"type":"function","function":{"name":"f","description":"d","parameters":null,"strict":true,"defer_loading":true},"defer_loading":true}]"#
+            )
+        );
+        assert!(normalize_tools(&[json!({"function": {}})]).is_err());
+        let m = normalize_messages(&[json!({"role": "user", "content": [
+            {"type": "text", "text": "a"}, {"type": "text", "text": ""}, "b", ""]})])
+        .unwrap();
+        assert_eq!(
+            m[0]["content"], "a\nb",
+            "empty parts are dropped, bare strings kept"
+        );
+        assert!(normalize_tools(&[json!({"type": "code", "function": {"name": "f"}})]).is_err());
+    }
     use serde_json::json;
 
     #[test]
