@@ -102,6 +102,8 @@ struct Summary {
     restart_purged: bool,
     fidelity: Vec<String>,
     fidelity_run: bool,
+    /// vLLM's side of the fidelity script.
+    fidelity_vllm: CacheTrace,
     failures: Vec<String>,
 }
 
@@ -117,7 +119,7 @@ impl Summary {
 
     fn line(&self) -> String {
         format!(
-            "e2e-vllm: token_parity={:.3} ({} requests) block_parity={:.3} ({} blocks, {} salted) hit_rate={:.3} oracle={:.3} rr_hit_rate={:.3} salt_cross_hits={} resync={} (probes={} evicted_blocks={}) sim_fidelity={}",
+            "e2e-vllm: token_parity={:.3} ({} requests) block_parity={:.3} ({} blocks, {} salted) hit_rate={:.3} oracle={:.3} rr_hit_rate={:.3} salt_cross_hits={} resync={} (probes={} evicted_blocks={}) sim_fidelity={} (hits={} stored={} removed={})",
             self.tokens.ratio(),
             self.tokens.total,
             self.blocks.ratio(),
@@ -134,7 +136,10 @@ impl Summary {
                 (true, true) => "ok",
                 (true, false) => "FAILED",
                 (false, _) => "not-run",
-            }
+            },
+            self.fidelity_vllm.total_hits(),
+            self.fidelity_vllm.stored_blocks,
+            self.fidelity_vllm.removed_blocks
         )
     }
 
@@ -1125,6 +1130,7 @@ async fn phase_llama(t: &Tier, s: &mut Summary) -> Result<()> {
     let sim_trace = fidelity_trace(http, &mut fleet, 2).await?;
     s.fidelity_run = true;
     s.fidelity = vllm_trace.differences(&sim_trace);
+    s.fidelity_vllm = vllm_trace.clone();
     eprintln!(
         "  sim fidelity: vLLM hits {} stored {} removed {}; sim hits {} stored {} removed {}",
         vllm_trace.total_hits(),
@@ -1165,15 +1171,19 @@ async fn explain_all(
     Ok(out)
 }
 
+const FIDELITY_REQUESTS: usize = 64;
+
 /// The fidelity script (token-id prompts sent one at a time, fixed output
 /// length): per-request hits and the blocks stored and removed.
 async fn fidelity_trace(http: &reqwest::Client, fleet: &mut Fleet, e: usize) -> Result<CacheTrace> {
-    let shared = token_prompts(11, 5, 8, 32, 0);
+    // 8 shared 8-block prefixes and 2 unique blocks per request: ~180 cached
+    // blocks through 127, so eviction order shows in the hits and removals.
+    let shared = token_prompts(11, 8, 8, 32, 0);
     let mut rng = StdRng::seed_from_u64(12);
     let mut trace = CacheTrace::default();
     fleet.capture.settle(EVENTS_QUIET, EVENTS_MAX).await;
     let mark = fleet.capture.mark();
-    for i in 0..40 {
+    for i in 0..FIDELITY_REQUESTS {
         let mut prompt = shared[i % shared.len()].clone();
         // Tails of 60 or 71 tokens: the last prompt block fills up with
         // generated tokens in some requests and not in others.
@@ -1197,7 +1207,7 @@ async fn fidelity_trace(http: &reqwest::Client, fleet: &mut Fleet, e: usize) -> 
     let (stored, removed) = block_counts(&replayed);
     if block_counts(&live) != (stored, removed) {
         eprintln!(
-            "  note: live subscription saw {:?} (stored, removed) blocks, the replay buffer {:?}",
+            "  note: the tier's live subscription saw {:?} (stored, removed) blocks (it rejoins late after a restart), the replay buffer {:?}",
             block_counts(&live),
             (stored, removed)
         );
