@@ -2,6 +2,10 @@
 //! protocol, streamed so TTFT is measured at the client.
 
 pub mod client;
+pub mod compare;
+pub mod fake_backend;
+pub mod overhead;
+pub mod peers;
 pub mod plot;
 pub mod report;
 pub mod runner;

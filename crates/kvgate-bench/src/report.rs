@@ -36,6 +36,13 @@ impl Report {
             "# {}\n\nTarget: `{}`. Workload: `{}`.\n\nCommand: `{}`\n\n",
             self.title, self.target, self.workload, self.command
         );
+        s.push_str(&self.table());
+        s
+    }
+
+    /// One row per router and stage.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
         s.push_str("| router | offered QPS | requests | errors | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | ITL p50 ms | output tok/s | fleet hit rate |\n");
         s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
         for run in &self.runs {

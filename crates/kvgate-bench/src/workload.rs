@@ -202,6 +202,23 @@ pub fn shared_prefix(
         .collect()
 }
 
+/// A shared-prefix workload's shape, in tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SharedPrefixShape {
+    pub prompts_per_group: usize,
+    pub prefix_tokens: usize,
+    pub unique_tokens: usize,
+    pub output_tokens: usize,
+}
+
+/// llm-d's "KV-cache wins you can see" workload (LLMD-73).
+pub const LLMD_73: SharedPrefixShape = SharedPrefixShape {
+    prompts_per_group: 5,
+    prefix_tokens: 6000,
+    unique_tokens: 1200,
+    output_tokens: 1000,
+};
+
 /// No-reuse control: every prompt is unique from its first token.
 pub fn no_reuse(n: usize, tokens: usize, output: u32, seed: u64) -> Vec<RequestSpec> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);

@@ -374,7 +374,7 @@ fn explain(
     headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let p = match prepare(gw, kind, headers, body) {
+    let p = match prepare(gw, kind, headers, body, true) {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -477,6 +477,7 @@ fn prepare(
     kind: Kind,
     headers: &HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    tokenize: bool,
 ) -> Result<Prepared, Response> {
     let body = body.map_err(|e| {
         ApiError::new(e.status(), "BadRequestError", e.body_text(), None).into_response()
@@ -560,7 +561,11 @@ fn prepare(
     };
 
     // Template + tokenize + keys, once per distinct block size.
-    let tokens = gw.prompt_tokens(kind, &model, &json).unwrap_or_default();
+    let tokens = if tokenize {
+        gw.prompt_tokens(kind, &model, &json).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let lora = serving
         .iter()
         .find(|e| e.cfg.adapters.contains(&model))
@@ -612,7 +617,13 @@ async fn handle(
         tokens,
         keys,
         ..
-    } = prepare(&gw, kind, &headers, body)?;
+    } = prepare(
+        &gw,
+        kind,
+        &headers,
+        body,
+        gw.scheduler.config().policy.uses_prompt_tokens(),
+    )?;
     let session = headers
         .get(gw.cfg.session_header.as_str())
         .and_then(|v| v.to_str().ok())

@@ -44,6 +44,12 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// Whether the policy looks at the prompt's tokens (prefix or load in
+    /// tokens); round robin and random do not, so the gateway skips tokenizing.
+    pub fn uses_prompt_tokens(self) -> bool {
+        !matches!(self, Policy::RoundRobin | Policy::Random)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Policy::PrecisePrefix => "precise_prefix",
@@ -337,6 +343,9 @@ impl Scheduler {
         let mut best: Option<(f64, usize, usize)> = None; // (cost, rotation rank, candidate)
         for (rank, &i) in eligible.iter().enumerate() {
             let c = &candidates[i];
+            // Blocks of this prompt that a request routed here moments ago is
+            // computing right now (no KV events yet).
+            let mut in_flight_blocks = 0.0;
             let (cached_blocks, source) = match (use_precise, c.index_id) {
                 (true, Some(id)) => {
                     let known = find(&precise_matches, c.block_size, |m| m.endpoint == id)
@@ -349,6 +358,7 @@ impl Scheduler {
                         })
                         .map_or(0.0, |m| f64::from(m.matched_blocks));
                     if expected > known {
+                        in_flight_blocks = expected - known;
                         (expected, "speculative")
                     } else {
                         (known, "precise")
@@ -365,7 +375,12 @@ impl Scheduler {
             // The engine always computes the last prompt token.
             let cached = (cached_blocks * f64::from(c.block_size))
                 .min(req.prompt_tokens.saturating_sub(1) as f64);
-            let load = self.load_tokens(&c.load);
+            // That prefill is queued work here, but it is this prompt's own
+            // prefix: joining it adds nothing, while going elsewhere computes
+            // the prefix twice. So it does not count as load against us.
+            let shared_prefill = (in_flight_blocks * f64::from(c.block_size))
+                .min(c.load.pending_prefill_tokens as f64);
+            let load = self.load_tokens(&c.load) - w.queued_prefill_token * shared_prefill;
             let bonus = if home == Some(i) {
                 w.session_bonus
             } else {

@@ -260,3 +260,43 @@ fn filters_give_typed_errors() {
     c[2].healthy = true;
     assert_eq!(s.schedule(&req, &c, Some(&index)).unwrap().chosen, 2);
 }
+
+#[test]
+fn a_prefix_being_computed_is_joined_not_copied() {
+    // A group's first request (1024 shared + 512 own tokens) went to b moments
+    // ago and is still prefilling there (no KV events yet).
+    let tokens: Vec<u32> = (0..1024).collect();
+    let index = index_with_prefix([0, 0, 0], &tokens);
+    let k = keys(&index, &tokens);
+    let s = sched(Policy::PrecisePrefix);
+    s.observe_routed("b", "m", BS, &k[0].1);
+    let mut second: Vec<u32> = tokens.clone();
+    second.extend(5000..5100);
+    let k2 = keys(&index, &second);
+    let req = RouteRequest {
+        model: "m",
+        prompt_tokens: second.len(),
+        keys: &k2,
+        session_id: None,
+    };
+    let d = s
+        .schedule(
+            &req,
+            &candidates([idle(), busy(1, 1536), idle()], &index),
+            Some(&index),
+        )
+        .unwrap();
+    // b's pending prefill is this prompt's own prefix: the second request
+    // joins it instead of recomputing 1024 tokens on an idle endpoint.
+    assert_eq!(NAMES[d.chosen], "b", "{}", d.explain());
+    assert_eq!(d.expected_cached_tokens, 1024);
+    // Unrelated queued work on b still counts against it.
+    let d = s
+        .schedule(
+            &req,
+            &candidates([idle(), busy(2, 1536 + 4000), idle()], &index),
+            Some(&index),
+        )
+        .unwrap();
+    assert_ne!(NAMES[d.chosen], "b", "{}", d.explain());
+}

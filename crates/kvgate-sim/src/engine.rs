@@ -666,6 +666,9 @@ pub struct EngineHandle {
     pub faults: Arc<Faults>,
     pub publisher: Option<Arc<EventPublisher>>,
     config: Arc<EngineConfig>,
+    /// Wall-clock start (Unix seconds, f64 bits); a restart moves it, as a
+    /// restarted vLLM process reports a new `process_start_time_seconds`.
+    started_at: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl EngineHandle {
@@ -683,6 +686,7 @@ impl EngineHandle {
             faults: faults.clone(),
             publisher: publisher.clone(),
             config: Arc::new(cfg.clone()),
+            started_at: Arc::new(std::sync::atomic::AtomicU64::new(wall_ts().to_bits())),
         };
         tokio::spawn(drive(EngineCore::new(cfg), rx, stats, faults, publisher));
         handle
@@ -729,6 +733,16 @@ impl EngineHandle {
         if self.tx.send(Command::Restart(tx)).is_ok() {
             let _ = rx.await;
         }
+        // Strictly later than the previous start, even within one clock tick.
+        let previous = self.start_time_seconds();
+        let now = wall_ts().max(previous + 1e-3);
+        self.started_at
+            .store(now.to_bits(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When this engine (last) started, Unix seconds.
+    pub fn start_time_seconds(&self) -> f64 {
+        f64::from_bits(self.started_at.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The engine hashes a new request could hit right now.

@@ -35,6 +35,8 @@ pub fn router(state: SimState) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions/render", post(render_completions))
+        .route("/v1/chat/completions/render", post(render_chat))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { StatusCode::OK }))
         .route(
@@ -152,39 +154,34 @@ fn sim_request(
     })
 }
 
-async fn completions(State(state): State<SimState>, body: Bytes) -> Response {
-    let obj = match parse(&state, &body) {
-        Ok(o) => o,
-        Err(r) => return r.into_response(),
-    };
-    let tokens = match obj.get("prompt") {
-        Some(Value::String(p)) => match state.tokenizer.completion_tokens(p) {
-            Ok(t) => t,
-            Err(e) => return bad_request(e.to_string()).into_response(),
-        },
-        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_u64) => a
+/// The prompt of a completion request as token ids.
+fn completion_prompt(
+    state: &SimState,
+    obj: &serde_json::Map<String, Value>,
+) -> Result<Vec<u32>, ApiError> {
+    match obj.get("prompt") {
+        Some(Value::String(p)) => state
+            .tokenizer
+            .completion_tokens(p)
+            .map_err(|e| bad_request(e.to_string())),
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_u64) => Ok(a
             .iter()
             .filter_map(Value::as_u64)
             .map(|t| t as u32)
-            .collect(),
-        _ => {
-            return bad_request("'prompt' must be a string or a list of token ids").into_response()
-        }
-    };
-    let req = match sim_request(&state, &obj, tokens) {
-        Ok(r) => r,
-        Err(r) => return r.into_response(),
-    };
-    run(state, obj, req, false).await.into_response()
+            .collect()),
+        _ => Err(bad_request(
+            "'prompt' must be a string or a list of token ids",
+        )),
+    }
 }
 
-async fn chat(State(state): State<SimState>, body: Bytes) -> Response {
-    let obj = match parse(&state, &body) {
-        Ok(o) => o,
-        Err(r) => return r.into_response(),
-    };
+/// The prompt of a chat request, with the chat template applied, as token ids.
+fn chat_prompt(
+    state: &SimState,
+    obj: &serde_json::Map<String, Value>,
+) -> Result<Vec<u32>, ApiError> {
     let Some(messages) = obj.get("messages").and_then(Value::as_array) else {
-        return bad_request("'messages' is required and must be a list").into_response();
+        return Err(bad_request("'messages' is required and must be a list"));
     };
     let input = ChatInput {
         messages,
@@ -202,15 +199,82 @@ async fn chat(State(state): State<SimState>, body: Bytes) -> Response {
             .unwrap_or(false),
         template_kwargs: obj.get("chat_template_kwargs").and_then(Value::as_object),
     };
-    let tokens = match state.tokenizer.chat_tokens(&input) {
-        Ok(t) => t,
-        Err(e) => return bad_request(e.to_string()).into_response(),
-    };
-    let req = match sim_request(&state, &obj, tokens) {
-        Ok(r) => r,
-        Err(r) => return r.into_response(),
-    };
-    run(state, obj, req, true).await.into_response()
+    state
+        .tokenizer
+        .chat_tokens(&input)
+        .map_err(|e| bad_request(e.to_string()))
+}
+
+async fn completions(State(state): State<SimState>, body: Bytes) -> Response {
+    let req = parse(&state, &body).and_then(|obj| {
+        let tokens = completion_prompt(&state, &obj)?;
+        let req = sim_request(&state, &obj, tokens)?;
+        Ok((obj, req))
+    });
+    match req {
+        Ok((obj, req)) => run(state, obj, req, false).await.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat(State(state): State<SimState>, body: Bytes) -> Response {
+    let req = parse(&state, &body).and_then(|obj| {
+        let tokens = chat_prompt(&state, &obj)?;
+        let req = sim_request(&state, &obj, tokens)?;
+        Ok((obj, req))
+    });
+    match req {
+        Ok((obj, req)) => run(state, obj, req, true).await.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// What vLLM's render endpoints return per prompt (its `GenerateRequest`):
+/// the token ids the engine would run, and the request's sampling settings,
+/// so a router can tokenize with the engine's own tokenizer and template.
+fn rendered(obj: &serde_json::Map<String, Value>, req: &SimRequest) -> Value {
+    let field = |k: &str| obj.get(k).cloned().unwrap_or(Value::Null);
+    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    json!({
+        "request_id": format!("render-{:016x}", rand_id()),
+        "token_ids": req.prompt_tokens,
+        "token_offsets": null,
+        "features": null,
+        "sampling_params": {
+            "max_tokens": req.max_tokens,
+            "temperature": field("temperature"),
+            "ignore_eos": obj.get("ignore_eos").and_then(Value::as_bool).unwrap_or(false),
+        },
+        "model": field("model"),
+        "stream": stream,
+        "stream_options": if stream { field("stream_options") } else { Value::Null },
+        "cache_salt": req.cache_salt,
+        "priority": obj.get("priority").and_then(Value::as_i64).unwrap_or(0),
+    })
+}
+
+/// `POST /v1/completions/render`: one rendered request per prompt (a list).
+async fn render_completions(State(state): State<SimState>, body: Bytes) -> Response {
+    let rendered = parse(&state, &body).and_then(|obj| {
+        let tokens = completion_prompt(&state, &obj)?;
+        Ok(rendered(&obj, &sim_request(&state, &obj, tokens)?))
+    });
+    match rendered {
+        Ok(r) => Json(json!([r])).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/chat/completions/render`: the one rendered request.
+async fn render_chat(State(state): State<SimState>, body: Bytes) -> Response {
+    let rendered = parse(&state, &body).and_then(|obj| {
+        let tokens = chat_prompt(&state, &obj)?;
+        Ok(rendered(&obj, &sim_request(&state, &obj, tokens)?))
+    });
+    match rendered {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 struct Usage {
@@ -451,6 +515,11 @@ async fn metrics(State(state): State<SimState>) -> Response {
     let m = state.engine.metrics_snapshot();
     let labels = format!("engine=\"0\",model_name=\"{}\"", state.model);
     let mut out = String::new();
+    // The standard process metric: restart detection compares it between scrapes.
+    out.push_str(&format!(
+        "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {:.3}\n",
+        state.engine.start_time_seconds()
+    ));
     let mut gauge = |name: &str, help: &str, v: f64| {
         out.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{labels}}} {v}\n"

@@ -5,9 +5,27 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use kvgate_bench::report::{scrape_fleet, Report, RunReport, StageReport};
-use kvgate_bench::workload::{self, arrivals, Arrival, MultiRoundQa, RequestSpec};
+use kvgate_bench::workload::{self, arrivals, Arrival, MultiRoundQa, RequestSpec, LLMD_73};
 use kvgate_bench::{run_stage, summarize, StageOptions};
 use rand::SeedableRng;
+
+/// `kvgate bench [ARGS]` runs one workload; `kvgate bench compare` runs the
+/// router comparison.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchCli {
+    #[command(subcommand)]
+    pub cmd: Option<BenchCommand>,
+    #[command(flatten)]
+    pub run: Option<BenchArgs>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// kvgate and the peer routers in front of the same simulated fleet, and
+    /// their overhead over fixed-latency backends; one report.
+    Compare(crate::compare_cmd::CompareArgs),
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -66,11 +84,11 @@ pub fn build(args: &BenchArgs, n: usize, seed: u64) -> Result<Vec<RequestSpec>> 
     let specs = match args.workload.as_str() {
         // LLMD-73: groups x 5 prompts, 6000 shared + 1200 unique, 1000 out.
         "shared-prefix" | "llmd-73" => workload::shared_prefix(
-            n.div_ceil(5),
-            5,
-            scaled(6000, s),
-            scaled(1200, s),
-            out(1000),
+            n.div_ceil(LLMD_73.prompts_per_group),
+            LLMD_73.prompts_per_group,
+            scaled(LLMD_73.prefix_tokens, s),
+            scaled(LLMD_73.unique_tokens, s),
+            out(LLMD_73.output_tokens),
             seed,
         ),
         // SGL-GSP: groups x 16, 2048 shared + 128 unique, 256 out.
@@ -85,7 +103,12 @@ pub fn build(args: &BenchArgs, n: usize, seed: u64) -> Result<Vec<RequestSpec>> 
         "prefix-repetition" => {
             workload::prefix_repetition(n, 10, scaled(256, s), scaled(256, s), out(128), seed)
         }
-        "no-reuse" => workload::no_reuse(n, scaled(7200, s), out(1000), seed),
+        "no-reuse" => workload::no_reuse(
+            n,
+            scaled(LLMD_73.prefix_tokens + LLMD_73.unique_tokens, s),
+            out(LLMD_73.output_tokens),
+            seed,
+        ),
         "mrqa" => workload::multi_round_qa(
             MultiRoundQa {
                 users: n.div_ceil(5),

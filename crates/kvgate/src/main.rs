@@ -1,6 +1,7 @@
 //! `kvgate`: one binary, one subcommand per role.
 
 mod bench_cmd;
+mod compare_cmd;
 mod config;
 mod demo;
 mod service;
@@ -69,7 +70,8 @@ enum Command {
     /// Run simulated vLLM engines (OpenAI API, KV events, vLLM metrics) without a GPU.
     Sim(sim_cmd::SimArgs),
     /// Load-test an OpenAI endpoint with a published workload; writes a report.
-    Bench(bench_cmd::BenchArgs),
+    /// `kvgate bench compare`: kvgate vs the peer routers on a simulated fleet.
+    Bench(Box<bench_cmd::BenchCli>),
     /// Run the built-in demo on an embedded default (no arguments needed).
     Demo(demo::DemoArgs),
 }
@@ -143,7 +145,14 @@ async fn main() -> Result<()> {
         }
         Command::Bench(args) => {
             init_logs(if cli.log == "info" { "warn" } else { &cli.log }, true);
-            bench_cmd::run(args).await
+            let args = *args;
+            match (args.cmd, args.run) {
+                (Some(bench_cmd::BenchCommand::Compare(c)), _) => compare_cmd::run(c).await,
+                (None, Some(run)) => bench_cmd::run(run).await,
+                (None, None) => anyhow::bail!(
+                    "kvgate bench: give --target and --out, or a subcommand (see --help)"
+                ),
+            }
         }
         Command::Demo(args) => {
             // The demo prints a report; logs only on request.

