@@ -534,6 +534,24 @@ async fn send_checked(
     }
 }
 
+/// Sends every corpus request through `gateway`, checking its blocks.
+async fn corpus_block_parity(
+    http: &reqwest::Client,
+    fleet: &mut Fleet,
+    gateway: &str,
+    items: &[corpus::Item],
+    parity: &mut BlockParity,
+) -> Result<()> {
+    for item in items {
+        let body = fleet.body(&item.body, 4);
+        send_checked(
+            http, fleet, gateway, item.kind, &body, None, &item.name, parity,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Token parity of a corpus: the gateway's ids (explain) vs vLLM's render.
 async fn token_parity(
     http: &reqwest::Client,
@@ -723,20 +741,7 @@ async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
     );
 
     fleet.reset(http).await?;
-    for item in &items {
-        let body = fleet.body(&item.body, 4);
-        send_checked(
-            http,
-            &mut fleet,
-            &precise,
-            item.kind,
-            &body,
-            None,
-            &item.name,
-            &mut s.blocks,
-        )
-        .await?;
-    }
+    corpus_block_parity(http, &mut fleet, &precise, &items, &mut s.blocks).await?;
     eprintln!(
         "  block parity (bs 64, no salt): {}/{}",
         s.blocks.found, s.blocks.checked
@@ -936,20 +941,7 @@ async fn phase_llama(t: &Tier, s: &mut Summary) -> Result<()> {
         s.tokens.matched, s.tokens.total
     );
     let before = s.blocks.checked;
-    for item in &items {
-        let body = fleet.body(&item.body, 4);
-        send_checked(
-            http,
-            &mut fleet,
-            &gateway,
-            item.kind,
-            &body,
-            None,
-            &item.name,
-            &mut s.blocks,
-        )
-        .await?;
-    }
+    corpus_block_parity(http, &mut fleet, &gateway, &items, &mut s.blocks).await?;
     eprintln!(
         "  block parity (bs 32): {} blocks more",
         s.blocks.checked - before
