@@ -465,6 +465,24 @@ fn explain_path(kind: Kind) -> &'static str {
     }
 }
 
+/// The gateway's view of a request (its explain endpoint).
+async fn explain(
+    http: &reqwest::Client,
+    gateway: &str,
+    kind: Kind,
+    body: &Value,
+    auth: Option<&str>,
+) -> Result<Explained> {
+    let (v, _) = post_json(
+        http,
+        &format!("{gateway}{}", explain_path(kind)),
+        body,
+        auth,
+    )
+    .await?;
+    Explained::parse(&v).context("explain response")
+}
+
 /// Sends one request through a gateway and checks every block the engine
 /// stored for it against the gateway's keys and index.
 #[allow(clippy::too_many_arguments)]
@@ -491,14 +509,7 @@ async fn send_checked(
     let bs = fleet.block_size;
     let started = Instant::now();
     loop {
-        let (v, _) = post_json(
-            http,
-            &format!("{gateway}{}", explain_path(kind)),
-            body,
-            auth,
-        )
-        .await?;
-        let explained = Explained::parse(&v).context("explain response")?;
+        let explained = explain(http, gateway, kind, body, auth).await?;
         let mut attempt = BlockParity::default();
         let mut stray = Vec::new();
         let mine: Vec<_> = placed
@@ -572,14 +583,7 @@ async fn token_parity(
         .await
         .with_context(|| format!("render {}", item.name))?;
         let expected = render_tokens(&render).context("render token_ids")?;
-        let (v, _) = post_json(
-            http,
-            &format!("{gateway}{}", explain_path(item.kind)),
-            &body,
-            None,
-        )
-        .await?;
-        let got = Explained::parse(&v).context("explain")?.tokens;
+        let got = explain(http, gateway, item.kind, &body, None).await?.tokens;
         out.record(&format!("{}/{}", fleet.served, item.name), &got, &expected);
     }
     Ok(())
@@ -630,14 +634,11 @@ async fn routing_run(
     let mut parity = parity;
     for (i, w) in workload.iter().enumerate() {
         let body = fleet.body(w, 1);
-        let (v, _) = post_json(
-            http,
-            &format!("{gateway}{}", explain_path(Kind::Chat)),
-            &body,
-            None,
-        )
-        .await?;
-        prompts.push(Explained::parse(&v).context("explain")?.tokens);
+        prompts.push(
+            explain(http, gateway, Kind::Chat, &body, None)
+                .await?
+                .tokens,
+        );
         match parity.as_deref_mut() {
             Some(p) => {
                 send_checked(
@@ -674,9 +675,22 @@ async fn direct_hits(
     body: &Value,
     path: &str,
 ) -> Result<u64> {
+    let target = format!("{}{path}", fleet.url(engine));
+    hits_on(http, fleet, engine, &target, body, None).await
+}
+
+/// Prefix-cache hit tokens engine `engine` counts while `target` serves one request.
+async fn hits_on(
+    http: &reqwest::Client,
+    fleet: &Fleet,
+    engine: usize,
+    target: &str,
+    body: &Value,
+    auth: Option<&str>,
+) -> Result<u64> {
     let url = fleet.url(engine).to_string();
     let before = cache_counters(http, &url).await?;
-    post_json(http, &format!("{url}{path}"), body, None).await?;
+    post_json(http, target, body, auth).await?;
     fleet.capture.settle(EVENTS_QUIET, EVENTS_MAX).await;
     let after = cache_counters(http, &url).await?;
     Ok((after.0 - before.0).round() as u64)
@@ -769,12 +783,11 @@ async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
     let docs = routing_workload(2, 1, 600, 77);
     let body = fleet.body(&docs[0], 1);
     let other_body = fleet.body(&docs[1], 1);
+    // vLLM's hits are read on engine 0, the tenants' gateway's only endpoint.
+    let tenant_chat = format!("{tenant}/v1/chat/completions");
     let explain_as = |key: &'static str, body: Value| {
-        let url = format!("{tenant}{}", explain_path(Kind::Chat));
-        async move {
-            let (v, _) = post_json(http, &url, &body, Some(key)).await?;
-            Explained::parse(&v).context("explain")
-        }
+        let tenant = tenant.clone();
+        async move { explain(http, &tenant, Kind::Chat, &body, Some(key)).await }
     };
     send_checked(
         http,
@@ -802,15 +815,15 @@ async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
     let same_index = explain_as("key-a", body.clone())
         .await?
         .leading_held(64, &engine0);
-    let same_vllm = tenant_hits(http, &fleet, &tenant, &body, "key-a").await?;
+    let same_vllm = hits_on(http, &fleet, 0, &tenant_chat, &body, Some("key-a")).await?;
     s.salt_same_hits = same_index > 0 && same_vllm > 0;
     let cross_index = explain_as("key-b", body.clone()).await?.held_anywhere();
-    let cross_vllm = tenant_hits(http, &fleet, &tenant, &body, "key-b").await?;
+    let cross_vllm = hits_on(http, &fleet, 0, &tenant_chat, &body, Some("key-b")).await?;
     // A client-chosen salt is replaced by the tenant's: no way into A's cache.
     let mut spoofed = other_body.clone();
     spoofed["cache_salt"] = json!("tenant-a");
     let spoof_index = explain_as("key-b", spoofed.clone()).await?.held_anywhere();
-    let spoof_vllm = tenant_hits(http, &fleet, &tenant, &spoofed, "key-b").await?;
+    let spoof_vllm = hits_on(http, &fleet, 0, &tenant_chat, &spoofed, Some("key-b")).await?;
     s.salt_cross_hits = [
         cross_index,
         cross_vllm as usize,
@@ -824,28 +837,6 @@ async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
         "  salt: same tenant index {same_index} blocks, vLLM {same_vllm} tokens; other tenant index {cross_index}, vLLM {cross_vllm}; spoofed salt index {spoof_index}, vLLM {spoof_vllm}"
     );
     Ok(())
-}
-
-/// vLLM hit tokens on engine 0 for one request through the tenants' gateway.
-async fn tenant_hits(
-    http: &reqwest::Client,
-    fleet: &Fleet,
-    gateway: &str,
-    body: &Value,
-    key: &str,
-) -> Result<u64> {
-    let url = fleet.url(0).to_string();
-    let before = cache_counters(http, &url).await?;
-    post_json(
-        http,
-        &format!("{gateway}/v1/chat/completions"),
-        body,
-        Some(key),
-    )
-    .await?;
-    fleet.capture.settle(EVENTS_QUIET, EVENTS_MAX).await;
-    let after = cache_counters(http, &url).await?;
-    Ok((after.0 - before.0).round() as u64)
 }
 
 /// Token-id prompts of `blocks` full blocks plus a short tail, from a seed.
@@ -883,15 +874,8 @@ async fn probe(
     let body = json!({"model": fleet.served, "prompt": prompt, "max_tokens": 1, "temperature": 0});
     fleet.capture.settle(EVENTS_QUIET, EVENTS_MAX).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (v, _) = post_json(
-        http,
-        &format!("{gateway}{}", explain_path(Kind::Completion)),
-        &body,
-        None,
-    )
-    .await?;
-    let predicted = Explained::parse(&v)
-        .context("explain")?
+    let predicted = explain(http, gateway, Kind::Completion, &body, None)
+        .await?
         .leading_held(bs, fleet.url(e)) as u64
         * u64::from(bs);
     let actual = direct_hits(http, fleet, e, &body, "/v1/completions").await?;
@@ -1147,16 +1131,9 @@ async fn explain_all(
     let mut out = Vec::new();
     for p in prompts {
         let body = json!({"model": fleet.served, "prompt": p, "max_tokens": 1});
-        let (v, _) = post_json(
-            http,
-            &format!("{gateway}{}", explain_path(Kind::Completion)),
-            &body,
-            None,
-        )
-        .await?;
         out.push(
-            Explained::parse(&v)
-                .context("explain")?
+            explain(http, gateway, Kind::Completion, &body, None)
+                .await?
                 .leading_held(fleet.block_size, fleet.url(e)),
         );
     }

@@ -73,7 +73,7 @@ pub struct BenchArgs {
     pub out: PathBuf,
 }
 
-fn scaled(n: usize, scale: f64) -> usize {
+pub(crate) fn scaled(n: usize, scale: f64) -> usize {
     ((n as f64 * scale).round() as usize).max(1)
 }
 

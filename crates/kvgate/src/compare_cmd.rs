@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bench_cmd::scaled;
 use anyhow::{bail, Context, Result};
 use kvgate_bench::compare::{Comparison, OverheadRow, DIRECT, REFERENCE, REFERENCE_ROUND_ROBIN};
 use kvgate_bench::fake_backend::{self, FakeBackendConfig};
 use kvgate_bench::overhead::{measure, OverheadOptions};
 use kvgate_bench::peers::{free_port, LaunchContext, RouterKind, RouterProcess, RouterSpec};
 use kvgate_bench::report::{scrape_fleet, Report, RunReport, StageReport};
-use kvgate_bench::workload::{self, arrivals, Arrival, Body, RequestSpec, LLMD_73};
+use kvgate_bench::workload::{self, arrivals, Arrival, RequestSpec, LLMD_73};
 use kvgate_bench::{run_stage, summarize, StageOptions, StageSummary};
 use kvgate_gateway::{EndpointConfig, GatewayConfig};
 use kvgate_router::Policy;
@@ -133,21 +134,6 @@ fn timed(mut specs: Vec<RequestSpec>, rate: f64, time_scale: f64, seed: u64) -> 
         s.at = Some(t);
     }
     specs
-}
-
-fn scaled(n: usize, scale: f64) -> usize {
-    ((n as f64 * scale).round() as usize).max(1)
-}
-
-fn oracle(tok: &ModelTokenizer, specs: &[RequestSpec]) -> Result<f64> {
-    let prompts = specs
-        .iter()
-        .filter_map(|s| match &s.body {
-            Body::Completion(p) => Some(tok.completion_tokens(p)),
-            Body::Chat(_) => None,
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(workload::oracle_hit_rate(&prompts, BLOCK_SIZE))
 }
 
 /// Client-side wall-clock numbers in simulated time.
@@ -531,7 +517,7 @@ async fn compare(args: CompareArgs) -> Result<()> {
         .collect();
     let oracle_hit_rate = ladder
         .iter()
-        .map(|s| oracle(&tokenizer, &s.specs))
+        .map(|s| crate::demo::oracle_hit_rate(&tokenizer, &s.specs, BLOCK_SIZE))
         .collect::<Result<Vec<_>>>()?;
     let no_reuse: Vec<Stage> = args
         .no_reuse_rates

@@ -100,7 +100,11 @@ const POLICIES: [Policy; 4] = [
 const BLOCK_SIZE: usize = 16;
 
 /// The oracle's hit rate for a workload, tokenized as the engines tokenize it.
-fn oracle_hit_rate(tok: &ModelTokenizer, specs: &[RequestSpec]) -> Result<f64> {
+pub(crate) fn oracle_hit_rate(
+    tok: &ModelTokenizer,
+    specs: &[RequestSpec],
+    block_size: usize,
+) -> Result<f64> {
     let prompts = specs
         .iter()
         .filter_map(|s| match &s.body {
@@ -108,7 +112,7 @@ fn oracle_hit_rate(tok: &ModelTokenizer, specs: &[RequestSpec]) -> Result<f64> {
             Body::Chat(_) => None,
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(workload::oracle_hit_rate(&prompts, BLOCK_SIZE))
+    Ok(workload::oracle_hit_rate(&prompts, block_size))
 }
 
 fn progress(msg: &str) {
@@ -165,7 +169,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         checks: Vec::new(),
     };
     for (name, specs) in &workloads {
-        let oracle = oracle_hit_rate(&tokenizer, specs)?;
+        let oracle = oracle_hit_rate(&tokenizer, specs, BLOCK_SIZE)?;
         let mut policies = Vec::new();
         for policy in POLICIES {
             progress(&format!("{name} / {}", policy.name()));
