@@ -18,7 +18,8 @@ out=${KVGATE_SMOKE_OUT:-target/bench-smoke}
 cargo build --release -p kvgate
 target/release/kvgate bench compare "${peers[@]}" \
     --routers "$routers" --engines 4 --time-scale 10 \
-    --rates 20,40 --requests 40 --prompt-scale 0.25 --output-tokens 8 \
+    --rates 20,40 --stage-seconds 2 --groups 8 --warmup-seconds 1 --warmup-rate 20 \
+    --num-blocks 512 --prompt-scale 0.25 --output-tokens 8 \
     --no-reuse-rates 20 --overhead-seconds 1 --overhead-concurrency 8 \
     --title "kvgate bench compare: CI smoke" --check --out "$out"
 test -s "$out/report.md" && test -s "$out/report.json" && test -s "$out/ttft_p90.svg"

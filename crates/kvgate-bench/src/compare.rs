@@ -359,7 +359,7 @@ impl Comparison {
                 .map(|o| format!("{:.1}%", o * 100.0))
                 .collect();
             s.push_str(&format!(
-                "Oracle hit rate per stage (one infinite cache): {}.\n\n",
+                "Oracle hit rate per stage (one infinite cache for the whole fleet, warm from the warm-up and the stages before): {}.\n\n",
                 o.join(", ")
             ));
         }

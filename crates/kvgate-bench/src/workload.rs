@@ -202,6 +202,19 @@ pub fn shared_prefix(
         .collect()
 }
 
+/// `n` requests drawn uniformly, with replacement, from a fixed pool of
+/// prompts (LLMD-73 sends its 150 x 5 prompts over and over through the
+/// ladder, so prefixes stay hot and caches fill up across stages).
+pub fn draw(pool: &[RequestSpec], n: usize, seed: u64) -> Vec<RequestSpec> {
+    if pool.is_empty() {
+        return Vec::new();
+    }
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xd7a3);
+    (0..n)
+        .map(|_| pool[rng.random_range(0..pool.len())].clone())
+        .collect()
+}
+
 /// A shared-prefix workload's shape, in tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SharedPrefixShape {
@@ -443,34 +456,56 @@ mod tests {
 /// (token ids, in arrival order): every earlier prompt sits in one infinite
 /// cache, only full blocks hit, and the last prompt token is always computed.
 pub fn oracle_hit_rate(prompts: &[Vec<u32>], block_size: usize) -> f64 {
-    use std::hash::{Hash, Hasher};
-    let bs = block_size.max(1);
-    let mut seen = std::collections::HashSet::new();
-    let (mut hits, mut total) = (0usize, 0usize);
-    for tokens in prompts {
-        let mut parent = 0u64;
-        let chain: Vec<u64> = tokens
-            .chunks_exact(bs)
-            .map(|block| {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                (parent, block).hash(&mut h);
-                parent = h.finish();
-                parent
-            })
-            .collect();
-        let max_hit = tokens.len().saturating_sub(1) / bs;
-        hits += chain[..max_hit.min(chain.len())]
-            .iter()
-            .take_while(|h| seen.contains(*h))
-            .count()
-            * bs;
-        total += tokens.len();
-        seen.extend(chain);
+    Oracle::new(block_size).hit_rate(prompts)
+}
+
+/// One infinite cache shared by every engine, kept across calls: the best
+/// hit rate any routing could reach when stages follow one another on a warm fleet.
+#[derive(Debug, Default)]
+pub struct Oracle {
+    block_size: usize,
+    seen: std::collections::HashSet<u64>,
+}
+
+impl Oracle {
+    pub fn new(block_size: usize) -> Self {
+        Self {
+            block_size: block_size.max(1),
+            seen: Default::default(),
+        }
     }
-    if total == 0 {
-        0.0
-    } else {
-        hits as f64 / total as f64
+
+    /// Hit rate of `prompts` (in order) given everything seen before; they are
+    /// remembered afterwards.
+    pub fn hit_rate(&mut self, prompts: &[Vec<u32>]) -> f64 {
+        use std::hash::{Hash, Hasher};
+        let bs = self.block_size;
+        let (mut hits, mut total) = (0usize, 0usize);
+        for tokens in prompts {
+            let mut parent = 0u64;
+            let chain: Vec<u64> = tokens
+                .chunks_exact(bs)
+                .map(|block| {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    (parent, block).hash(&mut h);
+                    parent = h.finish();
+                    parent
+                })
+                .collect();
+            let max_hit = tokens.len().saturating_sub(1) / bs;
+            hits += chain[..max_hit.min(chain.len())]
+                .iter()
+                .take_while(|h| self.seen.contains(*h))
+                .count()
+                * bs;
+            total += tokens.len();
+            self.seen.extend(chain);
+        }
+        if total == 0 {
+            0.0
+        } else {
+            hits as f64 / total as f64
+        }
     }
 }
 
@@ -489,5 +524,30 @@ mod oracle_tests {
         let c: Vec<u32> = (0..32).collect();
         assert_eq!(oracle_hit_rate(&[c.clone(), c], 16), 16.0 / 64.0);
         assert_eq!(oracle_hit_rate(&[], 16), 0.0);
+    }
+
+    #[test]
+    fn oracle_remembers_earlier_stages() {
+        let a: Vec<u32> = (0..48).collect();
+        let mut o = super::Oracle::new(16);
+        assert_eq!(o.hit_rate(std::slice::from_ref(&a)), 0.0);
+        // The same prompt in a later stage hits all but its last block.
+        assert_eq!(o.hit_rate(std::slice::from_ref(&a)), 32.0 / 48.0);
+        assert_eq!(oracle_hit_rate(std::slice::from_ref(&a), 16), 0.0);
+    }
+
+    #[test]
+    fn draws_come_from_the_pool_and_repeat() {
+        let pool = super::shared_prefix(4, 5, 8, 4, 1, 3);
+        let drawn = super::draw(&pool, 100, 9);
+        assert_eq!(drawn.len(), 100);
+        let bodies: Vec<String> = pool.iter().map(|s| format!("{:?}", s.body)).collect();
+        assert!(drawn
+            .iter()
+            .all(|d| bodies.contains(&format!("{:?}", d.body))));
+        let distinct: std::collections::HashSet<String> =
+            drawn.iter().map(|d| format!("{:?}", d.body)).collect();
+        assert!(distinct.len() > 10 && distinct.len() <= 20);
+        assert!(super::draw(&[], 5, 1).is_empty());
     }
 }

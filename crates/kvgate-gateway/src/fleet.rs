@@ -42,7 +42,11 @@ enum Circuit {
 struct Health {
     circuit: Circuit,
     consecutive_failures: u32,
-    /// Last active health check passed (starts optimistic).
+    /// Active health checks failed in a row.
+    failed_checks: u32,
+    /// Active health checks pass, or failed fewer times in a row than the
+    /// ejection threshold (starts optimistic): one slow answer from a busy
+    /// engine is not an outage.
     check_ok: bool,
 }
 
@@ -70,6 +74,7 @@ impl Endpoint {
             health: Mutex::new(Health {
                 circuit: Circuit::Closed,
                 consecutive_failures: 0,
+                failed_checks: 0,
                 check_ok: true,
             }),
         }
@@ -126,6 +131,8 @@ impl Endpoint {
     pub fn record_success(&self) {
         let mut h = self.health.lock();
         h.consecutive_failures = 0;
+        // A served request outweighs checks that timed out meanwhile.
+        h.failed_checks = 0;
         h.circuit = Circuit::Closed;
     }
 
@@ -134,25 +141,37 @@ impl Endpoint {
         h.consecutive_failures = h.consecutive_failures.saturating_add(1);
         let reopen = matches!(h.circuit, Circuit::HalfOpen { .. });
         if reopen || h.consecutive_failures >= ej.after_failures {
+            if h.circuit == Circuit::Closed {
+                tracing::warn!(endpoint = %self.cfg.url, failures = h.consecutive_failures, "requests failed in a row; endpoint ejected");
+            }
             h.circuit = Circuit::Open(Instant::now() + ej.cooldown);
         }
     }
 
-    /// Outcome of an active health check.
-    pub fn record_check(&self, ok: bool, ej: Ejection) {
+    /// Outcome of an active health check. Returns true when this check
+    /// turned the endpoint unhealthy.
+    pub fn record_check(&self, ok: bool, ej: Ejection) -> bool {
         let mut h = self.health.lock();
-        h.check_ok = ok;
         if ok {
+            h.failed_checks = 0;
+            h.check_ok = true;
             // A passing check is the probe an open circuit waits for.
             if let Circuit::Open(_) | Circuit::HalfOpen { .. } = h.circuit {
                 h.circuit = Circuit::HalfOpen {
                     probe_in_flight: false,
                 };
             }
-        } else {
-            h.consecutive_failures = h.consecutive_failures.saturating_add(1);
-            h.circuit = Circuit::Open(Instant::now() + ej.cooldown);
+            return false;
         }
+        h.failed_checks = h.failed_checks.saturating_add(1);
+        if h.failed_checks < ej.after_failures {
+            return false;
+        }
+        let turned = h.check_ok;
+        h.check_ok = false;
+        h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+        h.circuit = Circuit::Open(Instant::now() + ej.cooldown);
+        turned
     }
 }
 
@@ -234,7 +253,14 @@ mod tests {
             after_failures: 3,
             cooldown: Duration::from_secs(60),
         };
-        e.record_check(false, ej);
+        assert!(!e.record_check(false, ej));
+        assert!(!e.record_check(false, ej));
+        assert!(e.admit(), "two missed checks of three are not an outage");
+        e.record_success();
+        assert!(!e.record_check(false, ej));
+        assert!(!e.record_check(false, ej));
+        assert!(e.record_check(false, ej), "the third in a row ejects");
+        assert!(!e.record_check(false, ej), "reported once");
         assert!(!e.admit());
         e.record_check(true, ej);
         assert!(e.admit(), "a passing check lets a probe through at once");

@@ -295,7 +295,9 @@ async fn background(gw: std::sync::Weak<Gateway>, discovery: Arc<dyn Discovery>)
                             .send()
                             .await
                             .is_ok_and(|r| r.status().is_success());
-                        e.record_check(ok, ej);
+                        if e.record_check(ok, ej) {
+                            tracing::warn!(endpoint = %e.name(), checks = ej.after_failures, "health checks failed in a row; endpoint ejected");
+                        }
                     }
                 }).collect::<Vec<_>>();
                 futures_util::future::join_all(checks).await;

@@ -132,6 +132,9 @@ impl RunningSim {
         let state = SimState {
             engine: engine.clone(),
             tokenizer,
+            prompt_cache: Arc::new(crate::server::PromptCache::new(
+                crate::server::DEFAULT_PROMPT_CACHE_ENTRIES,
+            )),
             model: cfg.model.clone(),
             max_model_len: cfg.max_model_len,
             block_size: cfg.engine.block_size,

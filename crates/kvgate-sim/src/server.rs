@@ -25,10 +25,50 @@ const MAX_SALT_LEN: usize = 128;
 pub struct SimState {
     pub engine: EngineHandle,
     pub tokenizer: Arc<ModelTokenizer>,
+    /// Completion prompts seen lately, tokenized: benchmarks resend the same
+    /// prompts, and a real engine's tokenizer runs on its own host, not on
+    /// the CPU the sim shares with the gateway under test.
+    pub prompt_cache: Arc<PromptCache>,
     pub model: String,
     pub max_model_len: usize,
     pub block_size: usize,
     pub num_blocks: usize,
+}
+
+/// Default number of completion prompts a sim engine keeps tokenized.
+pub const DEFAULT_PROMPT_CACHE_ENTRIES: usize = 256;
+
+/// Recently tokenized prompts, keyed by a 128-bit hash of their text.
+pub struct PromptCache {
+    entries: parking_lot::Mutex<lru::LruCache<u128, Arc<[u32]>>>,
+}
+
+impl PromptCache {
+    pub fn new(entries: usize) -> Self {
+        let cap =
+            std::num::NonZeroUsize::new(entries.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
+        Self {
+            entries: parking_lot::Mutex::new(lru::LruCache::new(cap)),
+        }
+    }
+
+    /// The cached ids of `text`, or `tokenize(text)` remembered.
+    pub fn get_or_insert<E>(
+        &self,
+        text: &str,
+        tokenize: impl FnOnce(&str) -> Result<Vec<u32>, E>,
+    ) -> Result<Arc<[u32]>, E> {
+        use std::hash::Hasher;
+        let mut h = siphasher::sip128::SipHasher13::new();
+        h.write(text.as_bytes());
+        let key = siphasher::sip128::Hasher128::finish128(&h).as_u128();
+        if let Some(ids) = self.entries.lock().get(&key) {
+            return Ok(ids.clone());
+        }
+        let ids: Arc<[u32]> = tokenize(text)?.into();
+        self.entries.lock().put(key, ids.clone());
+        Ok(ids)
+    }
 }
 
 pub fn router(state: SimState) -> Router {
@@ -161,8 +201,9 @@ fn completion_prompt(
 ) -> Result<Vec<u32>, ApiError> {
     match obj.get("prompt") {
         Some(Value::String(p)) => state
-            .tokenizer
-            .completion_tokens(p)
+            .prompt_cache
+            .get_or_insert(p, |p| state.tokenizer.completion_tokens(p))
+            .map(|ids| ids.to_vec())
             .map_err(|e| bad_request(e.to_string())),
         Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_u64) => Ok(a
             .iter()
@@ -664,4 +705,34 @@ async fn faults(State(state): State<SimState>, body: Bytes) -> Result<Response, 
         state.engine.restart().await;
     }
     Ok(Json(json!({"ok": true})).into_response())
+}
+
+#[cfg(test)]
+mod prompt_cache_tests {
+    use super::PromptCache;
+    use std::cell::Cell;
+
+    #[test]
+    fn tokenizes_each_text_once_and_keeps_errors_out() {
+        let cache = PromptCache::new(2);
+        let calls = Cell::new(0);
+        let tok = |t: &str| -> Result<Vec<u32>, String> {
+            calls.set(calls.get() + 1);
+            if t == "bad" {
+                Err("no".into())
+            } else {
+                Ok(t.bytes().map(u32::from).collect())
+            }
+        };
+        assert_eq!(&*cache.get_or_insert("ab", tok).unwrap(), &[97, 98]);
+        assert_eq!(&*cache.get_or_insert("ab", tok).unwrap(), &[97, 98]);
+        assert_eq!(calls.get(), 1);
+        assert!(cache.get_or_insert("bad", tok).is_err());
+        assert!(cache.get_or_insert("bad", tok).is_err());
+        assert_eq!(calls.get(), 3, "errors are not cached");
+        cache.get_or_insert("c", tok).unwrap();
+        cache.get_or_insert("d", tok).unwrap();
+        cache.get_or_insert("ab", tok).unwrap();
+        assert_eq!(calls.get(), 6, "evicted past capacity");
+    }
 }

@@ -48,11 +48,22 @@ pub struct CompareArgs {
     #[arg(long)]
     num_blocks: Option<usize>,
     /// Shared-prefix ladder, requests per simulated second (Poisson).
-    #[arg(long, value_delimiter = ',', default_value = "4,8,16,24,32,48")]
+    #[arg(long, value_delimiter = ',', default_value = "4,8,16,24,32,48,64,96")]
     rates: Vec<f64>,
-    /// Requests per stage.
-    #[arg(long, default_value_t = 100)]
-    requests: usize,
+    /// Simulated seconds of arrivals per stage (requests = rate x this).
+    #[arg(long, default_value_t = 15.0)]
+    stage_seconds: f64,
+    /// Prefix groups in the shared-prefix pool. LLMD-73 has 150 groups on pods
+    /// of 307k KV tokens; 32 keeps its prefix-set-to-fleet-capacity ratio
+    /// (~0.37) on 8 engines of 4096 blocks x 16 tokens.
+    #[arg(long, default_value_t = 32)]
+    groups: usize,
+    /// Warm-up before the ladder (not reported), requests per simulated second.
+    #[arg(long, default_value_t = 16.0)]
+    warmup_rate: f64,
+    /// Simulated seconds of warm-up arrivals (0: none).
+    #[arg(long, default_value_t = 10.0)]
+    warmup_seconds: f64,
     /// Scales LLMD-73's prompt lengths (1.0: 6000 shared + 1200 unique tokens).
     #[arg(long, default_value_t = 1.0)]
     prompt_scale: f64,
@@ -231,12 +242,15 @@ async fn run_stages(
     base: &str,
     label: &str,
     stages: &[Stage],
+    fresh_caches: bool,
 ) -> Vec<StageReport> {
     let engines: Vec<String> = fleet.iter().map(RunningSim::url).collect();
     let mut out = Vec::new();
     for st in stages {
-        reset_caches(fleet).await;
-        tokio::time::sleep(SETTLE).await;
+        if fresh_caches {
+            reset_caches(fleet).await;
+            tokio::time::sleep(SETTLE).await;
+        }
         let name = format!("{label} @ {} QPS", st.rate);
         let before = scrape_fleet(client, &engines).await;
         let opts = StageOptions {
@@ -490,34 +504,52 @@ async fn compare(args: CompareArgs) -> Result<()> {
     progress(&format!("router logs and configs: {}", scratch.display()));
     let tokenizer = Arc::new(ModelTokenizer::embedded_default()?);
 
-    // The same requests, at the same times, for every router.
+    // The same requests, at the same times, for every router: a warm-up, then
+    // the ladder, all drawn from one pool of prompts on a fleet that stays warm.
     let shape = LLMD_73;
     let prefix = scaled(shape.prefix_tokens, args.prompt_scale);
     let unique = scaled(shape.unique_tokens, args.prompt_scale);
+    let per_stage = |rate: f64, secs: f64| (rate * secs).round().max(1.0) as usize;
+    let pool = workload::shared_prefix(
+        args.groups.max(1),
+        shape.prompts_per_group,
+        prefix,
+        unique,
+        args.output_tokens,
+        args.seed,
+    );
+    let stage = |rate: f64, secs: f64, seed: u64| Stage {
+        rate,
+        specs: timed(
+            workload::draw(&pool, per_stage(rate, secs), seed),
+            rate,
+            time_scale,
+            seed,
+        ),
+    };
+    let warmup: Vec<Stage> = (args.warmup_seconds > 0.0 && args.warmup_rate > 0.0)
+        .then(|| stage(args.warmup_rate, args.warmup_seconds, args.seed ^ 0x3a9))
+        .into_iter()
+        .collect();
     let ladder: Vec<Stage> = args
         .rates
         .iter()
         .enumerate()
         .map(|(i, &rate)| {
-            let seed = args.seed.wrapping_add(i as u64 * 7919);
-            let specs = workload::shared_prefix(
-                args.requests.div_ceil(shape.prompts_per_group),
-                shape.prompts_per_group,
-                prefix,
-                unique,
-                args.output_tokens,
-                seed,
-            );
-            let specs = specs.into_iter().take(args.requests).collect();
-            Stage {
+            stage(
                 rate,
-                specs: timed(specs, rate, time_scale, seed),
-            }
+                args.stage_seconds,
+                args.seed.wrapping_add(i as u64 * 7919),
+            )
         })
         .collect();
+    let mut oracle = workload::Oracle::new(BLOCK_SIZE);
+    for st in &warmup {
+        oracle.hit_rate(&crate::demo::completion_prompts(&tokenizer, &st.specs)?);
+    }
     let oracle_hit_rate = ladder
         .iter()
-        .map(|s| crate::demo::oracle_hit_rate(&tokenizer, &s.specs, BLOCK_SIZE))
+        .map(|s| Ok(oracle.hit_rate(&crate::demo::completion_prompts(&tokenizer, &s.specs)?)))
         .collect::<Result<Vec<_>>>()?;
     let no_reuse: Vec<Stage> = args
         .no_reuse_rates
@@ -528,7 +560,12 @@ async fn compare(args: CompareArgs) -> Result<()> {
             Stage {
                 rate,
                 specs: timed(
-                    workload::no_reuse(args.requests, prefix + unique, args.output_tokens, seed),
+                    workload::no_reuse(
+                        per_stage(rate, args.stage_seconds),
+                        prefix + unique,
+                        args.output_tokens,
+                        seed,
+                    ),
                     rate,
                     time_scale,
                     seed,
@@ -601,7 +638,19 @@ async fn compare(args: CompareArgs) -> Result<()> {
                     break;
                 }
             };
-            let stages = run_stages(&args, &client, &fleet, &p.url, &spec.name(), &ladder).await;
+            // Warm-up and ladder on one warm fleet (emptied when the router started).
+            run_stages(
+                &args,
+                &client,
+                &fleet,
+                &p.url,
+                &format!("{} warm-up", spec.name()),
+                &warmup,
+                false,
+            )
+            .await;
+            let stages =
+                run_stages(&args, &client, &fleet, &p.url, &spec.name(), &ladder, false).await;
             let shared = RunReport {
                 router: spec.name(),
                 stages,
@@ -613,6 +662,7 @@ async fn compare(args: CompareArgs) -> Result<()> {
                 &p.url,
                 &format!("{} no-reuse", spec.name()),
                 &no_reuse,
+                true,
             )
             .await;
             drop(p);
@@ -668,15 +718,15 @@ async fn compare(args: CompareArgs) -> Result<()> {
         (
             "shared-prefix".to_string(),
             format!(
-                "LLMD-73 shape: groups of {} prompts sharing a {prefix}-token prefix, {unique} unique tokens each, {} output tokens (ignore_eos, streamed); {} requests per stage, Poisson arrivals; fresh prefixes and emptied caches every stage",
-                shape.prompts_per_group, args.output_tokens, args.requests
+                "LLMD-73 shape: a pool of {} groups of {} prompts sharing a {prefix}-token prefix, {unique} unique tokens each, {} output tokens (ignore_eos, streamed); every request drawn at random from the pool, Poisson arrivals, {} simulated seconds per stage; a warm-up of {} s at {} QPS (not reported) first, then the ladder on the same warm fleet (caches are emptied only when a router starts)",
+                args.groups, shape.prompts_per_group, args.output_tokens, args.stage_seconds, args.warmup_seconds, args.warmup_rate
             ),
         ),
         (
             "no-reuse control".to_string(),
             format!(
-                "{} requests of {} unique tokens, {} output tokens, at {:?} QPS",
-                args.requests,
+                "{} s of requests of {} unique tokens, {} output tokens, at {:?} QPS, on emptied caches",
+                args.stage_seconds,
                 prefix + unique,
                 args.output_tokens,
                 args.no_reuse_rates

@@ -105,14 +105,24 @@ pub(crate) fn oracle_hit_rate(
     specs: &[RequestSpec],
     block_size: usize,
 ) -> Result<f64> {
-    let prompts = specs
+    Ok(workload::oracle_hit_rate(
+        &completion_prompts(tok, specs)?,
+        block_size,
+    ))
+}
+
+/// The completion prompts of `specs` as token ids (chat requests are skipped).
+pub(crate) fn completion_prompts(
+    tok: &ModelTokenizer,
+    specs: &[RequestSpec],
+) -> Result<Vec<Vec<u32>>> {
+    Ok(specs
         .iter()
         .filter_map(|s| match &s.body {
             Body::Completion(p) => Some(tok.completion_tokens(p)),
             Body::Chat(_) => None,
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(workload::oracle_hit_rate(&prompts, block_size))
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
 fn progress(msg: &str) {
