@@ -4,6 +4,7 @@
 pub mod client;
 pub mod compare;
 pub mod fake_backend;
+pub mod fleet_model;
 pub mod overhead;
 pub mod peers;
 pub mod plot;

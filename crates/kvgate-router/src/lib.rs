@@ -77,8 +77,10 @@ pub struct CostWeights {
     /// Costs within this many tokens of the cheapest count as a tie. A tie
     /// goes to the endpoint caching most of the prompt, or, for a prefix
     /// cached nowhere, to its home endpoint (rendezvous hash of its block at
-    /// AFFINITY_PREFIX_TOKENS). A group's requests then gather on one engine
-    /// instead of copying the prefix into several caches.
+    /// AFFINITY_PREFIX_TOKENS) when that has no prefill queued. A group's
+    /// requests then gather on one engine instead of copying the prefix into
+    /// several caches. When every tie has prefill queued, the one given a
+    /// request longest ago wins: its queue is likely the nearest to done.
     pub prefix_affinity_slack: f64,
     /// Worth of a cached block per tier (GPU, CPU, DISK, others).
     pub tier: [f64; MAX_TIERS],
@@ -414,7 +416,8 @@ impl Scheduler {
             k.get(depth.min(k.len()).checked_sub(1)?)
         });
         // Near-ties (within the slack) keep prefixes together: the endpoint
-        // caching most of the prompt wins; a prefix cached nowhere goes home.
+        // caching most of the prompt wins; a prefix cached nowhere goes home
+        // if that costs it no wait (`cold_pick`).
         if let Some((best_cost, _, _)) = best {
             let near: Vec<(usize, &Score)> = eligible
                 .iter()
@@ -435,12 +438,9 @@ impl Scheduler {
                     chosen = *i;
                 }
             } else if scores.iter().all(|s| s.cached_tokens == 0.0) {
-                if let Some(prefix_key) = prefix_key {
-                    let home = rendezvous(&prefix_key.to_le_bytes(), eligible, candidates);
-                    if near.iter().any(|(i, _)| *i == home) {
-                        chosen = home;
-                    }
-                }
+                chosen = cold_pick(&near, chosen, candidates, || {
+                    prefix_key.map(|k| rendezvous(&k.to_le_bytes(), eligible, candidates))
+                });
             }
         }
         let chosen_score = eligible
@@ -488,6 +488,39 @@ impl Scheduler {
     pub fn expire(&self) -> usize {
         self.approx.expire() + self.speculative.expire()
     }
+}
+
+/// Where a prompt cached nowhere goes among the near-ties (`near`, which
+/// holds `best`). Queued prefill tokens say nothing of how far along they are,
+/// so near-ties with some queued are not equal: an endpoint with none starts
+/// the prompt at once, and among busy ones, the one given a request longest
+/// ago is likely the nearest to done (what round robin gets by construction).
+/// The prefix's home (`home()`) wins only when it starts at once too: a
+/// group's requests then meet there at no cost to this one.
+fn cold_pick(
+    near: &[(usize, &Score)],
+    best: usize,
+    candidates: &[Candidate<'_>],
+    home: impl FnOnce() -> Option<usize>,
+) -> usize {
+    let idle = |i: usize| candidates[i].load.pending_prefill_tokens == 0;
+    if near.iter().any(|(i, _)| idle(*i)) {
+        if let Some(h) = home().filter(|h| idle(*h) && near.iter().any(|(i, _)| i == h)) {
+            return h;
+        }
+        if idle(best) {
+            return best;
+        }
+        return near
+            .iter()
+            .filter(|(i, _)| idle(*i))
+            .min_by(|a, b| a.1.cost.total_cmp(&b.1.cost))
+            .map_or(best, |(i, _)| *i);
+    }
+    near.iter()
+        .map(|(i, _)| *i)
+        .min_by_key(|i| (candidates[*i].load.last_routed, *i != best))
+        .unwrap_or(best)
 }
 
 fn find(

@@ -14,7 +14,13 @@ pub struct LoadCounters {
     engine_waiting: AtomicU64,
     engine_running: AtomicU64,
     engine_kv_usage_bits: AtomicU64,
+    /// [`ROUTED`] when a request was last started here.
+    last_routed: AtomicU64,
 }
+
+/// Orders routing decisions process-wide, so endpoints can be compared by how
+/// long ago they were last given a request.
+static ROUTED: AtomicU64 = AtomicU64::new(0);
 
 /// A consistent-enough copy of the counters for one scheduling decision.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -24,6 +30,9 @@ pub struct LoadSnapshot {
     pub engine_waiting: u64,
     pub engine_running: u64,
     pub engine_kv_usage: f64,
+    /// When it was last given a request, on a process-wide sequence (larger
+    /// is more recent; 0: never).
+    pub last_routed: u64,
 }
 
 impl LoadCounters {
@@ -35,6 +44,7 @@ impl LoadCounters {
             engine_waiting: self.engine_waiting.load(Ordering::Relaxed),
             engine_running: self.engine_running.load(Ordering::Relaxed),
             engine_kv_usage: f64::from_bits(self.engine_kv_usage_bits.load(Ordering::Relaxed)),
+            last_routed: self.last_routed.load(Ordering::Relaxed),
         }
     }
 
@@ -42,6 +52,10 @@ impl LoadCounters {
     pub fn start(self: &Arc<Self>, uncached_prompt_tokens: u64) -> RequestGuard {
         let pending = i64::try_from(uncached_prompt_tokens).unwrap_or(i64::MAX);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.last_routed.store(
+            ROUTED.fetch_add(1, Ordering::Relaxed) + 1,
+            Ordering::Relaxed,
+        );
         self.pending_prefill_tokens
             .fetch_add(pending, Ordering::Relaxed);
         RequestGuard {
@@ -103,7 +117,19 @@ mod tests {
         assert_eq!(c.snapshot().pending_prefill_tokens, 0);
         assert_eq!(c.snapshot().in_flight, 1);
         drop(g);
-        assert_eq!(c.snapshot(), LoadSnapshot::default());
+        let routed = c.snapshot().last_routed;
+        assert!(routed > 0);
+        assert_eq!(
+            c.snapshot(),
+            LoadSnapshot {
+                last_routed: routed,
+                ..LoadSnapshot::default()
+            }
+        );
+        // Stamps order endpoints by when they were last given a request.
+        let other = Arc::new(LoadCounters::default());
+        drop(other.start(1));
+        assert!(other.snapshot().last_routed > routed);
         c.set_engine(3, 4, 0.5);
         assert_eq!(c.snapshot().engine_kv_usage, 0.5);
     }

@@ -300,3 +300,45 @@ fn a_prefix_being_computed_is_joined_not_copied() {
         .unwrap();
     assert_ne!(NAMES[d.chosen], "b", "{}", d.explain());
 }
+
+#[test]
+fn a_cold_prompt_waits_behind_the_oldest_queue_not_its_home() {
+    // Every endpoint has one long prompt queued (same pending tokens, so the
+    // costs tie); b got its request longest ago, so b's is the nearest to
+    // done. Round robin gets this by construction; a home picked by hash
+    // would put a third of these behind a prefill that has only just begun.
+    let index = index_with_prefix([0, 0, 0], &[]);
+    let s = sched(Policy::PrecisePrefix);
+    let queued = |in_flight, last_routed| LoadSnapshot {
+        last_routed,
+        ..busy(in_flight, 7200)
+    };
+    // a also decodes one more request: within the slack, still a tie.
+    let c = candidates([queued(2, 30), queued(1, 10), queued(1, 20)], &index);
+    for p in 0..30u32 {
+        let t: Vec<u32> = (0..7200).map(|i| p * 10_000 + i).collect();
+        let k = keys(&index, &t);
+        let req = RouteRequest {
+            model: "m",
+            prompt_tokens: t.len(),
+            keys: &k,
+            session_id: None,
+        };
+        let d = s.schedule(&req, &c, Some(&index)).unwrap();
+        assert_eq!(NAMES[d.chosen], "b", "prompt {p}: {}", d.explain());
+    }
+    // An endpoint with nothing queued still wins outright.
+    let c = candidates([queued(2, 30), queued(1, 10), busy(3, 0)], &index);
+    let t: Vec<u32> = (0..7200).collect();
+    let k = keys(&index, &t);
+    let req = RouteRequest {
+        model: "m",
+        prompt_tokens: t.len(),
+        keys: &k,
+        session_id: None,
+    };
+    assert_eq!(
+        NAMES[s.schedule(&req, &c, Some(&index)).unwrap().chosen],
+        "c"
+    );
+}
