@@ -459,19 +459,28 @@ pub fn oracle_hit_rate(prompts: &[Vec<u32>], block_size: usize) -> f64 {
     Oracle::new(block_size).hit_rate(prompts)
 }
 
-/// One infinite cache shared by every engine, kept across calls: the best
-/// hit rate any routing could reach when stages follow one another on a warm fleet.
-#[derive(Debug, Default)]
+/// The best case for routing: one cache shared by every engine, kept across
+/// calls (stages follow one another on a warm fleet). Unbounded, or an LRU of
+/// the whole fleet's blocks, for workloads that do not fit.
+#[derive(Debug)]
 pub struct Oracle {
     block_size: usize,
-    seen: std::collections::HashSet<u64>,
+    seen: lru::LruCache<u64, ()>,
 }
 
 impl Oracle {
     pub fn new(block_size: usize) -> Self {
+        Self::bounded(block_size, None)
+    }
+
+    /// `capacity_blocks`: LRU of that many blocks (None: unbounded).
+    pub fn bounded(block_size: usize, capacity_blocks: Option<usize>) -> Self {
         Self {
             block_size: block_size.max(1),
-            seen: Default::default(),
+            seen: match capacity_blocks.and_then(std::num::NonZeroUsize::new) {
+                Some(cap) => lru::LruCache::new(cap),
+                None => lru::LruCache::unbounded(),
+            },
         }
     }
 
@@ -499,7 +508,9 @@ impl Oracle {
                 .count()
                 * bs;
             total += tokens.len();
-            self.seen.extend(chain);
+            for h in chain {
+                self.seen.put(h, ());
+            }
         }
         if total == 0 {
             0.0
@@ -534,6 +545,20 @@ mod oracle_tests {
         // The same prompt in a later stage hits all but its last block.
         assert_eq!(o.hit_rate(std::slice::from_ref(&a)), 32.0 / 48.0);
         assert_eq!(oracle_hit_rate(std::slice::from_ref(&a), 16), 0.0);
+    }
+
+    #[test]
+    fn a_bounded_oracle_forgets_the_least_recent_blocks() {
+        let a: Vec<u32> = (0..48).collect();
+        let b: Vec<u32> = (100..148).collect();
+        // Room for a's 3 blocks only: b pushes them out.
+        let mut o = super::Oracle::bounded(16, Some(3));
+        o.hit_rate(std::slice::from_ref(&a));
+        o.hit_rate(std::slice::from_ref(&b));
+        assert_eq!(o.hit_rate(std::slice::from_ref(&a)), 0.0);
+        let mut o = super::Oracle::bounded(16, Some(6));
+        o.hit_rate(&[a.clone(), b]);
+        assert_eq!(o.hit_rate(std::slice::from_ref(&a)), 32.0 / 48.0);
     }
 
     #[test]

@@ -48,15 +48,16 @@ pub struct CompareArgs {
     #[arg(long)]
     num_blocks: Option<usize>,
     /// Shared-prefix ladder, requests per simulated second (Poisson).
-    #[arg(long, value_delimiter = ',', default_value = "4,8,16,24,32,48,64,96")]
+    #[arg(long, value_delimiter = ',', default_value = "4,8,16,24,32,48,64")]
     rates: Vec<f64>,
     /// Simulated seconds of arrivals per stage (requests = rate x this).
     #[arg(long, default_value_t = 15.0)]
     stage_seconds: f64,
-    /// Prefix groups in the shared-prefix pool. LLMD-73 has 150 groups on pods
-    /// of 307k KV tokens; 32 keeps its prefix-set-to-fleet-capacity ratio
-    /// (~0.37) on 8 engines of 4096 blocks x 16 tokens.
-    #[arg(long, default_value_t = 32)]
+    /// Prefix groups in the shared-prefix pool. LLMD-73's 150 groups leave its
+    /// pods' KV under pressure mostly from 1000-token decodes; with 100-token
+    /// outputs, 64 groups (prompts 1.5x the fleet's KV) put the default fleet
+    /// under that pressure. 32 would fit in the fleet when partitioned.
+    #[arg(long, default_value_t = 64)]
     groups: usize,
     /// Warm-up before the ladder (not reported), requests per simulated second.
     #[arg(long, default_value_t = 16.0)]
@@ -543,7 +544,18 @@ async fn compare(args: CompareArgs) -> Result<()> {
             )
         })
         .collect();
-    let mut oracle = workload::Oracle::new(BLOCK_SIZE);
+    let mut engine = EngineConfig {
+        block_size: BLOCK_SIZE,
+        time_scale,
+        ..EngineConfig::default()
+    };
+    if let Some(n) = args.num_blocks {
+        engine.num_blocks = n;
+    }
+    let num_blocks = engine.num_blocks;
+    // Block 0 of each engine is reserved, as in vLLM.
+    let fleet_blocks = args.engines * num_blocks.saturating_sub(1);
+    let mut oracle = workload::Oracle::bounded(BLOCK_SIZE, Some(fleet_blocks));
     for st in &warmup {
         oracle.hit_rate(&crate::demo::completion_prompts(&tokenizer, &st.specs)?);
     }
@@ -574,15 +586,6 @@ async fn compare(args: CompareArgs) -> Result<()> {
         })
         .collect();
 
-    let mut engine = EngineConfig {
-        block_size: BLOCK_SIZE,
-        time_scale,
-        ..EngineConfig::default()
-    };
-    if let Some(n) = args.num_blocks {
-        engine.num_blocks = n;
-    }
-    let num_blocks = engine.num_blocks;
     let base = SimConfig {
         model: DEFAULT_MODEL.into(),
         engine,
