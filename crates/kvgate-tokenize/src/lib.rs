@@ -7,6 +7,9 @@
 //!   arguments parsed from JSON), then encoded without adding special tokens.
 //! - Completions: the prompt encoded with special tokens added (BOS where the
 //!   tokenizer's post-processor adds one).
+//!
+//! `encode` gives `tokenizers`' `encode_fast` ids; for byte-level BPE
+//! tokenizers it computes them without building an `Encoding` (see `fast.rs`).
 
 mod fast;
 mod pyjson;
