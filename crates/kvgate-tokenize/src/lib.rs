@@ -7,10 +7,15 @@
 //!   arguments parsed from JSON), then encoded without adding special tokens.
 //! - Completions: the prompt encoded with special tokens added (BOS where the
 //!   tokenizer's post-processor adds one).
+//!
+//! `encode` gives `tokenizers`' `encode_fast` ids; for byte-level BPE
+//! tokenizers it computes them without building an `Encoding` (see `fast.rs`).
 
+mod fast;
 mod pyjson;
 mod segments;
 
+pub use fast::{MAX_CACHED_WORD_BYTES, WORD_CACHE_ENTRIES};
 pub use segments::DEFAULT_SEGMENT_CACHE_ENTRIES;
 
 use std::collections::BTreeMap;
@@ -65,6 +70,8 @@ pub struct ModelTokenizer {
     special_tokens: BTreeMap<String, String>,
     /// Piecewise cached encoding of chat prompts (None: not safe for this tokenizer).
     segments: Option<segments::SegmentEncoder>,
+    /// Ids without building an `Encoding` (None: not for this tokenizer's configuration).
+    fast: Option<fast::FastEncoder>,
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -127,11 +134,13 @@ impl ModelTokenizer {
         let template = chat_template.or_else(|| template_from_config(&config));
         let env = template.map(build_env).transpose()?;
         let segments = segments::SegmentEncoder::new(&tokenizer, DEFAULT_SEGMENT_CACHE_ENTRIES);
+        let fast = fast::FastEncoder::new(&tokenizer);
         Ok(Self {
             tokenizer,
             env,
             special_tokens,
             segments,
+            fast,
         })
     }
 
@@ -143,7 +152,44 @@ impl ModelTokenizer {
         self.env.is_some()
     }
 
+    /// The ids `tokenizers`' `encode_fast` gives, computed without building an
+    /// `Encoding` where the tokenizer's configuration and the text allow it.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizeError> {
+        if let Some(fast) = &self.fast {
+            // Only configurations whose post-processor adds no tokens are
+            // fast, so `add_special_tokens` changes nothing there.
+            if let Some(ids) = fast.encode(&self.tokenizer, text)? {
+                return Ok(ids);
+            }
+        }
+        self.encode_plain(text, add_special_tokens)
+    }
+
+    /// Whether `encode` can take the fast path for this tokenizer.
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// Words in the fast path's word cache (0 without a fast path).
+    pub fn cached_words(&self) -> usize {
+        self.fast
+            .as_ref()
+            .map_or(0, fast::FastEncoder::cached_words)
+    }
+
+    /// Whether `encode` takes the fast path for this text (not the plain fallback).
+    pub fn encodes_fast(&self, text: &str) -> bool {
+        self.fast
+            .as_ref()
+            .is_some_and(|f| matches!(f.encode(&self.tokenizer, text), Ok(Some(_))))
+    }
+
+    /// Encodes through `tokenizers` itself (the reference the fast path must equal).
+    pub fn encode_plain(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, TokenizeError> {
         self.tokenizer
             .encode_fast(text, add_special_tokens)
             .map(|e| e.get_ids().to_vec())
