@@ -260,7 +260,7 @@ impl ModelTokenizer {
     pub fn chat_tokens(&self, input: &ChatInput<'_>) -> Result<Vec<u32>, TokenizeError> {
         let text = self.render_chat(input)?;
         match &self.segments {
-            Some(seg) => seg.encode(&self.tokenizer, &text),
+            Some(seg) => seg.encode(&text, |piece| self.encode(piece, false)),
             None => self.encode(&text, false),
         }
     }
@@ -280,7 +280,7 @@ impl ModelTokenizer {
     /// Encodes like `encode(text, false)` through the segment cache when it is on.
     pub fn encode_cached(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
         match &self.segments {
-            Some(seg) => seg.encode(&self.tokenizer, text),
+            Some(seg) => seg.encode(text, |piece| self.encode(piece, false)),
             None => self.encode(text, false),
         }
     }

@@ -59,25 +59,27 @@ impl SegmentEncoder {
     }
 
     /// Ids of `text` encoded without special-token post-processing.
+    /// `encode_piece` encodes text without added tokens (ids as
+    /// `tokenizers`' `encode_fast(piece, false)` gives them).
     pub fn encode(
         &self,
-        tokenizer: &tokenizers::Tokenizer,
         text: &str,
+        encode_piece: impl Fn(&str) -> Result<Vec<u32>, TokenizeError>,
     ) -> Result<Vec<u32>, TokenizeError> {
         let mut out = Vec::with_capacity(text.len() / 3);
         let mut start = 0;
         for m in self.matcher.find_iter(text) {
-            self.encode_piece(tokenizer, &text[start..m.start()], &mut out)?;
+            self.encode_piece(&encode_piece, &text[start..m.start()], &mut out)?;
             out.push(self.ids[m.pattern().as_usize()]);
             start = m.end();
         }
-        self.encode_piece(tokenizer, &text[start..], &mut out)?;
+        self.encode_piece(&encode_piece, &text[start..], &mut out)?;
         Ok(out)
     }
 
     fn encode_piece(
         &self,
-        tokenizer: &tokenizers::Tokenizer,
+        encode: &impl Fn(&str) -> Result<Vec<u32>, TokenizeError>,
         piece: &str,
         out: &mut Vec<u32>,
     ) -> Result<(), TokenizeError> {
@@ -88,11 +90,7 @@ impl SegmentEncoder {
             out.extend_from_slice(ids);
             return Ok(());
         }
-        let ids: Arc<[u32]> = tokenizer
-            .encode_fast(piece, false)
-            .map_err(|e| TokenizeError::Encode(e.to_string()))?
-            .get_ids()
-            .into();
+        let ids: Arc<[u32]> = encode(piece)?.into();
         out.extend_from_slice(&ids);
         self.cache.lock().put(piece.to_string(), ids);
         Ok(())
