@@ -9,7 +9,8 @@ pub const DEFAULT_GATEWAY_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
 pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 2_000;
 pub const DEFAULT_METRICS_INTERVAL_MS: u64 = 1_000;
-/// Consecutive failures that open an endpoint's circuit.
+/// Consecutive failed requests, or failed health checks, that open an
+/// endpoint's circuit (one slow health answer from a busy engine is no outage).
 pub const DEFAULT_EJECT_AFTER_FAILURES: u32 = 3;
 /// How long an open circuit waits before letting one probe through.
 pub const DEFAULT_EJECT_COOLDOWN_MS: u64 = 5_000;
