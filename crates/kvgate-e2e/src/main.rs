@@ -354,14 +354,10 @@ impl Tier {
                     _ => addr.events.clone(),
                 };
                 EndpointConfig {
-                    url: addr.url.clone(),
-                    models: vec![fleet.served.clone()],
-                    adapters: vec![],
-                    block_size: fleet.block_size,
                     events: Some(events),
                     replay: Some(addr.replay.clone()),
                     topic: "kv".into(),
-                    bind: false,
+                    ..EndpointConfig::new(addr.url.clone(), fleet.served.clone(), fleet.block_size)
                 }
             })
             .collect();

@@ -97,6 +97,23 @@ pub struct EndpointConfig {
     pub bind: bool,
 }
 
+impl EndpointConfig {
+    /// An endpoint serving `model` without KV events (set `events` and
+    /// `replay` for precise routing).
+    pub fn new(url: impl Into<String>, model: impl Into<String>, block_size: u32) -> Self {
+        Self {
+            url: url.into(),
+            models: vec![model.into()],
+            adapters: Vec::new(),
+            block_size,
+            events: None,
+            replay: None,
+            topic: String::new(),
+            bind: false,
+        }
+    }
+}
+
 /// Who a request is, and so which cache it may share.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -300,16 +300,7 @@ async fn overhead_runs(
     }
     let endpoints: Vec<EndpointConfig> = backends
         .iter()
-        .map(|url| EndpointConfig {
-            url: url.clone(),
-            models: vec![FAKE_MODEL.into()],
-            adapters: Vec::new(),
-            block_size: BLOCK_SIZE as u32,
-            events: None,
-            replay: None,
-            topic: String::new(),
-            bind: false,
-        })
+        .map(|url| EndpointConfig::new(url.clone(), FAKE_MODEL, BLOCK_SIZE as u32))
         .collect();
     // A fresh pool per target, sized for the load.
     let client = || {
@@ -596,14 +587,9 @@ async fn compare(args: CompareArgs) -> Result<()> {
     let sim_endpoints: Vec<EndpointConfig> = fleet
         .iter()
         .map(|s| EndpointConfig {
-            url: s.url(),
-            models: vec![DEFAULT_MODEL.into()],
-            adapters: Vec::new(),
-            block_size: BLOCK_SIZE as u32,
             events: s.events_endpoint(),
             replay: s.replay_endpoint(),
-            topic: String::new(),
-            bind: false,
+            ..EndpointConfig::new(s.url(), DEFAULT_MODEL, BLOCK_SIZE as u32)
         })
         .collect();
     progress(&format!(

@@ -223,10 +223,6 @@ async fn run_one(
     let endpoints: Vec<EndpointConfig> = fleet
         .iter()
         .map(|s| EndpointConfig {
-            url: s.url(),
-            models: vec![DEFAULT_MODEL.into()],
-            adapters: Vec::new(),
-            block_size: BLOCK_SIZE as u32,
             // The approximate policy is for fleets without events.
             events: (policy != Policy::ApproxPrefix)
                 .then(|| s.events_endpoint())
@@ -234,8 +230,7 @@ async fn run_one(
             replay: (policy != Policy::ApproxPrefix)
                 .then(|| s.replay_endpoint())
                 .flatten(),
-            topic: String::new(),
-            bind: false,
+            ..EndpointConfig::new(s.url(), DEFAULT_MODEL, BLOCK_SIZE as u32)
         })
         .collect();
     let mut cfg = GatewayConfig {
