@@ -132,55 +132,9 @@ impl ModelWorkload {
         Ok(Self { requests })
     }
 
-    /// As [`Self::tokenize`], but each completion prompt is cut before every
-    /// space and each distinct piece is encoded once. For the filler-word
-    /// workloads this gives the same ids as whole-prompt encoding (a byte-level
-    /// BPE pre-tokenizer, like the embedded one's, starts a new pre-token at
-    /// each single space, and BPE never merges across pre-tokens) in a fraction
-    /// of the time; `tokenize_words_matches_whole_prompts` checks it.
-    pub fn tokenize_words(
-        specs: &[RequestSpec],
-        tok: &ModelTokenizer,
-    ) -> Result<Self, FleetModelError> {
-        let mut pieces: HashMap<&str, Vec<u32>> = HashMap::new();
-        let mut requests = Vec::with_capacity(specs.len());
-        for (index, s) in specs.iter().enumerate() {
-            let at = s.at.ok_or(FleetModelError::NoArrival(index))?;
-            let Body::Completion(p) = &s.body else {
-                return Self::tokenize(specs, tok);
-            };
-            let mut tokens = Vec::with_capacity(p.len() / 4);
-            let mut start = 0;
-            for cut in p.match_indices(' ').map(|(i, _)| i).chain([p.len()]) {
-                if cut == start {
-                    continue;
-                }
-                let piece = &p[start..cut];
-                start = cut;
-                if let Some(ids) = pieces.get(piece) {
-                    tokens.extend_from_slice(ids);
-                    continue;
-                }
-                let ids = tok
-                    .completion_tokens(piece)
-                    .map_err(|source| FleetModelError::Tokenize { index, source })?;
-                tokens.extend_from_slice(&ids);
-                pieces.insert(piece, ids);
-            }
-            requests.push(ModelRequest {
-                at,
-                tokens,
-                max_tokens: s.max_tokens,
-                group: s.group,
-            });
-        }
-        Ok(Self { requests })
-    }
-
     /// The hit rate a single infinite cache shared by the fleet would get.
     pub fn oracle_hit_rate(&self, block_size: usize) -> f64 {
-        let prompts: Vec<Vec<u32>> = self.requests.iter().map(|r| r.tokens.clone()).collect();
-        crate::workload::oracle_hit_rate(&prompts, block_size)
+        crate::workload::Oracle::new(block_size).hit_rate(self.requests.iter().map(|r| &r.tokens))
     }
 }
 
@@ -556,23 +510,12 @@ mod tests {
     use std::sync::OnceLock;
 
     use super::*;
-    use crate::workload::{arrivals, no_reuse, shared_prefix, Arrival, LLMD_73};
+    use crate::workload::{no_reuse, shared_prefix, timed, LLMD_73};
     use kvgate_router::Policy;
-    use rand::SeedableRng;
 
     fn tok() -> &'static ModelTokenizer {
         static TOK: OnceLock<ModelTokenizer> = OnceLock::new();
         TOK.get_or_init(|| ModelTokenizer::embedded_default().unwrap())
-    }
-
-    /// Poisson arrivals at `rate`, as `kvgate bench compare` times a stage.
-    fn timed(mut specs: Vec<RequestSpec>, rate: f64, seed: u64) -> Vec<RequestSpec> {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let times = arrivals(specs.len(), rate, Arrival::Poisson, &mut rng);
-        for (s, t) in specs.iter_mut().zip(times) {
-            s.at = Some(t);
-        }
-        specs
     }
 
     fn run(policy: Policy, w: &ModelWorkload) -> ModelRun {
@@ -614,17 +557,6 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn tokenize_words_matches_whole_prompts() {
-        let mut specs = timed(shared_prefix(2, 2, 300, 50, 8, 3), 8.0, 1);
-        specs.extend(timed(no_reuse(3, 300, 8, 3), 8.0, 2));
-        let whole = ModelWorkload::tokenize(&specs, tok()).unwrap();
-        let words = ModelWorkload::tokenize_words(&specs, tok()).unwrap();
-        for (a, b) in whole.requests.iter().zip(&words.requests) {
-            assert_eq!(a.tokens, b.tokens);
-        }
-    }
-
     /// The no-reuse control of `kvgate bench compare` (7200-token unique
     /// prompts, 100 output tokens, 8 engines, 16 QPS), 300 requests a seed:
     /// with nothing shared, cache-aware routing must place prompts as well as
@@ -634,7 +566,7 @@ mod tests {
     fn no_reuse_precise_is_within_5_percent_of_round_robin() {
         for seed in [1u64, 2, 4] {
             let specs = timed(no_reuse(300, 7200, 100, seed + 1000), 16.0, seed + 1000);
-            let w = ModelWorkload::tokenize_words(&specs, tok()).unwrap();
+            let w = ModelWorkload::tokenize(&specs, tok()).unwrap();
             let precise = run(Policy::PrecisePrefix, &w);
             let rr = run(Policy::RoundRobin, &w);
             assert_eq!(precise.finished(), 300);
@@ -663,7 +595,7 @@ mod tests {
                 100,
                 seed,
             );
-            let w = ModelWorkload::tokenize_words(&timed(specs, 48.0, seed), tok()).unwrap();
+            let w = ModelWorkload::tokenize(&timed(specs, 48.0, seed), tok()).unwrap();
             let oracle = w.oracle_hit_rate(16);
             let precise = run(Policy::PrecisePrefix, &w);
             let rr = run(Policy::RoundRobin, &w);

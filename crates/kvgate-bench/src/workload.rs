@@ -165,6 +165,16 @@ pub fn arrivals(n: usize, rate: f64, kind: Arrival, rng: &mut StdRng) -> Vec<f64
         .collect()
 }
 
+/// `specs` with Poisson arrival offsets at `rate` per second.
+pub fn timed(mut specs: Vec<RequestSpec>, rate: f64, seed: u64) -> Vec<RequestSpec> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let times = arrivals(specs.len(), rate, Arrival::Poisson, &mut rng);
+    for (s, t) in specs.iter_mut().zip(times) {
+        s.at = Some(t);
+    }
+    specs
+}
+
 /// Shared-prefix workload (LLMD-73, SGL-GSP shapes): `groups` prefixes of
 /// `prefix_tokens`, each followed by `prompts_per_group` unique parts. Requests
 /// are interleaved across groups in random order.
@@ -486,11 +496,12 @@ impl Oracle {
 
     /// Hit rate of `prompts` (in order) given everything seen before; they are
     /// remembered afterwards.
-    pub fn hit_rate(&mut self, prompts: &[Vec<u32>]) -> f64 {
+    pub fn hit_rate<P: AsRef<[u32]>>(&mut self, prompts: impl IntoIterator<Item = P>) -> f64 {
         use std::hash::{Hash, Hasher};
         let bs = self.block_size;
         let (mut hits, mut total) = (0usize, 0usize);
         for tokens in prompts {
+            let tokens = tokens.as_ref();
             let mut parent = 0u64;
             let chain: Vec<u64> = tokens
                 .chunks_exact(bs)

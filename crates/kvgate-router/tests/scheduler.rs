@@ -71,6 +71,16 @@ fn keys(index: &KvIndex, tokens: &[u32]) -> Vec<(u32, Vec<u64>)> {
     )]
 }
 
+/// A request for model "m" without a session.
+fn request(prompt_tokens: usize, keys: &[(u32, Vec<u64>)]) -> RouteRequest<'_> {
+    RouteRequest {
+        model: "m",
+        prompt_tokens,
+        keys,
+        session_id: None,
+    }
+}
+
 fn sched(policy: Policy) -> Scheduler {
     Scheduler::new(RouterConfig {
         policy,
@@ -95,12 +105,7 @@ fn precise_prefers_the_longest_cached_prefix_unless_load_outweighs_it() {
     let tokens: Vec<u32> = (0..1024).collect();
     let index = index_with_prefix([16, 48, 0], &tokens);
     let k = keys(&index, &tokens);
-    let req = RouteRequest {
-        model: "m",
-        prompt_tokens: 1024,
-        keys: &k,
-        session_id: None,
-    };
+    let req = request(1024, &k);
     let s = sched(Policy::PrecisePrefix);
     let d = s
         .schedule(
@@ -131,12 +136,7 @@ fn approximate_prefix_learns_from_routing_decisions() {
     let index = index_with_prefix([0, 0, 0], &tokens);
     let k = keys(&index, &tokens);
     let s = sched(Policy::ApproxPrefix);
-    let req = RouteRequest {
-        model: "m",
-        prompt_tokens: 512,
-        keys: &k,
-        session_id: None,
-    };
+    let req = request(512, &k);
     let c = candidates([idle(), idle(), idle()], &index);
     let first = s.schedule(&req, &c, None).unwrap();
     assert_eq!(first.reason, "load_no_prefix");
@@ -155,12 +155,7 @@ fn baselines_behave_as_named() {
     let tokens: Vec<u32> = (0..64).collect();
     let index = index_with_prefix([4, 0, 0], &tokens);
     let k = keys(&index, &tokens);
-    let req = RouteRequest {
-        model: "m",
-        prompt_tokens: 64,
-        keys: &k,
-        session_id: None,
-    };
+    let req = request(64, &k);
     let c = candidates([busy(5, 0), busy(1, 0), busy(3, 0)], &index);
     let rr = sched(Policy::RoundRobin);
     let picks: Vec<usize> = (0..6)
@@ -206,23 +201,13 @@ fn equal_costs_spread_distinct_prefixes_and_gather_a_repeated_one() {
     for p in 0..60u32 {
         let t: Vec<u32> = (0..64).map(|i| p * 1000 + i).collect();
         let k = keys(&index, &t);
-        let req = RouteRequest {
-            model: "m",
-            prompt_tokens: 64,
-            keys: &k,
-            session_id: None,
-        };
+        let req = request(64, &k);
         counts[s.schedule(&req, &c, Some(&index)).unwrap().chosen] += 1;
     }
     assert!(counts.iter().all(|n| *n >= 5), "{counts:?}");
     // One cold prefix sent repeatedly goes to one home, so it is computed once.
     let k = keys(&index, &tokens);
-    let req = RouteRequest {
-        model: "m",
-        prompt_tokens: 64,
-        keys: &k,
-        session_id: None,
-    };
+    let req = request(64, &k);
     let first = s.schedule(&req, &c, Some(&index)).unwrap().chosen;
     for _ in 0..10 {
         assert_eq!(s.schedule(&req, &c, Some(&index)).unwrap().chosen, first);
@@ -234,12 +219,7 @@ fn filters_give_typed_errors() {
     let tokens: Vec<u32> = (0..64).collect();
     let index = index_with_prefix([0, 0, 0], &tokens);
     let k = keys(&index, &tokens);
-    let req = RouteRequest {
-        model: "m",
-        prompt_tokens: 64,
-        keys: &k,
-        session_id: None,
-    };
+    let req = request(64, &k);
     let s = sched(Policy::PrecisePrefix);
     let mut c = candidates([idle(), idle(), idle()], &index);
     for x in &mut c {
@@ -273,12 +253,7 @@ fn a_prefix_being_computed_is_joined_not_copied() {
     let mut second: Vec<u32> = tokens.clone();
     second.extend(5000..5100);
     let k2 = keys(&index, &second);
-    let req = RouteRequest {
-        model: "m",
-        prompt_tokens: second.len(),
-        keys: &k2,
-        session_id: None,
-    };
+    let req = request(second.len(), &k2);
     let d = s
         .schedule(
             &req,
@@ -318,12 +293,7 @@ fn a_cold_prompt_waits_behind_the_oldest_queue_not_its_home() {
     for p in 0..30u32 {
         let t: Vec<u32> = (0..7200).map(|i| p * 10_000 + i).collect();
         let k = keys(&index, &t);
-        let req = RouteRequest {
-            model: "m",
-            prompt_tokens: t.len(),
-            keys: &k,
-            session_id: None,
-        };
+        let req = request(t.len(), &k);
         let d = s.schedule(&req, &c, Some(&index)).unwrap();
         assert_eq!(NAMES[d.chosen], "b", "prompt {p}: {}", d.explain());
     }
@@ -331,12 +301,7 @@ fn a_cold_prompt_waits_behind_the_oldest_queue_not_its_home() {
     let c = candidates([queued(2, 30), queued(1, 10), busy(3, 0)], &index);
     let t: Vec<u32> = (0..7200).collect();
     let k = keys(&index, &t);
-    let req = RouteRequest {
-        model: "m",
-        prompt_tokens: t.len(),
-        keys: &k,
-        session_id: None,
-    };
+    let req = request(t.len(), &k);
     assert_eq!(
         NAMES[s.schedule(&req, &c, Some(&index)).unwrap().chosen],
         "c"

@@ -14,7 +14,7 @@ use kvgate_bench::fake_backend::{self, FakeBackendConfig};
 use kvgate_bench::overhead::{measure, OverheadOptions};
 use kvgate_bench::peers::{free_port, LaunchContext, RouterKind, RouterProcess, RouterSpec};
 use kvgate_bench::report::{scrape_fleet, Report, RunReport, StageReport};
-use kvgate_bench::workload::{self, arrivals, Arrival, RequestSpec, LLMD_73};
+use kvgate_bench::workload::{self, RequestSpec, LLMD_73};
 use kvgate_bench::{run_stage, summarize, StageOptions, StageSummary};
 use kvgate_gateway::{EndpointConfig, GatewayConfig};
 use kvgate_router::Policy;
@@ -139,13 +139,8 @@ struct Stage {
 }
 
 /// Arrival offsets in wall seconds for `rate` requests per simulated second.
-fn timed(mut specs: Vec<RequestSpec>, rate: f64, time_scale: f64, seed: u64) -> Vec<RequestSpec> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let times = arrivals(specs.len(), rate * time_scale, Arrival::Poisson, &mut rng);
-    for (s, t) in specs.iter_mut().zip(times) {
-        s.at = Some(t);
-    }
-    specs
+fn timed(specs: Vec<RequestSpec>, rate: f64, time_scale: f64, seed: u64) -> Vec<RequestSpec> {
+    workload::timed(specs, rate * time_scale, seed)
 }
 
 /// Client-side wall-clock numbers in simulated time.
