@@ -18,11 +18,10 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
+use kvgate_fleet::{Ejection, Endpoint, EndpointConfig, Fleet, IndexOnly, RouteQuery};
 use kvgate_index::{IndexConfig, IndexError, KvIndex};
-use kvgate_keys::{BlockHasher, KeyError, RequestContext};
-use kvgate_router::{
-    Candidate, LoadCounters, RequestGuard, RouteError, RouteRequest, RouterConfig, Scheduler,
-};
+use kvgate_keys::BlockHasher;
+use kvgate_router::{RequestGuard, RouteError, RouterConfig};
 use kvgate_sim::engine::{EngineConfig, EngineCore, RequestId, SimRequest, StepOutput, TokenEvent};
 use kvgate_tokenize::{ChatInput, ModelTokenizer, TokenizeError};
 use kvgate_wire::vllm::{EventBatch, KvEvent};
@@ -39,8 +38,6 @@ pub enum FleetModelError {
     NoArrival(usize),
     #[error("tokenizing request {index}: {source}")]
     Tokenize { index: usize, source: TokenizeError },
-    #[error("block keys: {0}")]
-    Keys(#[from] KeyError),
     #[error("index: {0}")]
     Index(#[from] IndexError),
     #[error("routing: {0}")]
@@ -247,10 +244,9 @@ impl Ord for Ev {
 }
 
 struct Engine {
-    name: String,
+    /// Its place in the fleet: name, load counters, index id.
+    endpoint: Arc<Endpoint>,
     core: EngineCore,
-    index_id: kvgate_index::EndpointId,
-    load: Arc<LoadCounters>,
     /// Requests received while a step runs; added when it ends.
     inbox: Vec<usize>,
     /// The step in progress (its effects land when it ends).
@@ -270,34 +266,36 @@ pub fn simulate(
     if cfg.engines == 0 || bs == 0 {
         return Err(FleetModelError::EmptyFleet);
     }
-    let index = KvIndex::new(
+    let index = Arc::new(KvIndex::new(
         IndexConfig::default(),
         BlockHasher::from_secret(b"kvgate-fleet-model"),
+    ));
+    // The gateway's own fleet and routing transaction; events are applied
+    // here, in simulated time, instead of by ZMQ subscribers.
+    let fleet = Fleet::new(
+        cfg.router.clone(),
+        Ejection::default(),
+        index.clone(),
+        Box::new(IndexOnly(index.clone())),
     );
-    let scheduler = Scheduler::new(cfg.router.clone());
-    let mut engines = (0..cfg.engines)
-        .map(|i| {
-            let name = format!("engine-{i}");
-            let index_id = index.add_endpoint(&name, MODEL, bs as u32)?;
-            Ok(Engine {
-                name,
-                core: EngineCore::new(cfg.engine.clone()),
-                index_id,
-                load: Arc::new(LoadCounters::default()),
-                inbox: Vec::new(),
-                stepping: None,
-                ids: HashMap::new(),
-                published: (0, 0, 0.0),
-                seed: 0x5eed,
-            })
-        })
-        .collect::<Result<Vec<_>, FleetModelError>>()?;
-    let ctx = RequestContext {
-        model: MODEL,
-        lora_name: None,
-        cache_salt: None,
-        mm_items: &[],
-    };
+    let mut engines = Vec::with_capacity(cfg.engines);
+    let mut by_name = HashMap::new();
+    for i in 0..cfg.engines {
+        let endpoint = fleet.join(EndpointConfig::new(format!("engine-{i}"), MODEL, bs as u32));
+        if endpoint.index_id.is_none() {
+            return Err(FleetModelError::EmptyFleet);
+        }
+        by_name.insert(endpoint.name().to_string(), i);
+        engines.push(Engine {
+            endpoint,
+            core: EngineCore::new(cfg.engine.clone()),
+            inbox: Vec::new(),
+            stepping: None,
+            ids: HashMap::new(),
+            published: (0, 0, 0.0),
+            seed: 0x5eed,
+        });
+    }
     let n = workload.requests.len();
     let mut results: Vec<RequestResult> = vec![RequestResult::default(); n];
     let mut guards: Vec<Option<RequestGuard>> = (0..n).map(|_| None).collect();
@@ -322,30 +320,20 @@ pub fn simulate(
         match what {
             What::Arrive(i) => {
                 let r = &workload.requests[i];
-                let keys = vec![(bs as u32, index.hasher().request_keys(&r.tokens, bs, &ctx)?)];
-                let candidates: Vec<Candidate<'_>> = engines
-                    .iter()
-                    .map(|e| Candidate {
-                        name: &e.name,
-                        healthy: true,
-                        serves: true,
-                        block_size: bs as u32,
-                        index_id: Some(e.index_id),
-                        load: e.load.snapshot(),
-                    })
-                    .collect();
-                let req = RouteRequest {
+                let input = fleet.routing_input(&RouteQuery {
                     model: MODEL,
-                    prompt_tokens: r.tokens.len(),
-                    keys: &keys,
-                    session_id: None,
-                };
-                let d = scheduler.schedule(&req, &candidates, Some(&index))?;
-                let e = &engines[d.chosen];
-                scheduler.observe_routed(&e.name, MODEL, bs as u32, &keys[0].1);
-                guards[i] = Some(e.load.start(d.expected_uncached_tokens));
+                    tokens: &r.tokens,
+                    ..RouteQuery::default()
+                })?;
+                let routed = fleet.route(&input)?;
+                let d = routed.decision;
+                let chosen = by_name
+                    .get(routed.endpoint.name())
+                    .copied()
+                    .ok_or(FleetModelError::EmptyFleet)?;
+                guards[i] = Some(routed.guard);
                 results[i] = RequestResult {
-                    endpoint: Some(d.chosen),
+                    endpoint: Some(chosen),
                     reason: d.reason,
                     prompt_tokens: r.tokens.len(),
                     expected_uncached_tokens: d.expected_uncached_tokens,
@@ -356,7 +344,7 @@ pub fn simulate(
                     &mut queue,
                     t + cfg.proxy_delay_secs,
                     What::Reach {
-                        engine: d.chosen,
+                        engine: chosen,
                         request: i,
                     },
                 );
@@ -432,12 +420,14 @@ pub fn simulate(
                     events,
                     data_parallel_rank: None,
                 };
-                index.apply_batch_at(e.index_id, &batch, t as u32)?;
+                if let Some(id) = e.endpoint.index_id {
+                    index.apply_batch_at(id, &batch, t as u32)?;
+                }
             }
             What::Scrape => {
                 for e in &engines {
                     let (waiting, running, usage) = e.published;
-                    e.load.set_engine(waiting, running, usage);
+                    e.endpoint.load.set_engine(waiting, running, usage);
                 }
                 // Nothing else pending means nothing left to run.
                 if done < n && !queue.is_empty() {

@@ -20,7 +20,8 @@ use kvgate_e2e::corpus::{self, Kind};
 use kvgate_e2e::procs::Managed;
 use kvgate_e2e::proxy::PausableProxy;
 use kvgate_e2e::{cache_counters, metric_sum, post_json, render_tokens, EngineAddr, Explained};
-use kvgate_gateway::config::{EndpointConfig, GatewayConfig, TenancyConfig};
+use kvgate_gateway::config::{GatewayConfig, TenancyConfig};
+use kvgate_gateway::EndpointConfig;
 use kvgate_router::{Policy, RouterConfig};
 use kvgate_wire::vllm::KvEvent;
 use rand::rngs::StdRng;
@@ -456,8 +457,8 @@ impl Fleet {
 
 fn explain_path(kind: Kind) -> &'static str {
     match kind {
-        Kind::Chat => kvgate_gateway::server::EXPLAIN_CHAT_PATH,
-        Kind::Completion => kvgate_gateway::server::EXPLAIN_COMPLETIONS_PATH,
+        Kind::Chat => kvgate_gateway::EXPLAIN_CHAT_PATH,
+        Kind::Completion => kvgate_gateway::EXPLAIN_COMPLETIONS_PATH,
     }
 }
 

@@ -10,9 +10,12 @@
 
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use kvgate_fleet::{Ejection, EndpointConfig, Fleet, IndexOnly, RouteQuery};
 use kvgate_index::{IndexConfig, KvIndex};
-use kvgate_keys::{BlockHasher, RequestContext};
-use kvgate_router::{Candidate, LoadSnapshot, Policy, RouteRequest, RouterConfig, Scheduler};
+use kvgate_keys::BlockHasher;
+use kvgate_router::{Policy, RouterConfig};
 use kvgate_tokenize::{ChatInput, ModelTokenizer};
 use kvgate_wire::vllm::{BlockStored, EventBatch, KvEvent};
 use serde_json::{json, Value};
@@ -33,11 +36,11 @@ fn conversation(seed: usize, turns: usize) -> Vec<Value> {
 
 struct Setup {
     tok: ModelTokenizer,
-    index: KvIndex,
-    sched: Scheduler,
-    ids: Vec<u16>,
+    fleet: Fleet,
 }
 
+/// Tokenizes as the gateway does, then the fleet's routing transaction (the
+/// load guard drops at once: the request is not sent).
 fn route(s: &Setup, messages: &[Value]) -> usize {
     let tokens = s
         .tok
@@ -47,41 +50,15 @@ fn route(s: &Setup, messages: &[Value]) -> usize {
             ..Default::default()
         })
         .unwrap();
-    let ctx = RequestContext {
-        model: "m",
-        ..Default::default()
-    };
-    let keys = vec![(
-        BS,
-        s.index
-            .hasher()
-            .request_keys(&tokens, BS as usize, &ctx)
-            .unwrap(),
-    )];
-    let names: Vec<String> = (0..ENDPOINTS).map(|i| format!("e{i}")).collect();
-    let cands: Vec<Candidate<'_>> = names
-        .iter()
-        .zip(&s.ids)
-        .map(|(n, id)| Candidate {
-            name: n,
-            healthy: true,
-            serves: true,
-            block_size: BS,
-            index_id: Some(*id),
-            load: LoadSnapshot::default(),
+    let input = s
+        .fleet
+        .routing_input(&RouteQuery {
+            model: "m",
+            tokens: &tokens,
+            ..Default::default()
         })
-        .collect();
-    let req = RouteRequest {
-        model: "m",
-        prompt_tokens: tokens.len(),
-        keys: &keys,
-        session_id: None,
-    };
-    s.sched
-        .schedule(&req, &cands, Some(&s.index))
-        .unwrap()
-        .chosen
-        + tokens.len()
+        .unwrap();
+    s.fleet.route(&input).unwrap().decision.chosen + tokens.len()
 }
 
 fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -92,20 +69,28 @@ fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
 
 fn main() {
     let tok = ModelTokenizer::embedded_default().unwrap();
-    let index = KvIndex::new(IndexConfig::default(), BlockHasher::from_secret(b"bench"));
+    let index = Arc::new(KvIndex::new(
+        IndexConfig::default(),
+        BlockHasher::from_secret(b"bench"),
+    ));
+    let fleet = Fleet::new(
+        RouterConfig {
+            policy: Policy::PrecisePrefix,
+            ..Default::default()
+        },
+        Ejection::default(),
+        index.clone(),
+        Box::new(IndexOnly(index)),
+    );
     let ids: Vec<u16> = (0..ENDPOINTS)
-        .map(|i| index.add_endpoint(&format!("e{i}"), "m", BS).unwrap())
+        .map(|i| {
+            fleet
+                .join(EndpointConfig::new(format!("http://e{i}"), "m", BS))
+                .index_id
+                .unwrap()
+        })
         .collect();
-    let sched = Scheduler::new(RouterConfig {
-        policy: Policy::PrecisePrefix,
-        ..Default::default()
-    });
-    let setup = Setup {
-        tok,
-        index,
-        sched,
-        ids,
-    };
+    let setup = Setup { tok, fleet };
     let turns = 23;
     let sample = conversation(0, turns);
     let n_tokens = setup
@@ -140,9 +125,10 @@ fn main() {
         kv_cache_spec_kind: None,
     });
     setup
-        .index
+        .fleet
+        .index()
         .apply_batch(
-            setup.ids[3],
+            ids[3],
             &EventBatch {
                 ts: 0.0,
                 events: vec![ev],

@@ -1,5 +1,9 @@
 //! Gateway configuration (YAML; the binary applies env and flag overrides).
 
+use kvgate_fleet::probes::{DEFAULT_HEALTH_INTERVAL_MS, DEFAULT_METRICS_INTERVAL_MS};
+use kvgate_fleet::{
+    EndpointConfig, EndpointConfigError, DEFAULT_EJECT_AFTER_FAILURES, DEFAULT_EJECT_COOLDOWN_MS,
+};
 use kvgate_index::IndexConfig;
 use kvgate_router::RouterConfig;
 use serde::{Deserialize, Serialize};
@@ -7,13 +11,6 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_GATEWAY_LISTEN: &str = "0.0.0.0:8080";
 /// Largest accepted request body (a long multi-turn chat fits comfortably).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
-pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 2_000;
-pub const DEFAULT_METRICS_INTERVAL_MS: u64 = 1_000;
-/// Consecutive failed requests, or failed health checks, that open an
-/// endpoint's circuit (one slow health answer from a busy engine is no outage).
-pub const DEFAULT_EJECT_AFTER_FAILURES: u32 = 3;
-/// How long an open circuit waits before letting one probe through.
-pub const DEFAULT_EJECT_COOLDOWN_MS: u64 = 5_000;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 /// Extra endpoints tried when connecting fails before the request was sent.
 pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
@@ -74,42 +71,55 @@ impl Default for GatewayConfig {
     }
 }
 
-/// One engine (vLLM replica).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EndpointConfig {
-    /// Base URL, e.g. `http://10.0.0.5:8000`; also its name.
-    pub url: String,
-    /// Served model names (the `--served-model-name`s).
-    pub models: Vec<String>,
-    /// LoRA adapters it serves (requests may name one as the model).
-    #[serde(default)]
-    pub adapters: Vec<String>,
-    pub block_size: u32,
-    /// KV events PUB endpoint; without it the approximate prefix scorer is used.
-    #[serde(default)]
-    pub events: Option<String>,
-    #[serde(default)]
-    pub replay: Option<String>,
-    #[serde(default)]
-    pub topic: String,
-    #[serde(default)]
-    pub bind: bool,
+/// Why a gateway configuration was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointConfigError),
+    #[error("{0} must be > 0")]
+    Zero(&'static str),
+    #[error("session_header {0:?} is not a valid header name")]
+    SessionHeader(String),
 }
 
-impl EndpointConfig {
-    /// An endpoint serving `model` without KV events (set `events` and
-    /// `replay` for precise routing).
-    pub fn new(url: impl Into<String>, model: impl Into<String>, block_size: u32) -> Self {
-        Self {
-            url: url.into(),
-            models: vec![model.into()],
-            adapters: Vec::new(),
-            block_size,
-            events: None,
-            replay: None,
-            topic: String::new(),
-            bind: false,
+impl GatewayConfig {
+    /// Checks what serde cannot: every config, from a file or built in code,
+    /// passes here before a gateway starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        kvgate_fleet::validate_all(&self.endpoints)?;
+        for (what, v) in [
+            ("max_body_bytes", self.max_body_bytes as u64),
+            ("health_interval_ms", self.health_interval_ms),
+            ("metrics_interval_ms", self.metrics_interval_ms),
+            ("eject_after_failures", u64::from(self.eject_after_failures)),
+            (
+                "index.max_tracked_blocks",
+                self.index.max_tracked_blocks as u64,
+            ),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(what));
+            }
+        }
+        if axum::http::HeaderName::from_bytes(self.session_header.as_bytes()).is_err() {
+            return Err(ConfigError::SessionHeader(self.session_header.clone()));
+        }
+        Ok(())
+    }
+
+    /// The fleet's probe settings.
+    pub fn probes(&self) -> kvgate_fleet::ProbeConfig {
+        kvgate_fleet::ProbeConfig {
+            health_interval_ms: self.health_interval_ms,
+            metrics_interval_ms: self.metrics_interval_ms,
+        }
+    }
+
+    /// The fleet's circuit breaker settings.
+    pub fn ejection(&self) -> kvgate_fleet::Ejection {
+        kvgate_fleet::Ejection {
+            after_failures: self.eject_after_failures,
+            cooldown: std::time::Duration::from_millis(self.eject_cooldown_ms),
         }
     }
 }

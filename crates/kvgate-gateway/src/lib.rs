@@ -1,17 +1,18 @@
 //! kvgate's OpenAI-compatible, KV-cache-aware gateway.
 //!
-//! Requests are authenticated (tenant -> `cache_salt`), rendered and tokenized
-//! as the engine will, keyed into blocks, scheduled by `kvgate-router` against
-//! the KV block index fed by the endpoints' events, and proxied with responses
-//! streamed chunk by chunk.
+//! Data flows one way: `http` (the edge) -> `pipeline` (tenant, validation,
+//! tokens) -> the fleet's routing transaction (`kvgate_fleet::Fleet::route`:
+//! keys, score, pick, load guard) -> `proxy` (upstream, retries, streaming).
 
 pub mod config;
-pub mod fleet;
+mod gateway;
+pub mod http;
 pub mod metrics;
-pub mod scrape;
-pub mod server;
+pub mod pipeline;
+pub mod proxy;
 pub mod tenancy;
 
-pub use config::{EndpointConfig, GatewayConfig};
-pub use fleet::{Discovery, StaticDiscovery};
-pub use server::Gateway;
+pub use config::{ConfigError, GatewayConfig};
+pub use gateway::{Gateway, GatewayError};
+pub use http::{EXPLAIN_CHAT_PATH, EXPLAIN_COMPLETIONS_PATH};
+pub use kvgate_fleet::{Discovery, EndpointConfig, StaticDiscovery};

@@ -11,7 +11,14 @@ pub struct RequestLabels {
     pub endpoint: String,
     pub model: String,
     pub status: u16,
+    /// How the response ended: [`OUTCOME_COMPLETED`], [`OUTCOME_ABORTED`]
+    /// (the client went away) or [`OUTCOME_FAILED`] (upstream broke off).
+    pub outcome: &'static str,
 }
+
+pub const OUTCOME_COMPLETED: &str = "completed";
+pub const OUTCOME_ABORTED: &str = "aborted";
+pub const OUTCOME_FAILED: &str = "failed";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
@@ -61,7 +68,7 @@ impl GatewayMetrics {
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "kvgate_requests",
-            "Proxied requests by endpoint, model and status",
+            "Proxied requests by endpoint, model, status and how the response ended",
             self.requests.clone(),
         );
         r.register(

@@ -65,7 +65,7 @@ fn endpoint(url: &str) -> EndpointConfig {
 }
 
 async fn gateway(cfg: GatewayConfig) -> (String, Arc<Gateway>) {
-    let discovery = Arc::new(StaticDiscovery(cfg.endpoints.clone()));
+    let discovery = Arc::new(StaticDiscovery::new(cfg.endpoints.clone()).unwrap());
     let gw = Gateway::start(cfg, discovery).await.unwrap();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -338,10 +338,7 @@ async fn explain_shows_tokens_and_which_endpoint_holds_each_block() {
     let body = serde_json::json!({"model": "m", "prompt": (0..40).collect::<Vec<u32>>()});
     let explain = |key: &'static str| {
         let client = client.clone();
-        let url = format!(
-            "{gw_url}{}",
-            kvgate_gateway::server::EXPLAIN_COMPLETIONS_PATH
-        );
+        let url = format!("{gw_url}{}", kvgate_gateway::EXPLAIN_COMPLETIONS_PATH);
         let body = body.clone();
         async move {
             let resp = client
@@ -414,7 +411,7 @@ async fn explain_shows_tokens_and_which_endpoint_holds_each_block() {
     let resp = client
         .post(format!(
             "{gw_url}{}",
-            kvgate_gateway::server::EXPLAIN_COMPLETIONS_PATH
+            kvgate_gateway::EXPLAIN_COMPLETIONS_PATH
         ))
         .json(&body)
         .send()

@@ -56,7 +56,7 @@ async fn gateway(sims: &[RunningSim], policy: Policy) -> (String, Arc<Gateway>) 
         ..GatewayConfig::default()
     };
     cfg.router.policy = policy;
-    let gw = Gateway::start(cfg, Arc::new(StaticDiscovery(endpoints)))
+    let gw = Gateway::start(cfg, Arc::new(StaticDiscovery::new(endpoints).unwrap()))
         .await
         .unwrap();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

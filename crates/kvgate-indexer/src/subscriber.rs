@@ -27,13 +27,13 @@ use kvgate_wire::vllm::{
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use zeromq::{
     DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage,
 };
 
 use crate::metrics::IndexerMetrics;
-use crate::EventSource;
+use kvgate_fleet::{EndpointConfig, EventFeeds, Unfollow};
 
 /// Default bound on one replay exchange (connect, request, every reply, end).
 pub const DEFAULT_REPLAY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -77,13 +77,17 @@ pub enum SubscriberError {
     Register { name: String, source: IndexError },
     #[error("a subscriber for {0:?} is already running")]
     AlreadyRunning(String),
+    #[error("endpoint {0:?} publishes no KV events (no events endpoint)")]
+    NoEvents(String),
+    #[error("endpoint {0:?} names no model")]
+    NoModel(String),
 }
 
 /// Runs one endpoint's subscriber until `shutdown` turns true (a dropped
 /// sender is not a shutdown: the task then runs until aborted) or the endpoint
 /// is removed from the index. Errors only if the endpoint cannot be registered.
 pub async fn run(
-    source: EventSource,
+    source: EndpointConfig,
     index: Arc<KvIndex>,
     metrics: Arc<IndexerMetrics>,
     shutdown: watch::Receiver<bool>,
@@ -100,16 +104,23 @@ pub async fn run(
 
 /// [`run`] with explicit tunables.
 pub async fn run_with_options(
-    source: EventSource,
+    source: EndpointConfig,
     index: Arc<KvIndex>,
     metrics: Arc<IndexerMetrics>,
     mut shutdown: watch::Receiver<bool>,
     opts: SubscriberOptions,
 ) -> Result<(), SubscriberError> {
+    let events = source
+        .events
+        .clone()
+        .ok_or_else(|| SubscriberError::NoEvents(source.url.clone()))?;
+    let model = source
+        .root_model()
+        .ok_or_else(|| SubscriberError::NoModel(source.url.clone()))?;
     let id = index
-        .add_endpoint(&source.name, &source.model, source.block_size)
+        .add_endpoint(&source.url, model, source.block_size)
         .map_err(|e| SubscriberError::Register {
-            name: source.name.clone(),
+            name: source.url.clone(),
             source: e,
         })?;
     // Resume from a restored index's position, so the first connect replays
@@ -121,6 +132,7 @@ pub async fn run_with_options(
         .and_then(|e| e.last_seq);
     let mut st = Stream {
         source,
+        events,
         id,
         index,
         metrics,
@@ -159,7 +171,9 @@ enum ReplayResult {
 
 /// One endpoint's stream state.
 struct Stream {
-    source: EventSource,
+    source: EndpointConfig,
+    /// The engine's PUB endpoint (`source.events`, checked present).
+    events: String,
     id: EndpointId,
     index: Arc<KvIndex>,
     metrics: Arc<IndexerMetrics>,
@@ -185,10 +199,10 @@ impl Stream {
             let mut sock = SubSocket::with_options(opts);
             let opened = tokio::select! {
                 _ = wait_shutdown(shutdown) => return,
-                r = open(&mut sock, &self.source) => r,
+                r = open(&mut sock, &self.source, &self.events) => r,
             };
             if let Err(e) = opened {
-                warn!(endpoint = %self.source.name, events = %self.source.events, error = %e,
+                warn!(endpoint = %self.source.url, events = %self.events, error = %e,
                     "cannot open event socket; retrying in {backoff:?}");
                 drop(sock);
                 tokio::select! {
@@ -206,11 +220,11 @@ impl Stream {
             if !self.source.bind {
                 self.on_connected(&mut connections).await;
             }
-            info!(endpoint = %self.source.name, events = %self.source.events,
+            info!(endpoint = %self.source.url, events = %self.events,
                 bind = self.source.bind, "event stream open");
             loop {
                 if self.gone {
-                    info!(endpoint = %self.source.name, "endpoint removed from the index; stopping");
+                    info!(endpoint = %self.source.url, "endpoint removed from the index; stopping");
                     return;
                 }
                 tokio::select! {
@@ -223,7 +237,7 @@ impl Stream {
                             self.on_connected(&mut connections).await;
                         }
                         Ok(SocketEvent::Disconnected(_)) => {
-                            debug!(endpoint = %self.source.name, "event peer disconnected");
+                            debug!(endpoint = %self.source.url, "event peer disconnected");
                         }
                         Ok(_) => {}
                         Err(_) => monitor_open = false,
@@ -231,7 +245,7 @@ impl Stream {
                     msg = sock.recv() => match msg {
                         Ok(msg) => self.on_live(msg).await,
                         Err(e) => {
-                            warn!(endpoint = %self.source.name, error = %e,
+                            warn!(endpoint = %self.source.url, error = %e,
                                 "event stream failed; reconnecting in {backoff:?}");
                             break;
                         }
@@ -251,16 +265,16 @@ impl Stream {
     async fn on_connected(&mut self, connections: &mut u64) {
         *connections += 1;
         if *connections > 1 {
-            IndexerMetrics::inc(&self.metrics.reconnects, &self.source.name);
+            IndexerMetrics::inc(&self.metrics.reconnects, &self.source.url);
         }
         if let (Some(last), Some(addr)) = (self.last_applied, self.source.replay.clone()) {
             // Asks from `last`, a batch we already hold: an engine that still
             // buffers it is the one we were following; one that does not has
             // restarted (fresh counter, empty cache) or overflowed its buffer.
-            debug!(endpoint = %self.source.name, from = last, "replaying after (re)connect");
+            debug!(endpoint = %self.source.url, from = last, "replaying after (re)connect");
             let result = self.replay(&addr, last, None).await;
             if result == ReplayResult::Covered && !self.replay_saw_from {
-                warn!(endpoint = %self.source.name, last,
+                warn!(endpoint = %self.source.url, last,
                     "engine no longer has our last event batch: restarted; clearing its entries");
                 self.index.clear_endpoint(self.id);
                 self.last_applied = None;
@@ -269,7 +283,7 @@ impl Stream {
                     ReplayResult::Covered => OUTCOME_OK,
                     _ => OUTCOME_UNAVAILABLE,
                 };
-                IndexerMetrics::record_outcome(&self.metrics.replays, &self.source.name, result);
+                IndexerMetrics::record_outcome(&self.metrics.replays, &self.source.url, result);
             } else {
                 self.record_replay(result);
             }
@@ -292,7 +306,7 @@ impl Stream {
         };
         let seq = frame.seq;
         if self.live_high.is_some_and(|high| seq <= high) {
-            warn!(endpoint = %self.source.name, seq, previous = ?self.live_high,
+            warn!(endpoint = %self.source.url, seq, previous = ?self.live_high,
                 "event seq went backwards: engine restarted; clearing its entries");
             self.index.clear_endpoint(self.id);
             self.last_applied = None;
@@ -306,21 +320,17 @@ impl Stream {
             // holds no entries yet that could be wrong, so it is not stale.
             None if seq > 0 => {
                 if let Some(addr) = self.source.replay.clone() {
-                    debug!(endpoint = %self.source.name, seq, "joined mid-stream; replaying from 0");
+                    debug!(endpoint = %self.source.url, seq, "joined mid-stream; replaying from 0");
                     let result = match self.replay(&addr, 0, Some(seq - 1)).await {
                         ReplayResult::Covered => OUTCOME_OK,
                         _ => OUTCOME_UNAVAILABLE,
                     };
-                    IndexerMetrics::record_outcome(
-                        &self.metrics.replays,
-                        &self.source.name,
-                        result,
-                    );
+                    IndexerMetrics::record_outcome(&self.metrics.replays, &self.source.url, result);
                 }
             }
             Some(last) if seq > last + 1 => {
-                IndexerMetrics::inc(&self.metrics.seq_gaps, &self.source.name);
-                warn!(endpoint = %self.source.name, expected = last + 1, got = seq,
+                IndexerMetrics::inc(&self.metrics.seq_gaps, &self.source.url);
+                warn!(endpoint = %self.source.url, expected = last + 1, got = seq,
                     "event seq gap; requesting replay");
                 self.recover(last + 1, seq - 1).await;
             }
@@ -346,13 +356,13 @@ impl Stream {
             ReplayResult::Covered => OUTCOME_OK,
             ReplayResult::Failed => OUTCOME_FAILED,
             ReplayResult::Lost => {
-                warn!(endpoint = %self.source.name,
+                warn!(endpoint = %self.source.url,
                     "events lost and not replayable; marking endpoint stale");
                 self.index.mark_stale(self.id);
                 OUTCOME_UNAVAILABLE
             }
         };
-        IndexerMetrics::record_outcome(&self.metrics.replays, &self.source.name, outcome);
+        IndexerMetrics::record_outcome(&self.metrics.replays, &self.source.url, outcome);
     }
 
     /// Asks the replay ROUTER for every buffered batch from `from` and applies
@@ -404,19 +414,19 @@ impl Stream {
         match outcome {
             Ok(Ok(())) if !holes && reached => ReplayResult::Covered,
             Ok(Ok(())) => {
-                warn!(endpoint = %self.source.name, from, first_missing = next,
+                warn!(endpoint = %self.source.url, from, first_missing = next,
                     "replay buffer no longer covers the gap");
                 ReplayResult::Lost
             }
             // Everything needed arrived, only the end marker did not.
             Err(_) | Ok(Err(_)) if through.is_some() && !holes && reached => ReplayResult::Covered,
             Err(_) => {
-                warn!(endpoint = %self.source.name, replay = addr,
+                warn!(endpoint = %self.source.url, replay = addr,
                     timeout = ?self.opts.replay_timeout, "replay timed out");
                 self.unreplayable(through)
             }
             Ok(Err(e)) => {
-                warn!(endpoint = %self.source.name, replay = addr, error = %e, "replay failed");
+                warn!(endpoint = %self.source.url, replay = addr, error = %e, "replay failed");
                 self.unreplayable(through)
             }
         }
@@ -445,22 +455,22 @@ impl Stream {
                         KvEvent::BlockRemoved(_) => "BlockRemoved",
                         KvEvent::AllBlocksCleared => "AllBlocksCleared",
                     };
-                    self.metrics.record_event(&self.source.name, kind);
+                    self.metrics.record_event(&self.source.url, kind);
                 }
                 match self.index.apply_batch(self.id, &batch) {
                     Ok(stats) => {
-                        debug!(endpoint = %self.source.name, seq, events = batch.events.len(),
+                        debug!(endpoint = %self.source.url, seq, events = batch.events.len(),
                             stored = stats.stored_blocks, removed = stats.removed_blocks,
                             orphans = stats.orphan_blocks, "applied batch");
                         if stats.rejected_events > 0 {
-                            warn!(endpoint = %self.source.name, seq,
+                            warn!(endpoint = %self.source.url, seq,
                                 rejected = stats.rejected_events,
                                 "events rejected (block size mismatch?)");
                         }
-                        self.metrics.record_apply(&self.source.name, &stats);
+                        self.metrics.record_apply(&self.source.url, &stats);
                     }
                     Err(e) => {
-                        warn!(endpoint = %self.source.name, error = %e, "cannot apply batch");
+                        warn!(endpoint = %self.source.url, error = %e, "cannot apply batch");
                         if matches!(e, IndexError::UnknownEndpoint(_)) {
                             self.gone = true;
                         }
@@ -474,16 +484,20 @@ impl Stream {
     }
 
     fn decode_error(&self, what: &str) {
-        IndexerMetrics::inc(&self.metrics.decode_errors, &self.source.name);
-        warn!(endpoint = %self.source.name, error = what, "undecodable event message skipped");
+        IndexerMetrics::inc(&self.metrics.decode_errors, &self.source.url);
+        warn!(endpoint = %self.source.url, error = what, "undecodable event message skipped");
     }
 }
 
-async fn open(sock: &mut SubSocket, source: &EventSource) -> Result<(), zeromq::ZmqError> {
+async fn open(
+    sock: &mut SubSocket,
+    source: &EndpointConfig,
+    events: &str,
+) -> Result<(), zeromq::ZmqError> {
     if source.bind {
-        sock.bind(&source.events).await?;
+        sock.bind(events).await?;
     } else {
-        sock.connect(&source.events).await?;
+        sock.connect(events).await?;
     }
     // zeromq-rs remembers the subscription and re-sends it on reconnects.
     sock.subscribe(&source.topic).await
@@ -522,19 +536,25 @@ impl IngestManager {
 
     /// Registers the endpoint (so a conflict is reported here, not in a
     /// task's log) and spawns its subscriber. Needs a tokio runtime.
-    pub fn add(&mut self, source: EventSource) -> Result<EndpointId, SubscriberError> {
-        if self.tasks.contains_key(&source.name) {
-            return Err(SubscriberError::AlreadyRunning(source.name));
+    pub fn add(&mut self, source: EndpointConfig) -> Result<EndpointId, SubscriberError> {
+        if self.tasks.contains_key(&source.url) {
+            return Err(SubscriberError::AlreadyRunning(source.url));
         }
+        if source.events.is_none() {
+            return Err(SubscriberError::NoEvents(source.url));
+        }
+        let model = source
+            .root_model()
+            .ok_or_else(|| SubscriberError::NoModel(source.url.clone()))?;
         let id = self
             .index
-            .add_endpoint(&source.name, &source.model, source.block_size)
+            .add_endpoint(&source.url, model, source.block_size)
             .map_err(|e| SubscriberError::Register {
-                name: source.name.clone(),
+                name: source.url.clone(),
                 source: e,
             })?;
         let (tx, rx) = watch::channel(false);
-        let name = source.name.clone();
+        let name = source.url.clone();
         let handle = tokio::spawn(run_with_options(
             source,
             self.index.clone(),
@@ -556,13 +576,24 @@ impl IngestManager {
     /// index, purging its entries. Returns the entries purged (None if the
     /// index did not know the endpoint).
     pub async fn remove(&mut self, name: &str) -> Option<usize> {
-        if let Some(task) = self.tasks.remove(name) {
-            task.handle.abort();
-            // Wait until the task is really gone: it could otherwise still be
-            // applying a batch when the endpoint (and its id) is removed.
-            let _ = task.handle.await;
+        self.detach(name).await
+    }
+
+    /// [`Self::remove`], as a future that borrows nothing: the subscriber is
+    /// taken out now, the purge happens once its task is gone.
+    fn detach(&mut self, name: &str) -> impl std::future::Future<Output = Option<usize>> + Send {
+        let task = self.tasks.remove(name);
+        let index = self.index.clone();
+        let name = name.to_string();
+        async move {
+            if let Some(task) = task {
+                task.handle.abort();
+                // Wait until the task is really gone: it could otherwise still
+                // be applying a batch when the endpoint (and its id) is removed.
+                let _ = task.handle.await;
+            }
+            index.remove_endpoint(&name)
         }
-        self.index.remove_endpoint(name)
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -588,6 +619,27 @@ impl IngestManager {
                 _ => {}
             }
         }
+    }
+}
+
+/// The fleet's endpoints' events, followed by this manager's subscribers.
+impl EventFeeds for IngestManager {
+    fn follow(&mut self, endpoint: &EndpointConfig) -> Option<EndpointId> {
+        endpoint.events.as_ref()?;
+        match self.add(endpoint.clone()) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                error!(endpoint = %endpoint.url, error = %e, "cannot subscribe to KV events");
+                None
+            }
+        }
+    }
+
+    fn unfollow(&mut self, name: &str) -> Unfollow {
+        let detach = self.detach(name);
+        Box::pin(async move {
+            detach.await;
+        })
     }
 }
 

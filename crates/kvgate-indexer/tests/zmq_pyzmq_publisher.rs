@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use kvgate_indexer::metrics::IndexerMetrics;
 use kvgate_indexer::subscriber::{run_with_options, SubscriberOptions};
-use kvgate_indexer::EventSource;
+use kvgate_indexer::EndpointConfig;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -72,13 +72,14 @@ async fn interop(set: &str, block_size: u32, sub_binds: bool) {
     let index = new_index();
     let metrics = Arc::new(IndexerMetrics::default());
     let name = format!("http://pyzmq-{set}-{sub_binds}");
-    let source = EventSource {
-        name: name.clone(),
-        model: "m".into(),
+    let source = EndpointConfig {
+        url: name.clone(),
+        models: vec!["m".into()],
+        adapters: Vec::new(),
         block_size,
         // vLLM binds a wildcard endpoint (the subscriber connects) and
         // connects to any other (the subscriber binds).
-        events: format!("tcp://127.0.0.1:{pub_port}"),
+        events: Some(format!("tcp://127.0.0.1:{pub_port}")),
         replay: Some(format!("tcp://127.0.0.1:{replay_port}")),
         topic: String::new(),
         bind: sub_binds,

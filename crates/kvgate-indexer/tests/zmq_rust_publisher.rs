@@ -13,7 +13,7 @@ use bytes::Bytes;
 use kvgate_index::KvIndex;
 use kvgate_indexer::metrics::IndexerMetrics;
 use kvgate_indexer::subscriber::{run_with_options, IngestManager, SubscriberOptions};
-use kvgate_indexer::EventSource;
+use kvgate_indexer::EndpointConfig;
 use kvgate_wire::vllm::{
     decode_replay_request, encode_batch, encode_pub_frames, encode_replay_end, encode_replay_reply,
     BlockRemoved, BlockStored, EventBatch, EventEncoding, KvEvent, ReplayReplyGeneration,
@@ -69,7 +69,7 @@ struct FakeEngine {
 }
 
 impl FakeEngine {
-    async fn start(name: &str, with_replay: bool) -> (Self, EventSource) {
+    async fn start(name: &str, with_replay: bool) -> (Self, EndpointConfig) {
         let pub_port = free_port();
         let mut pub_sock = PubSocket::new();
         pub_sock
@@ -115,11 +115,12 @@ impl FakeEngine {
                 }
             }));
         }
-        let source = EventSource {
-            name: name.to_string(),
-            model: "m".into(),
+        let source = EndpointConfig {
+            url: name.to_string(),
+            models: vec!["m".into()],
+            adapters: Vec::new(),
             block_size: BS,
-            events: format!("tcp://127.0.0.1:{pub_port}"),
+            events: Some(format!("tcp://127.0.0.1:{pub_port}")),
             replay,
             topic: String::new(),
             bind: false,
@@ -219,7 +220,7 @@ fn opts() -> SubscriberOptions {
 }
 
 fn spawn_subscriber(
-    source: EventSource,
+    source: EndpointConfig,
     index: Arc<KvIndex>,
     metrics: Arc<IndexerMetrics>,
 ) -> (watch::Sender<bool>, JoinHandle<()>) {
@@ -258,7 +259,7 @@ async fn gap_is_repaired_by_replay() {
     let index = new_index();
     let metrics = Arc::new(IndexerMetrics::default());
     let (mut engine, source) = FakeEngine::start("http://e1", true).await;
-    let name = source.name.clone();
+    let name = source.url.clone();
     let (tx, handle) = spawn_subscriber(source, index.clone(), metrics.clone());
     engine.warm_up(&index, &name).await;
 
@@ -284,7 +285,7 @@ async fn gap_without_replay_marks_endpoint_stale() {
     let index = new_index();
     let metrics = Arc::new(IndexerMetrics::default());
     let (mut engine, source) = FakeEngine::start("http://e2", false).await;
-    let name = source.name.clone();
+    let name = source.url.clone();
     let (tx, handle) = spawn_subscriber(source, index.clone(), metrics.clone());
     engine.warm_up(&index, &name).await;
     assert!(!endpoint(&index, &name).unwrap().stale);
@@ -315,8 +316,8 @@ async fn malformed_payload_is_counted_and_skipped() {
     let metrics = Arc::new(IndexerMetrics::default());
     let (mut engine, source) = FakeEngine::start("http://e3", true).await;
     let (mut peer, peer_source) = FakeEngine::start("http://e3-peer", true).await;
-    let name = source.name.clone();
-    let peer_name = peer_source.name.clone();
+    let name = source.url.clone();
+    let peer_name = peer_source.url.clone();
     let (tx, handle) = spawn_subscriber(source, index.clone(), metrics.clone());
     let (peer_tx, peer_handle) = spawn_subscriber(peer_source, index.clone(), metrics.clone());
     engine.warm_up(&index, &name).await;
@@ -375,7 +376,7 @@ async fn engine_restart_clears_and_remove_purges() {
     let index = new_index();
     let metrics = Arc::new(IndexerMetrics::default());
     let (mut engine, source) = FakeEngine::start("http://e4", false).await;
-    let name = source.name.clone();
+    let name = source.url.clone();
     let mut manager = IngestManager::with_options(index.clone(), metrics.clone(), opts());
     manager.add(source.clone()).unwrap();
     assert!(
@@ -422,7 +423,7 @@ async fn reconnect_replays_what_was_missed() {
     let index = new_index();
     let metrics = Arc::new(IndexerMetrics::default());
     let (mut engine, source) = FakeEngine::start("http://e5", true).await;
-    let name = source.name.clone();
+    let name = source.url.clone();
     let (tx, handle) = spawn_subscriber(source, index.clone(), metrics.clone());
     engine.warm_up(&index, &name).await;
     engine.publish(vec![stored(&[1, 2], None, 0)], true).await;
@@ -453,7 +454,7 @@ async fn restart_seen_on_reconnect_clears_before_any_new_event() {
     let index = new_index();
     let metrics = Arc::new(IndexerMetrics::default());
     let (mut engine, source) = FakeEngine::start("http://e6", true).await;
-    let name = source.name.clone();
+    let name = source.url.clone();
     let (tx, handle) = spawn_subscriber(source, index.clone(), metrics.clone());
     engine.warm_up(&index, &name).await;
     let last = engine.publish(vec![stored(&[1, 2], None, 0)], true).await;

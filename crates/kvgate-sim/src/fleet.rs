@@ -69,6 +69,27 @@ pub enum SimError {
     Config(String),
 }
 
+impl SimConfig {
+    /// Checks what serde cannot; every sim, configured by file or in code, starts through it.
+    pub fn validate(&self) -> Result<(), SimError> {
+        let e = &self.engine;
+        let bad = |m: &str| Err(SimError::Config(m.to_string()));
+        if e.block_size == 0 || e.num_blocks < 2 {
+            return bad("block_size must be > 0 and num_blocks >= 2");
+        }
+        if e.max_num_seqs == 0 || e.max_num_batched_tokens == 0 {
+            return bad("max_num_seqs and max_num_batched_tokens must be > 0");
+        }
+        if !(e.time_scale > 0.0 && e.time_scale.is_finite()) {
+            return bad("time scale must be a positive number");
+        }
+        if self.max_model_len == 0 {
+            return bad("max_model_len must be > 0");
+        }
+        Ok(())
+    }
+}
+
 /// A sim serving HTTP (and events) in this process. Dropping it stops it.
 pub struct RunningSim {
     pub addr: SocketAddr,
@@ -100,11 +121,7 @@ impl RunningSim {
         mut cfg: SimConfig,
         tokenizer: Arc<ModelTokenizer>,
     ) -> Result<Self, SimError> {
-        if cfg.engine.block_size == 0 || cfg.engine.num_blocks < 2 {
-            return Err(SimError::Config(
-                "block_size must be > 0 and num_blocks >= 2".into(),
-            ));
-        }
+        cfg.validate()?;
         let publisher = match &cfg.events {
             Some(ep) => {
                 let p =

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use kvgate_index::{IndexConfig, KvIndex};
 use kvgate_indexer::metrics::{EndpointLabels, IndexerMetrics, OutcomeLabels};
 use kvgate_indexer::subscriber::{run_with_options, SubscriberOptions};
-use kvgate_indexer::EventSource;
+use kvgate_indexer::EndpointConfig;
 use kvgate_keys::BlockHasher;
 use kvgate_sim::engine::EngineConfig;
 use kvgate_sim::fleet::{RunningSim, SimConfig, DEFAULT_MODEL};
@@ -753,11 +753,12 @@ async fn zmq_events_keep_an_index_equal_to_the_engine_cache() {
             BlockHasher::from_secret(b"sim-http-zmq"),
         ));
         let metrics = Arc::new(IndexerMetrics::default());
-        let source = EventSource {
-            name: name.clone(),
-            model: DEFAULT_MODEL.into(),
+        let source = EndpointConfig {
+            url: name.clone(),
+            models: vec![DEFAULT_MODEL.into()],
+            adapters: Vec::new(),
             block_size: BS as u32,
-            events: sim.events_endpoint().unwrap(),
+            events: Some(sim.events_endpoint().unwrap()),
             replay: sim.replay_endpoint(),
             topic: String::new(),
             bind: false,

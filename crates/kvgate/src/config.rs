@@ -1,28 +1,85 @@
-//! `kvgate index` configuration: YAML file, then environment, then flags.
-//!
-//! Every default lives here or in the library that owns the setting
-//! (`kvgate_index::IndexConfig::default`, `kvgate_indexer::api::DEFAULT_TIER_WEIGHTS`).
+//! Every subcommand's configuration loads one way: the YAML file (or the
+//! config's defaults), then environment variables, then flags, then the
+//! config's own `validate()`. Defaults live in the library that owns each
+//! setting; this module only layers.
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use kvgate_fleet::EndpointConfig;
+use kvgate_gateway::GatewayConfig;
 use kvgate_index::IndexConfig;
-use kvgate_indexer::EventSource;
+use kvgate_sim::fleet::SimConfig;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
+
+/// One environment variable and how it sets a config.
+pub struct EnvOverride<C> {
+    pub var: &'static str,
+    pub apply: fn(&mut C, &str) -> Result<()>,
+}
+
+/// A subcommand's configuration.
+pub trait LayeredConfig: DeserializeOwned + Default + 'static {
+    /// The environment variables it reads, applied after the file.
+    const ENV: &'static [EnvOverride<Self>];
+    fn validate(&self) -> Result<()>;
+}
+
+/// File (or defaults), then environment, then `flags`, then validation.
+pub fn load<C: LayeredConfig>(
+    path: Option<&Path>,
+    env: impl Fn(&str) -> Option<String>,
+    flags: impl FnOnce(&mut C) -> Result<()>,
+) -> Result<C> {
+    let mut cfg = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading config {}", p.display()))?;
+            serde_yaml::from_str(&text)
+                .with_context(|| format!("parsing config {}", p.display()))?
+        }
+        None => C::default(),
+    };
+    for o in C::ENV {
+        if let Some(v) = env(o.var) {
+            (o.apply)(&mut cfg, &v).with_context(|| format!("{}={v:?}", o.var))?;
+        }
+    }
+    flags(&mut cfg)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn parse<T: std::str::FromStr>(v: &str) -> Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    Ok(v.parse()?)
+}
+
+/// `--endpoint`/`--source` values, appended after the file's.
+pub fn endpoint_flags(cfg: &mut Vec<EndpointConfig>, flags: &[String]) -> Result<()> {
+    for f in flags {
+        cfg.push(EndpointConfig::parse_flag(f).with_context(|| format!("endpoint flag {f:?}"))?);
+    }
+    Ok(())
+}
 
 pub const DEFAULT_INDEX_LISTEN: &str = "0.0.0.0:8090";
 
+/// `kvgate index`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IndexServiceConfig {
     /// Address of the HTTP API (`/v1/locality`, `/v1/index/dump`, `/metrics`).
     pub listen: String,
     /// Secret for block keys; replicas sharing dumps or gateways must share it.
-    /// Unset: a random per-process secret. Env: `KVGATE_KEY_SECRET`.
+    /// Unset: a random per-process secret.
     pub key_secret: Option<String>,
     pub index: IndexConfig,
-    /// Engines to subscribe to.
-    pub sources: Vec<EventSource>,
+    /// Engines to subscribe to (each needs `events`).
+    pub sources: Vec<EndpointConfig>,
     /// How often TTL and stale-grace expiry run.
     pub expire_interval_secs: u64,
     /// Model name -> directory with tokenizer.json / tokenizer_config.json, for
@@ -46,121 +103,149 @@ impl Default for IndexServiceConfig {
     }
 }
 
-/// Flag overrides, applied last.
-#[derive(Debug, Default, Clone)]
-pub struct IndexOverrides {
-    pub listen: Option<String>,
-    pub max_tracked_blocks: Option<usize>,
-    pub sources: Vec<String>,
-}
-
-impl IndexServiceConfig {
-    pub fn load(
-        path: Option<&Path>,
-        env: impl Fn(&str) -> Option<String>,
-        flags: &IndexOverrides,
-    ) -> Result<Self> {
-        let mut cfg = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading config {}", p.display()))?;
-                serde_yaml::from_str(&text)
-                    .with_context(|| format!("parsing config {}", p.display()))?
-            }
-            None => Self::default(),
-        };
-        if let Some(v) = env("KVGATE_LISTEN") {
-            cfg.listen = v;
-        }
-        if let Some(v) = env("KVGATE_KEY_SECRET") {
-            cfg.key_secret = Some(v);
-        }
-        if let Some(v) = env("KVGATE_MAX_TRACKED_BLOCKS") {
-            cfg.index.max_tracked_blocks = v
-                .parse()
-                .with_context(|| format!("KVGATE_MAX_TRACKED_BLOCKS={v:?}"))?;
-        }
-        if let Some(v) = &flags.listen {
-            cfg.listen = v.clone();
-        }
-        if let Some(v) = flags.max_tracked_blocks {
-            cfg.index.max_tracked_blocks = v;
-        }
-        for s in &flags.sources {
-            cfg.sources.push(parse_source_flag(s)?);
-        }
-        cfg.validate()?;
-        Ok(cfg)
-    }
+impl LayeredConfig for IndexServiceConfig {
+    const ENV: &'static [EnvOverride<Self>] = &[
+        EnvOverride {
+            var: "KVGATE_LISTEN",
+            apply: |c, v| {
+                c.listen = v.to_string();
+                Ok(())
+            },
+        },
+        EnvOverride {
+            var: "KVGATE_KEY_SECRET",
+            apply: |c, v| {
+                c.key_secret = Some(v.to_string());
+                Ok(())
+            },
+        },
+        EnvOverride {
+            var: "KVGATE_MAX_TRACKED_BLOCKS",
+            apply: |c, v| {
+                c.index.max_tracked_blocks = parse(v)?;
+                Ok(())
+            },
+        },
+    ];
 
     fn validate(&self) -> Result<()> {
         if self.index.max_tracked_blocks == 0 {
             bail!("index.max_tracked_blocks must be > 0");
         }
-        let mut names: Vec<&str> = self.sources.iter().map(|s| s.name.as_str()).collect();
-        names.sort_unstable();
-        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            bail!("source {:?} is listed twice", w[0]);
-        }
-        for s in &self.sources {
-            if s.block_size == 0 {
-                bail!("source {:?}: block_size must be > 0", s.name);
-            }
-            if !s.events.starts_with("tcp://") && !s.events.starts_with("ipc://") {
-                bail!(
-                    "source {:?}: events endpoint {:?} is not tcp:// or ipc://",
-                    s.name,
-                    s.events
-                );
-            }
+        kvgate_fleet::validate_all(&self.sources)?;
+        if let Some(s) = self.sources.iter().find(|s| s.events.is_none()) {
+            bail!("source {:?}: events is required", s.url);
         }
         Ok(())
     }
 }
 
-/// `--source name=URL,model=M,block_size=16,events=tcp://..[,replay=tcp://..][,topic=kv][,bind=true]`
-pub fn parse_source_flag(s: &str) -> Result<EventSource> {
-    let mut src = EventSource {
-        name: String::new(),
-        model: String::new(),
-        block_size: 0,
-        events: String::new(),
-        replay: None,
-        topic: String::new(),
-        bind: false,
-    };
-    for part in s.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .with_context(|| format!("--source part {part:?} is not key=value"))?;
-        match k {
-            "name" => src.name = v.to_string(),
-            "model" => src.model = v.to_string(),
-            "block_size" => {
-                src.block_size = v.parse().with_context(|| format!("block_size={v:?}"))?
-            }
-            "events" => src.events = v.to_string(),
-            "replay" => src.replay = Some(v.to_string()),
-            "topic" => src.topic = v.to_string(),
-            "bind" => src.bind = v.parse().with_context(|| format!("bind={v:?}"))?,
-            other => bail!("--source: unknown key {other:?}"),
-        }
+impl LayeredConfig for GatewayConfig {
+    const ENV: &'static [EnvOverride<Self>] = &[
+        EnvOverride {
+            var: "KVGATE_LISTEN",
+            apply: |c, v| {
+                c.listen = v.to_string();
+                Ok(())
+            },
+        },
+        EnvOverride {
+            var: "KVGATE_KEY_SECRET",
+            apply: |c, v| {
+                c.key_secret = Some(v.to_string());
+                Ok(())
+            },
+        },
+        EnvOverride {
+            var: "KVGATE_SALT_SECRET",
+            apply: |c, v| {
+                c.tenancy.salt_secret = Some(v.to_string());
+                Ok(())
+            },
+        },
+        EnvOverride {
+            var: "KVGATE_POLICY",
+            apply: |c, v| {
+                c.router.policy = parse_policy(v)?;
+                Ok(())
+            },
+        },
+    ];
+
+    fn validate(&self) -> Result<()> {
+        Ok(GatewayConfig::validate(self)?)
     }
-    for (what, empty) in [
-        ("name", src.name.is_empty()),
-        ("model", src.model.is_empty()),
-        ("events", src.events.is_empty()),
-    ] {
-        if empty {
-            bail!("--source {s:?}: missing {what}=");
-        }
+}
+
+impl LayeredConfig for SimConfig {
+    const ENV: &'static [EnvOverride<Self>] = &[
+        EnvOverride {
+            var: "KVGATE_SIM_HOST",
+            apply: |c, v| {
+                c.listen = with_host(&c.listen, v);
+                Ok(())
+            },
+        },
+        EnvOverride {
+            var: "KVGATE_SIM_PORT",
+            apply: |c, v| {
+                c.listen = with_port(&c.listen, parse(v)?);
+                Ok(())
+            },
+        },
+        EnvOverride {
+            var: "KVGATE_SIM_TIME_SCALE",
+            apply: |c, v| {
+                c.engine.time_scale = parse(v)?;
+                Ok(())
+            },
+        },
+    ];
+
+    fn validate(&self) -> Result<()> {
+        Ok(SimConfig::validate(self)?)
     }
-    Ok(src)
+}
+
+/// `host:port` with the host replaced.
+pub fn with_host(listen: &str, host: &str) -> String {
+    let port = listen.rsplit_once(':').map_or("8000", |(_, p)| p);
+    format!("{host}:{port}")
+}
+
+/// `host:port` with the port replaced.
+pub fn with_port(listen: &str, port: u16) -> String {
+    let host = listen.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+    format!("{host}:{port}")
+}
+
+pub fn parse_policy(s: &str) -> Result<kvgate_router::Policy> {
+    serde_yaml::from_str(s).with_context(|| {
+        format!("unknown policy {s:?} (precise_prefix, approx_prefix, round_robin, least_load, session, random)")
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn index_flags(
+        listen: Option<&str>,
+        max: Option<usize>,
+        sources: &[&str],
+    ) -> impl FnOnce(&mut IndexServiceConfig) -> Result<()> {
+        let listen = listen.map(str::to_string);
+        let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+        move |c| {
+            if let Some(l) = listen {
+                c.listen = l;
+            }
+            if let Some(m) = max {
+                c.index.max_tracked_blocks = m;
+            }
+            endpoint_flags(&mut c.sources, &sources)
+        }
+    }
 
     #[test]
     fn file_then_env_then_flags() {
@@ -168,7 +253,7 @@ mod tests {
         let p = dir.path().join("k.yaml");
         std::fs::write(
             &p,
-            "listen: 127.0.0.1:1\nindex:\n  max_tracked_blocks: 10\n  ttl_secs: 5\nsources:\n  - name: a\n    model: m\n    block_size: 16\n    events: tcp://127.0.0.1:5557\n",
+            "listen: 127.0.0.1:1\nindex:\n  max_tracked_blocks: 10\n  ttl_secs: 5\nsources:\n  - name: http://a:8000\n    model: m\n    block_size: 16\n    events: tcp://127.0.0.1:5557\n",
         )
         .unwrap();
         let env = |k: &str| match k {
@@ -176,17 +261,17 @@ mod tests {
             "KVGATE_MAX_TRACKED_BLOCKS" => Some("20".to_string()),
             _ => None,
         };
-        let cfg = IndexServiceConfig::load(Some(&p), env, &IndexOverrides::default()).unwrap();
+        let cfg: IndexServiceConfig = load(Some(&p), env, index_flags(None, None, &[])).unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:2");
         assert_eq!(cfg.index.max_tracked_blocks, 20);
         assert_eq!(cfg.index.ttl_secs, Some(5));
         assert_eq!(cfg.sources.len(), 1);
-        let flags = IndexOverrides {
-            listen: Some("127.0.0.1:3".into()),
-            max_tracked_blocks: Some(30),
-            sources: vec!["name=b,model=m,block_size=32,events=tcp://127.0.0.1:6000,replay=tcp://127.0.0.1:6001".into()],
-        };
-        let cfg = IndexServiceConfig::load(Some(&p), env, &flags).unwrap();
+        let flags = index_flags(
+            Some("127.0.0.1:3"),
+            Some(30),
+            &["name=http://b:8000,model=m,block_size=32,events=tcp://127.0.0.1:6000,replay=tcp://127.0.0.1:6001"],
+        );
+        let cfg: IndexServiceConfig = load(Some(&p), env, flags).unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:3");
         assert_eq!(cfg.index.max_tracked_blocks, 30);
         assert_eq!(
@@ -201,130 +286,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k.yaml");
         std::fs::write(&p, "listen: x\nbogus: 1\n").unwrap();
-        let e = IndexServiceConfig::load(Some(&p), none, &IndexOverrides::default()).unwrap_err();
+        let e = load::<IndexServiceConfig>(Some(&p), none, |_| Ok(())).unwrap_err();
         assert!(format!("{e:#}").contains("bogus"), "{e:#}");
         for bad in [
-            "name=a",
-            "name=a,model=m,block_size=x,events=tcp://h:1",
-            "name=a,model=m,block_size=0,events=tcp://h:1",
+            "name=http://a",
+            "name=http://a,model=m,block_size=x,events=tcp://h:1",
+            "name=http://a,model=m,block_size=0,events=tcp://h:1",
+            "name=http://a,model=m,block_size=16",
             "nokey",
         ] {
-            let flags = IndexOverrides {
-                sources: vec![bad.into()],
-                ..Default::default()
-            };
             assert!(
-                IndexServiceConfig::load(None, none, &flags).is_err(),
+                load::<IndexServiceConfig>(None, none, index_flags(None, None, &[bad])).is_err(),
                 "{bad}"
             );
         }
         let env = |_: &str| Some("many".to_string());
-        assert!(IndexServiceConfig::load(None, env, &IndexOverrides::default()).is_err());
+        assert!(load::<IndexServiceConfig>(None, env, |_| Ok(())).is_err());
     }
-}
-
-/// `kvgate gateway` flag overrides, applied after the file and the environment.
-#[derive(Debug, Default, Clone)]
-pub struct GatewayOverrides {
-    pub listen: Option<String>,
-    pub policy: Option<String>,
-    /// `url=http://h:p,model=m,block_size=16[,events=tcp://h:p][,replay=tcp://h:p]`
-    pub endpoints: Vec<String>,
-}
-
-pub fn load_gateway_config(
-    path: Option<&Path>,
-    env: impl Fn(&str) -> Option<String>,
-    flags: &GatewayOverrides,
-) -> Result<kvgate_gateway::GatewayConfig> {
-    let mut cfg: kvgate_gateway::GatewayConfig = match path {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading config {}", p.display()))?;
-            serde_yaml::from_str(&text)
-                .with_context(|| format!("parsing config {}", p.display()))?
-        }
-        None => Default::default(),
-    };
-    if let Some(v) = env("KVGATE_LISTEN") {
-        cfg.listen = v;
-    }
-    if let Some(v) = env("KVGATE_KEY_SECRET") {
-        cfg.key_secret = Some(v);
-    }
-    if let Some(v) = env("KVGATE_SALT_SECRET") {
-        cfg.tenancy.salt_secret = Some(v);
-    }
-    if let Some(v) = env("KVGATE_POLICY") {
-        cfg.router.policy = parse_policy(&v)?;
-    }
-    if let Some(v) = &flags.listen {
-        cfg.listen = v.clone();
-    }
-    if let Some(v) = &flags.policy {
-        cfg.router.policy = parse_policy(v)?;
-    }
-    for e in &flags.endpoints {
-        cfg.endpoints.push(parse_endpoint_flag(e)?);
-    }
-    for e in &cfg.endpoints {
-        if e.block_size == 0 {
-            bail!("endpoint {:?}: block_size must be > 0", e.url);
-        }
-        if e.models.is_empty() {
-            bail!("endpoint {:?}: at least one model is required", e.url);
-        }
-        if !e.url.starts_with("http://") && !e.url.starts_with("https://") {
-            bail!(
-                "endpoint {:?}: url must start with http:// or https://",
-                e.url
-            );
-        }
-    }
-    Ok(cfg)
-}
-
-pub fn parse_policy(s: &str) -> Result<kvgate_router::Policy> {
-    serde_yaml::from_str(s).with_context(|| {
-        format!("unknown policy {s:?} (precise_prefix, approx_prefix, round_robin, least_load, session, random)")
-    })
-}
-
-fn parse_endpoint_flag(s: &str) -> Result<kvgate_gateway::EndpointConfig> {
-    let mut e = kvgate_gateway::EndpointConfig {
-        url: String::new(),
-        models: Vec::new(),
-        adapters: Vec::new(),
-        block_size: 0,
-        events: None,
-        replay: None,
-        topic: String::new(),
-        bind: false,
-    };
-    for part in s.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .with_context(|| format!("--endpoint part {part:?} is not key=value"))?;
-        match k {
-            "url" => e.url = v.to_string(),
-            "model" => e.models.push(v.to_string()),
-            "adapter" => e.adapters.push(v.to_string()),
-            "block_size" => {
-                e.block_size = v.parse().with_context(|| format!("block_size={v:?}"))?
-            }
-            "events" => e.events = Some(v.to_string()),
-            "replay" => e.replay = Some(v.to_string()),
-            "topic" => e.topic = v.to_string(),
-            "bind" => e.bind = v.parse().with_context(|| format!("bind={v:?}"))?,
-            other => bail!("--endpoint: unknown key {other:?}"),
-        }
-    }
-    Ok(e)
-}
-
-#[cfg(test)]
-mod gateway_tests {
-    use super::*;
 
     #[test]
     fn gateway_config_layers_and_validates() {
@@ -336,15 +314,16 @@ mod gateway_tests {
         )
         .unwrap();
         let env = |k: &str| (k == "KVGATE_POLICY").then(|| "least_load".to_string());
-        let flags = GatewayOverrides {
-            listen: Some("127.0.0.1:2".into()),
-            policy: None,
-            endpoints: vec![
-                "url=http://127.0.0.1:8001,model=m,block_size=32,events=tcp://127.0.0.1:5557"
-                    .into(),
-            ],
-        };
-        let cfg = load_gateway_config(Some(&p), env, &flags).unwrap();
+        let cfg: GatewayConfig =
+            load(Some(&p), env, |c: &mut GatewayConfig| {
+                c.listen = "127.0.0.1:2".into();
+                endpoint_flags(
+                &mut c.endpoints,
+                &["url=http://127.0.0.1:8001,model=m,block_size=32,events=tcp://127.0.0.1:5557"
+                    .into()],
+            )
+            })
+            .unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:2");
         assert_eq!(cfg.router.policy, kvgate_router::Policy::LeastLoad);
         assert_eq!(cfg.endpoints.len(), 2);
@@ -357,18 +336,23 @@ mod gateway_tests {
             "url=http://h,block_size=16",
             "url=h:1,model=m,block_size=16",
             "url=http://h,model=m,block_size=0",
+            "url=http://127.0.0.1:8000,model=m,block_size=16",
             "x",
         ] {
-            let flags = GatewayOverrides {
-                endpoints: vec![bad.into()],
-                ..Default::default()
-            };
-            assert!(load_gateway_config(None, none, &flags).is_err(), "{bad}");
+            let r = load::<GatewayConfig>(Some(&p), none, |c| {
+                endpoint_flags(&mut c.endpoints, &[bad.to_string()])
+            });
+            assert!(r.is_err(), "{bad}");
         }
-        let flags = GatewayOverrides {
-            policy: Some("fastest".into()),
-            ..Default::default()
-        };
-        assert!(load_gateway_config(None, none, &flags).is_err());
+        let r = load::<GatewayConfig>(None, none, |c| {
+            c.router.policy = parse_policy("fastest")?;
+            Ok(())
+        });
+        assert!(r.is_err());
+        let r = load::<GatewayConfig>(None, none, |c| {
+            c.health_interval_ms = 0;
+            Ok(())
+        });
+        assert!(format!("{:#}", r.unwrap_err()).contains("health_interval_ms"));
     }
 }

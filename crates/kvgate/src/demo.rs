@@ -240,7 +240,7 @@ async fn run_one(
         ..GatewayConfig::default()
     };
     cfg.router.policy = policy;
-    let gw = Gateway::start(cfg, Arc::new(StaticDiscovery(endpoints))).await?;
+    let gw = Gateway::start(cfg, Arc::new(StaticDiscovery::new(endpoints)?)).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let gw_url = format!("http://{}", listener.local_addr()?);
     let router = gw.router();

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::config::{IndexOverrides, IndexServiceConfig};
+use crate::config::{endpoint_flags, IndexServiceConfig};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -48,8 +48,8 @@ enum Command {
         /// Bound on tracked (block, endpoint, tier) entries (env KVGATE_MAX_TRACKED_BLOCKS).
         #[arg(long)]
         max_tracked_blocks: Option<usize>,
-        /// An engine to subscribe to, repeatable:
-        /// name=URL,model=M,block_size=16,events=tcp://H:P[,replay=tcp://H:P][,topic=kv][,bind=true]
+        /// An engine to subscribe to, repeatable (the --endpoint form; events required):
+        /// url=http://H:P,model=M,block_size=16,events=tcp://H:P[,replay=tcp://H:P][,topic=kv][,bind=true]
         #[arg(long = "source")]
         sources: Vec<String>,
     },
@@ -66,7 +66,7 @@ enum Command {
         #[arg(long)]
         policy: Option<String>,
         /// An endpoint, repeatable:
-        /// url=http://H:P,model=M,block_size=16[,events=tcp://H:P][,replay=tcp://H:P][,adapter=A]
+        /// url=http://H:P,model=M,block_size=16[,events=tcp://H:P][,replay=tcp://H:P][,adapter=A][,topic=T][,bind=true]
         #[arg(long = "endpoint")]
         endpoints: Vec<String>,
     },
@@ -103,13 +103,19 @@ async fn main() -> Result<()> {
             sources,
         } => {
             init_logs(&cli.log, cli.pretty_logs);
-            let flags = IndexOverrides {
-                listen,
-                max_tracked_blocks,
-                sources,
-            };
-            let cfg =
-                IndexServiceConfig::load(config.as_deref(), |k| std::env::var(k).ok(), &flags)?;
+            let cfg: IndexServiceConfig = config::load(
+                config.as_deref(),
+                |k| std::env::var(k).ok(),
+                |c: &mut IndexServiceConfig| {
+                    if let Some(v) = listen {
+                        c.listen = v;
+                    }
+                    if let Some(v) = max_tracked_blocks {
+                        c.index.max_tracked_blocks = v;
+                    }
+                    endpoint_flags(&mut c.sources, &sources)
+                },
+            )?;
             let service = service::IndexService::start(&cfg).await?;
             tracing::info!(addr = %service.addr, sources = cfg.sources.len(), "index listening");
             tokio::signal::ctrl_c().await?;
@@ -123,16 +129,22 @@ async fn main() -> Result<()> {
             endpoints,
         } => {
             init_logs(&cli.log, cli.pretty_logs);
-            let flags = config::GatewayOverrides {
-                listen,
-                policy,
-                endpoints,
-            };
-            let cfg =
-                config::load_gateway_config(config.as_deref(), |k| std::env::var(k).ok(), &flags)?;
+            let cfg: kvgate_gateway::GatewayConfig = config::load(
+                config.as_deref(),
+                |k| std::env::var(k).ok(),
+                |c: &mut kvgate_gateway::GatewayConfig| {
+                    if let Some(v) = listen {
+                        c.listen = v;
+                    }
+                    if let Some(v) = policy {
+                        c.router.policy = config::parse_policy(&v)?;
+                    }
+                    endpoint_flags(&mut c.endpoints, &endpoints)
+                },
+            )?;
             let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
             let discovery =
-                std::sync::Arc::new(kvgate_gateway::StaticDiscovery(cfg.endpoints.clone()));
+                std::sync::Arc::new(kvgate_gateway::StaticDiscovery::new(cfg.endpoints.clone())?);
             let gw = kvgate_gateway::Gateway::start(cfg, discovery).await?;
             tracing::info!(addr = %listener.local_addr()?, "gateway listening");
             axum::serve(listener, gw.router())

@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use kvgate_fleet::{Ejection, Fleet, StaticDiscovery};
 use kvgate_index::KvIndex;
 use kvgate_indexer::api::{router, ApiState, DEFAULT_TIER_WEIGHTS};
 use kvgate_indexer::metrics::IndexerMetrics;
 use kvgate_indexer::subscriber::IngestManager;
 use kvgate_keys::BlockHasher;
+use kvgate_router::RouterConfig;
 use kvgate_tokenize::{ModelTokenizer, TokenizerRegistry};
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
@@ -18,8 +20,8 @@ use crate::config::IndexServiceConfig;
 
 pub struct IndexService {
     pub addr: SocketAddr,
-    /// Holds the subscriptions: dropping it stops ingestion.
-    _ingest: IngestManager,
+    /// Holds the sources and their subscriptions: dropping it stops ingestion.
+    _fleet: Arc<Fleet>,
     server: JoinHandle<()>,
     expiry: JoinHandle<()>,
 }
@@ -41,11 +43,19 @@ impl IndexService {
         let metrics = Arc::new(IndexerMetrics::default());
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        let mut ingest = IngestManager::new(index.clone(), metrics.clone());
-        for source in &cfg.sources {
-            ingest
-                .add(source.clone())
-                .with_context(|| format!("adding source {:?}", source.name))?;
+        // The same registry and reconcile as the gateway's: sources come from
+        // a discovery (static here), their event feeds from the indexer.
+        let feeds = IngestManager::new(index.clone(), metrics.clone());
+        let fleet = Arc::new(Fleet::new(
+            RouterConfig::default(),
+            Ejection::default(),
+            index.clone(),
+            Box::new(feeds),
+        ));
+        let discovery = StaticDiscovery::new(cfg.sources.clone())?;
+        fleet.follow(&discovery).await;
+        if let Some(missing) = fleet.snapshot().iter().find(|e| e.index_id.is_none()) {
+            anyhow::bail!("cannot subscribe to source {:?}", missing.name());
         }
         let listener = tokio::net::TcpListener::bind(&cfg.listen)
             .await
@@ -80,7 +90,7 @@ impl IndexService {
         tracing::info!(%addr, key_fingerprint = %index.hasher().fingerprint(), sources = cfg.sources.len(), "index service listening");
         Ok(Self {
             addr,
-            _ingest: ingest,
+            _fleet: fleet,
             server,
             expiry,
         })

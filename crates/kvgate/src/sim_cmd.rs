@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+
+use crate::config::{with_host, with_port};
 use kvgate_sim::fleet::{RunningSim, SimConfig};
 
 #[derive(clap::Args, Debug, Default)]
@@ -11,10 +13,10 @@ pub struct SimArgs {
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// HTTP host (env KVGATE_SIM_HOST).
-    #[arg(long, env = "KVGATE_SIM_HOST")]
+    #[arg(long)]
     host: Option<String>,
     /// HTTP port (env KVGATE_SIM_PORT); replica i listens on port + i.
-    #[arg(long, env = "KVGATE_SIM_PORT")]
+    #[arg(long)]
     port: Option<u16>,
     /// Served model name.
     #[arg(long)]
@@ -42,7 +44,7 @@ pub struct SimArgs {
     #[arg(long)]
     topic: Option<String>,
     /// Simulated seconds per wall second (env KVGATE_SIM_TIME_SCALE).
-    #[arg(long, env = "KVGATE_SIM_TIME_SCALE")]
+    #[arg(long)]
     time_scale: Option<f64>,
     /// Engines to start in this process.
     #[arg(long, default_value_t = 1)]
@@ -50,52 +52,42 @@ pub struct SimArgs {
 }
 
 impl SimArgs {
-    pub fn load(&self) -> Result<SimConfig> {
-        let mut cfg = match &self.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?;
-                serde_yaml::from_str::<SimConfig>(&text)
-                    .with_context(|| format!("parsing {}", p.display()))?
+    /// The YAML file, then env (`KVGATE_SIM_HOST`, `KVGATE_SIM_PORT`,
+    /// `KVGATE_SIM_TIME_SCALE`), then these flags; validated.
+    pub fn load(&self, env: impl Fn(&str) -> Option<String>) -> Result<SimConfig> {
+        crate::config::load(self.config.as_deref(), env, |cfg: &mut SimConfig| {
+            if let Some(h) = &self.host {
+                cfg.listen = with_host(&cfg.listen, h);
             }
-            None => SimConfig::default(),
-        };
-        if self.host.is_some() || self.port.is_some() {
-            let (host, port) = cfg.listen.rsplit_once(':').unwrap_or(("127.0.0.1", "8000"));
-            let host = self.host.clone().unwrap_or_else(|| host.to_string());
-            let port = self
-                .port
-                .map_or_else(|| port.to_string(), |p| p.to_string());
-            cfg.listen = format!("{host}:{port}");
-        }
-        if let Some(m) = &self.model {
-            cfg.model = m.clone();
-        }
-        if self.tokenizer.is_some() {
-            cfg.tokenizer = self.tokenizer.clone();
-        }
-        let e = &mut cfg.engine;
-        e.block_size = self.block_size.unwrap_or(e.block_size);
-        e.num_blocks = self.num_blocks.unwrap_or(e.num_blocks);
-        e.max_num_seqs = self.max_num_seqs.unwrap_or(e.max_num_seqs);
-        e.max_num_batched_tokens = self
-            .max_num_batched_tokens
-            .unwrap_or(e.max_num_batched_tokens);
-        e.time_scale = self.time_scale.unwrap_or(e.time_scale);
-        if !(e.time_scale > 0.0 && e.time_scale.is_finite()) {
-            bail!("time scale must be a positive number");
-        }
-        cfg.max_model_len = self.max_model_len.unwrap_or(cfg.max_model_len);
-        if self.events.is_some() {
-            cfg.events = self.events.clone();
-        }
-        if self.replay.is_some() {
-            cfg.replay = self.replay.clone();
-        }
-        if let Some(t) = &self.topic {
-            cfg.topic = t.clone();
-        }
-        Ok(cfg)
+            if let Some(p) = self.port {
+                cfg.listen = with_port(&cfg.listen, p);
+            }
+            if let Some(m) = &self.model {
+                cfg.model = m.clone();
+            }
+            if self.tokenizer.is_some() {
+                cfg.tokenizer = self.tokenizer.clone();
+            }
+            let e = &mut cfg.engine;
+            e.block_size = self.block_size.unwrap_or(e.block_size);
+            e.num_blocks = self.num_blocks.unwrap_or(e.num_blocks);
+            e.max_num_seqs = self.max_num_seqs.unwrap_or(e.max_num_seqs);
+            e.max_num_batched_tokens = self
+                .max_num_batched_tokens
+                .unwrap_or(e.max_num_batched_tokens);
+            e.time_scale = self.time_scale.unwrap_or(e.time_scale);
+            cfg.max_model_len = self.max_model_len.unwrap_or(cfg.max_model_len);
+            if self.events.is_some() {
+                cfg.events = self.events.clone();
+            }
+            if self.replay.is_some() {
+                cfg.replay = self.replay.clone();
+            }
+            if let Some(t) = &self.topic {
+                cfg.topic = t.clone();
+            }
+            Ok(())
+        })
     }
 }
 
@@ -114,7 +106,7 @@ fn shift_port(endpoint: &str, by: usize) -> Result<String> {
 }
 
 pub async fn run(args: SimArgs) -> Result<()> {
-    let base = args.load()?;
+    let base = args.load(|k| std::env::var(k).ok())?;
     let mut sims = Vec::new();
     for i in 0..args.replicas.max(1) {
         let mut cfg = base.clone();
@@ -168,7 +160,7 @@ mod tests {
             num_blocks: Some(64),
             ..Default::default()
         };
-        let cfg = args.load().unwrap();
+        let cfg = args.load(|_| None).unwrap();
         assert_eq!(cfg.model, "m");
         assert_eq!(cfg.listen, "0.0.0.0:9100");
         assert_eq!(cfg.engine.block_size, 32);
@@ -179,12 +171,15 @@ mod tests {
             time_scale: Some(0.0),
             ..Default::default()
         };
-        assert!(bad.load().is_err());
+        assert!(bad.load(|_| None).is_err());
+        let env = |k: &str| (k == "KVGATE_SIM_PORT").then(|| "9200".to_string());
+        let cfg = SimArgs::default().load(env).unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:9200", "env applies after the file");
         std::fs::write(dir.path().join("bad.yaml"), "engine:\n  nonsense: 1\n").unwrap();
         let bad = SimArgs {
             config: Some(dir.path().join("bad.yaml")),
             ..Default::default()
         };
-        assert!(bad.load().is_err(), "unknown keys are errors");
+        assert!(bad.load(|_| None).is_err(), "unknown keys are errors");
     }
 }

@@ -1,4 +1,4 @@
-//! Reads the engine-side load numbers vLLM exports on `/metrics`.
+//! Reads the engine-side load numbers vLLM exports on `/metrics` (the fleet's scrape).
 
 /// Load-relevant values from a Prometheus text exposition (summed over label sets).
 #[derive(Debug, Default, Clone, Copy, PartialEq)]

@@ -1,0 +1,123 @@
+//! The gateway: its fleet, tokenizers, tenants and metrics, started together.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvgate_fleet::{Discovery, Fleet};
+use kvgate_index::KvIndex;
+use kvgate_indexer::metrics::IndexerMetrics;
+use kvgate_indexer::subscriber::IngestManager;
+use kvgate_keys::BlockHasher;
+use kvgate_tokenize::{ModelTokenizer, TokenizerRegistry};
+use prometheus_client::registry::Registry;
+
+use crate::config::{ConfigError, GatewayConfig};
+use crate::metrics::GatewayMetrics;
+use crate::tenancy::Tenancy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("tokenizer for {model:?}: {source}")]
+    Tokenizer {
+        model: String,
+        source: kvgate_tokenize::TokenizeError,
+    },
+    #[error("random secret: {0}")]
+    Entropy(#[from] kvgate_keys::KeyError),
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+pub struct Gateway {
+    pub(crate) cfg: GatewayConfig,
+    pub(crate) fleet: Arc<Fleet>,
+    pub(crate) tokenizers: TokenizerRegistry,
+    pub(crate) tenancy: Tenancy,
+    pub(crate) http: reqwest::Client,
+    pub metrics: GatewayMetrics,
+    pub index_metrics: Arc<IndexerMetrics>,
+    pub(crate) registry: Registry,
+}
+
+impl Gateway {
+    /// Validates `cfg`, builds the gateway, joins the endpoints `discovery`
+    /// reports (following its changes), and starts health checks, metrics
+    /// scraping and expiry in the background.
+    pub async fn start(
+        cfg: GatewayConfig,
+        discovery: Arc<dyn Discovery>,
+    ) -> Result<Arc<Self>, GatewayError> {
+        cfg.validate()?;
+        let hasher = match &cfg.key_secret {
+            Some(s) => BlockHasher::from_secret(s.as_bytes()),
+            None => BlockHasher::random()?,
+        };
+        let index = Arc::new(KvIndex::new(cfg.index.clone(), hasher));
+        let index_metrics = Arc::new(IndexerMetrics::default());
+        let tokenizers = load_tokenizers(&cfg)?;
+        let mut salt_secret = [0u8; 32];
+        if cfg.tenancy.salt_secret.is_none() {
+            let random = BlockHasher::random()?;
+            salt_secret = blake3::derive_key("kvgate salt secret", random.fingerprint().as_bytes());
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()?;
+        let metrics = GatewayMetrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        index_metrics.register(&mut registry);
+        let feeds = IngestManager::new(index.clone(), index_metrics.clone());
+        let fleet = Arc::new(Fleet::new(
+            cfg.router.clone(),
+            cfg.ejection(),
+            index,
+            Box::new(feeds),
+        ));
+        fleet.follow(discovery.as_ref()).await;
+        kvgate_fleet::spawn_probes(&fleet, http.clone(), cfg.probes());
+        Ok(Arc::new(Self {
+            tenancy: Tenancy::new(&cfg.tenancy, salt_secret),
+            fleet,
+            tokenizers,
+            http,
+            metrics,
+            index_metrics,
+            registry,
+            cfg,
+        }))
+    }
+
+    pub fn index(&self) -> &Arc<KvIndex> {
+        self.fleet.index()
+    }
+
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+}
+
+fn load_tokenizers(cfg: &GatewayConfig) -> Result<TokenizerRegistry, GatewayError> {
+    let mut tokenizers = TokenizerRegistry::default();
+    for (model, dir) in &cfg.tokenizers {
+        let tok = ModelTokenizer::from_dir(std::path::Path::new(dir)).map_err(|source| {
+            GatewayError::Tokenizer {
+                model: model.clone(),
+                source,
+            }
+        })?;
+        tokenizers.insert(model.clone(), Arc::new(tok));
+    }
+    if cfg.embedded_tokenizer_fallback {
+        let tok = ModelTokenizer::embedded_default().map_err(|source| GatewayError::Tokenizer {
+            model: "<embedded>".into(),
+            source,
+        })?;
+        tokenizers.set_fallback(Arc::new(tok));
+    }
+    Ok(tokenizers)
+}

@@ -1,0 +1,206 @@
+//! The HTTP edge: routes, handlers, and the one place domain errors become
+//! OpenAI-shaped error responses.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kvgate_indexer::api::ApiError;
+use kvgate_router::RouteError;
+use serde_json::Value;
+
+use crate::config::DEFAULT_RETRY_AFTER_SECS;
+use crate::pipeline::{prepare, Kind, PrepareError};
+use crate::proxy::{forward, ProxyError};
+use crate::tenancy::AuthError;
+use crate::Gateway;
+
+/// What routing sees for a chat request: same body and auth as
+/// `/v1/chat/completions`, nothing is sent to an engine.
+pub const EXPLAIN_CHAT_PATH: &str = "/kvgate/v1/explain/chat/completions";
+/// As [`EXPLAIN_CHAT_PATH`], for `/v1/completions`.
+pub const EXPLAIN_COMPLETIONS_PATH: &str = "/kvgate/v1/explain/completions";
+
+type Body = Result<Bytes, BytesRejection>;
+
+impl Gateway {
+    pub fn router(self: &Arc<Self>) -> Router {
+        let router = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions))
+            .route("/v1/models", get(models))
+            .route("/health", get(|| async { StatusCode::OK }))
+            .route("/ready", get(ready))
+            .route("/metrics", get(metrics));
+        let router = if self.cfg.debug_api {
+            router
+                .route(EXPLAIN_CHAT_PATH, post(explain_chat))
+                .route(EXPLAIN_COMPLETIONS_PATH, post(explain_completions))
+        } else {
+            router
+        };
+        router
+            .layer(DefaultBodyLimit::max(self.cfg.max_body_bytes))
+            .with_state(self.clone())
+    }
+}
+
+async fn chat(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    handle(gw, Kind::Chat, headers, body).await
+}
+
+async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    handle(gw, Kind::Completion, headers, body).await
+}
+
+async fn handle(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Body) -> Response {
+    let received = Instant::now();
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return rejected(e),
+    };
+    let tokenize = gw.fleet.scheduler().config().policy.uses_prompt_tokens();
+    let prepared = match prepare(&gw, kind, &headers, body, tokenize) {
+        Ok(p) => p,
+        Err(e) => return prepare_error(e),
+    };
+    let session = headers
+        .get(gw.cfg.session_header.as_str())
+        .and_then(|v| v.to_str().ok());
+    let input = match prepared.routing_input(&gw, session) {
+        Ok(i) => i,
+        Err(e) => return prepare_error(e),
+    };
+    forward(&gw, kind, &headers, prepared.body.clone(), input, received)
+        .await
+        .unwrap_or_else(proxy_error)
+}
+
+async fn explain_chat(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    explain(&gw, Kind::Chat, &headers, body)
+}
+
+async fn explain_completions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    explain(&gw, Kind::Completion, &headers, body)
+}
+
+/// The prompt's token ids as the gateway computed them, and for every block
+/// key (per block size) which endpoints the index says hold it. Scoped to the
+/// caller's tenant like a real request: keys carry the tenant's salt.
+fn explain(gw: &Arc<Gateway>, kind: Kind, headers: &HeaderMap, body: Body) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return rejected(e),
+    };
+    let p = match prepare(gw, kind, headers, body, true) {
+        Ok(p) => p,
+        Err(e) => return prepare_error(e),
+    };
+    let input = match p.routing_input(gw, None) {
+        Ok(i) => i,
+        Err(e) => return prepare_error(e),
+    };
+    let blocks: Vec<Value> = input
+        .keys()
+        .iter()
+        .map(|(bs, keys)| {
+            let holders = gw.index().block_holders(keys);
+            let keys: Vec<Value> = keys
+                .iter()
+                .zip(holders)
+                .map(|(k, h)| serde_json::json!({"key": format!("{k:016x}"), "held_by": h}))
+                .collect();
+            serde_json::json!({"block_size": bs, "keys": keys})
+        })
+        .collect();
+    let endpoints: Vec<&str> = input.serving().iter().map(|e| e.name()).collect();
+    Json(serde_json::json!({
+        "model": p.model,
+        "tenant_isolated": p.tenant.is_some(),
+        "prompt_tokens": p.tokens,
+        "endpoints": endpoints,
+        "blocks": blocks,
+    }))
+    .into_response()
+}
+
+async fn models(State(gw): State<Arc<Gateway>>) -> Response {
+    let data: Vec<Value> = gw
+        .fleet
+        .models()
+        .into_iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "kvgate"}))
+        .collect();
+    Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.fleet.snapshot().iter().any(|e| e.is_available()) {
+        StatusCode::OK.into_response()
+    } else {
+        no_endpoint("no healthy endpoint")
+    }
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    gw.index_metrics.refresh_gauges(gw.index());
+    kvgate_indexer::metrics::render(&gw.registry)
+}
+
+fn rejected(e: BytesRejection) -> Response {
+    ApiError::new(e.status(), "BadRequestError", e.body_text(), None).into_response()
+}
+
+fn prepare_error(e: PrepareError) -> Response {
+    let msg = e.to_string();
+    match e {
+        PrepareError::Auth(AuthError::Missing | AuthError::Invalid) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "AuthenticationError", msg, None)
+        }
+        PrepareError::UnknownModel(_) => {
+            ApiError::new(StatusCode::NOT_FOUND, "NotFoundError", msg, e.param())
+        }
+        _ => ApiError::bad_request(msg, e.param()),
+    }
+    .into_response()
+}
+
+fn proxy_error(e: ProxyError) -> Response {
+    match e {
+        ProxyError::NoEndpoint(RouteError::UnknownModel(_) | RouteError::NoHealthyEndpoint(_)) => {
+            no_endpoint(e.to_string())
+        }
+        ProxyError::Upstream { .. } | ProxyError::Response(_) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "BadGatewayError",
+            e.to_string(),
+            None,
+        )
+        .into_response(),
+    }
+}
+
+fn no_endpoint(msg: impl Into<String>) -> Response {
+    let mut r = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ServiceUnavailableError",
+        msg,
+        None,
+    )
+    .into_response();
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(DEFAULT_RETRY_AFTER_SECS),
+    );
+    r
+}
