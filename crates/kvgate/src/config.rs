@@ -284,10 +284,9 @@ pub fn load_gateway_config(
     Ok(cfg)
 }
 
+/// A registered policy's name; the error lists the registered ones.
 pub fn parse_policy(s: &str) -> Result<kvgate_router::Policy> {
-    serde_yaml::from_str(s).with_context(|| {
-        format!("unknown policy {s:?} (precise_prefix, approx_prefix, round_robin, least_load, session, random)")
-    })
+    Ok(s.trim().parse()?)
 }
 
 fn parse_endpoint_flag(s: &str) -> Result<kvgate_gateway::EndpointConfig> {
@@ -369,6 +368,12 @@ mod gateway_tests {
             policy: Some("fastest".into()),
             ..Default::default()
         };
-        assert!(load_gateway_config(None, none, &flags).is_err());
+        let err = load_gateway_config(None, none, &flags)
+            .unwrap_err()
+            .to_string();
+        for name in kvgate_router::policy_names() {
+            assert!(err.contains(name), "{err}");
+            assert_eq!(parse_policy(name).unwrap().name(), name);
+        }
     }
 }
