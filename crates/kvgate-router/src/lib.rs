@@ -13,54 +13,30 @@
 //!         - w.session_bonus        * (e is the session's home)
 //! ```
 //!
-//! Cached tokens come from the precise index (engine events, tier-weighted) or,
-//! for endpoints without events, from an approximate index that learns from the
-//! gateway's own routing decisions. Simple baselines exist too.
+//! Cached tokens come from the precise index (engine events, tier-weighted;
+//! prefixes routed moments ago whose events are pending count as cached where
+//! they were sent) or, for endpoints without events, from an approximate index
+//! that learns from the gateway's own routing decisions. Simple baselines
+//! exist too.
+//!
+//! Each policy is a [`RoutingPolicy`] in its own file under `policy/`, listed
+//! once in that module's registry; [`Policy`] names one (the config's
+//! `router.policy`) and [`policy_names`] lists them. The cost function lives in
+//! `cost.rs`, shared helpers (rendezvous hashing, least load) in `pick.rs`.
 
+mod cost;
 pub mod load;
+mod pick;
+mod policy;
 
-use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
-use kvgate_index::{EndpointId, EndpointMatch, IndexConfig, KvIndex, MAX_TIERS};
+use kvgate_index::{EndpointId, IndexConfig, KvIndex, MAX_TIERS};
 use kvgate_keys::{BlockHasher, BlockKey};
 use serde::{Deserialize, Serialize};
 
 pub use load::{LoadCounters, LoadSnapshot, RequestGuard};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Policy {
-    /// Cost function with cached tokens from engine KV events.
-    #[default]
-    PrecisePrefix,
-    /// Cost function with cached tokens learned from routing decisions only.
-    ApproxPrefix,
-    RoundRobin,
-    LeastLoad,
-    /// Sticky by session id (rendezvous hashing), least load without one.
-    Session,
-    Random,
-}
-
-impl Policy {
-    /// Whether the policy looks at the prompt's tokens (prefix or load in
-    /// tokens); round robin and random do not, so the gateway skips tokenizing.
-    pub fn uses_prompt_tokens(self) -> bool {
-        !matches!(self, Policy::RoundRobin | Policy::Random)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Policy::PrecisePrefix => "precise_prefix",
-            Policy::ApproxPrefix => "approx_prefix",
-            Policy::RoundRobin => "round_robin",
-            Policy::LeastLoad => "least_load",
-            Policy::Session => "session",
-            Policy::Random => "random",
-        }
-    }
-}
+pub use policy::{policy_names, Policy, PolicyContext, RoutingPolicy, UnknownPolicy};
 
 /// Weights of the cost function, in prefill-token units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +92,8 @@ pub const DEFAULT_SPECULATIVE_TTL_SECS: u32 = 5;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RouterConfig {
+    /// A registered policy's name (`precise_prefix` by default); unknown names
+    /// fail to parse, listing the known ones.
     pub policy: Policy,
     pub weights: CostWeights,
     pub approx_max_blocks: usize,
@@ -212,6 +190,8 @@ pub enum RouteError {
 
 pub struct Scheduler {
     cfg: RouterConfig,
+    policy: Box<dyn RoutingPolicy>,
+    /// Shared turn counter: round robin's position and the tie rotations.
     rr: AtomicUsize,
     /// Learns (keys -> endpoint) from routing decisions, for endpoints without events.
     approx: KvIndex,
@@ -240,6 +220,7 @@ impl Scheduler {
             BlockHasher::from_secret(b"kvgate-speculative-index"),
         );
         Self {
+            policy: cfg.policy.build(),
             cfg,
             rr: AtomicUsize::new(0),
             approx,
@@ -271,198 +252,19 @@ impl Scheduler {
         if eligible.is_empty() {
             return Err(RouteError::NoHealthyEndpoint(req.model.to_string()));
         }
-        let pick = |chosen: usize, reason| Decision {
-            chosen,
-            reason,
-            scores: Vec::new(),
-            expected_uncached_tokens: req.prompt_tokens as u64,
-            expected_cached_tokens: 0,
-        };
-        Ok(match self.cfg.policy {
-            Policy::RoundRobin => {
-                let n = self.rr.fetch_add(1, Ordering::Relaxed);
-                pick(eligible[n % eligible.len()], "round_robin")
-            }
-            Policy::Random => pick(eligible[rand::random_range(0..eligible.len())], "random"),
-            Policy::LeastLoad => pick(self.least_loaded(&eligible, candidates), "least_load"),
-            Policy::Session => match req.session_id {
-                Some(s) => pick(rendezvous(s, &eligible, candidates), "session"),
-                None => pick(self.least_loaded(&eligible, candidates), "least_load"),
-            },
-            Policy::PrecisePrefix | Policy::ApproxPrefix => {
-                self.by_cost(req, candidates, &eligible, precise)
-            }
-        })
+        let ctx = PolicyContext::new(
+            &self.cfg,
+            precise,
+            &self.approx,
+            self.speculating().then_some(&self.speculative),
+            &self.rr,
+        );
+        Ok(self.policy.route(req, candidates, &eligible, &ctx))
     }
 
-    fn load_tokens(&self, l: &LoadSnapshot) -> f64 {
-        let w = &self.cfg.weights;
-        w.queued_prefill_token * l.pending_prefill_tokens as f64
-            + w.active_request * l.in_flight as f64
-            + w.engine_waiting * l.engine_waiting as f64
-            + w.kv_usage * l.engine_kv_usage
-    }
-
-    fn least_loaded(&self, eligible: &[usize], candidates: &[Candidate<'_>]) -> usize {
-        let n = self.rr.fetch_add(1, Ordering::Relaxed);
-        // Ties rotate, so an idle fleet is not all sent to the first endpoint.
-        let rotated = eligible
-            .iter()
-            .cycle()
-            .skip(n % eligible.len())
-            .take(eligible.len());
-        rotated
-            .min_by(|a, b| {
-                self.load_tokens(&candidates[**a].load)
-                    .total_cmp(&self.load_tokens(&candidates[**b].load))
-            })
-            .copied()
-            .unwrap_or(eligible[0])
-    }
-
-    fn by_cost(
-        &self,
-        req: &RouteRequest<'_>,
-        candidates: &[Candidate<'_>],
-        eligible: &[usize],
-        precise: Option<&KvIndex>,
-    ) -> Decision {
-        let w = &self.cfg.weights;
-        let use_precise = self.cfg.policy == Policy::PrecisePrefix;
-        let home = req.session_id.map(|s| rendezvous(s, eligible, candidates));
-        // One lookup per block size, shared by the endpoints of that size.
-        let mut precise_matches: Vec<(u32, Vec<EndpointMatch>)> = Vec::new();
-        let mut approx_matches: Vec<(u32, Vec<EndpointMatch>)> = Vec::new();
-        let mut speculative_matches: Vec<(u32, Vec<EndpointMatch>)> = Vec::new();
-        let speculate = use_precise && self.cfg.speculative_ttl_secs > 0;
-        for (bs, keys) in req.keys {
-            if let (true, Some(index)) = (use_precise, precise) {
-                precise_matches.push((*bs, index.lookup(keys)));
-            }
-            if speculate {
-                speculative_matches.push((*bs, self.speculative.lookup(keys)));
-            }
-            approx_matches.push((*bs, self.approx.lookup(keys)));
-        }
-        let n = self.rr.fetch_add(1, Ordering::Relaxed);
-        let mut scores = Vec::with_capacity(eligible.len());
-        let mut best: Option<(f64, usize, usize)> = None; // (cost, rotation rank, candidate)
-        for (rank, &i) in eligible.iter().enumerate() {
-            let c = &candidates[i];
-            // Blocks of this prompt that a request routed here moments ago is
-            // computing right now (no KV events yet).
-            let mut in_flight_blocks = 0.0;
-            let (cached_blocks, source) = match (use_precise, c.index_id) {
-                (true, Some(id)) => {
-                    let known = find(&precise_matches, c.block_size, |m| m.endpoint == id)
-                        .map_or(0.0, |m| m.weighted_blocks(&w.tier));
-                    let expected = self
-                        .speculative
-                        .endpoint_id(c.name)
-                        .and_then(|id| {
-                            find(&speculative_matches, c.block_size, |m| m.endpoint == id)
-                        })
-                        .map_or(0.0, |m| f64::from(m.matched_blocks));
-                    if expected > known {
-                        in_flight_blocks = expected - known;
-                        (expected, "speculative")
-                    } else {
-                        (known, "precise")
-                    }
-                }
-                _ => (
-                    self.approx
-                        .endpoint_id(c.name)
-                        .and_then(|id| find(&approx_matches, c.block_size, |m| m.endpoint == id))
-                        .map_or(0.0, |m| f64::from(m.matched_blocks)),
-                    "approx",
-                ),
-            };
-            // The engine always computes the last prompt token.
-            let cached = (cached_blocks * f64::from(c.block_size))
-                .min(req.prompt_tokens.saturating_sub(1) as f64);
-            // That prefill is queued work here, but it is this prompt's own
-            // prefix: joining it adds nothing, while going elsewhere computes
-            // the prefix twice. So it does not count as load against us.
-            let shared_prefill = (in_flight_blocks * f64::from(c.block_size))
-                .min(c.load.pending_prefill_tokens as f64);
-            let load = self.load_tokens(&c.load) - w.queued_prefill_token * shared_prefill;
-            let bonus = if home == Some(i) {
-                w.session_bonus
-            } else {
-                0.0
-            };
-            let cost = w.prefill_token * (req.prompt_tokens as f64 - cached) + load - bonus;
-            let source = if cached > 0.0 { source } else { "none" };
-            // Equal costs rotate (rank relative to a moving start).
-            let rot = (rank + eligible.len() - n % eligible.len()) % eligible.len();
-            if best.is_none_or(|(bc, br, _)| cost < bc || (cost == bc && rot < br)) {
-                best = Some((cost, rot, i));
-            }
-            scores.push(Score {
-                endpoint: c.name.to_string(),
-                cached_tokens: cached,
-                cached_source: source,
-                load_tokens: load,
-                cost,
-            });
-        }
-        let mut chosen = best.map_or(eligible[0], |(_, _, i)| i);
-        // The prefix is named by its block at ~AFFINITY_PREFIX_TOKENS (or its
-        // last full block): past a chat template's fixed header, short enough
-        // that a group's requests agree on it.
-        let prefix_key = req.keys.first().and_then(|(bs, k)| {
-            let depth = (AFFINITY_PREFIX_TOKENS / (*bs).max(1) as usize).max(1);
-            k.get(depth.min(k.len()).checked_sub(1)?)
-        });
-        // Near-ties (within the slack) keep prefixes together: the endpoint
-        // caching most of the prompt wins; a prefix cached nowhere goes home
-        // if that costs it no wait (`cold_pick`).
-        if let Some((best_cost, _, _)) = best {
-            let near: Vec<(usize, &Score)> = eligible
-                .iter()
-                .copied()
-                .zip(&scores)
-                .filter(|(_, s)| s.cost <= best_cost + w.prefix_affinity_slack)
-                .collect();
-            let most_cached = near
-                .iter()
-                .map(|(_, s)| s.cached_tokens)
-                .fold(0.0, f64::max);
-            if most_cached > 0.0 {
-                if let Some((i, _)) = near
-                    .iter()
-                    .filter(|(_, s)| s.cached_tokens == most_cached)
-                    .min_by(|a, b| a.1.cost.total_cmp(&b.1.cost))
-                {
-                    chosen = *i;
-                }
-            } else if scores.iter().all(|s| s.cached_tokens == 0.0) {
-                chosen = cold_pick(&near, chosen, candidates, || {
-                    prefix_key.map(|k| rendezvous(&k.to_le_bytes(), eligible, candidates))
-                });
-            }
-        }
-        let chosen_score = eligible
-            .iter()
-            .position(|i| *i == chosen)
-            .and_then(|p| scores.get(p));
-        let cached = chosen_score.map_or(0.0, |s| s.cached_tokens);
-        let max_cached = scores.iter().map(|s| s.cached_tokens).fold(0.0, f64::max);
-        let reason = if max_cached == 0.0 {
-            "load_no_prefix"
-        } else if cached >= max_cached {
-            "prefix"
-        } else {
-            "load_over_prefix"
-        };
-        Decision {
-            chosen,
-            reason,
-            scores,
-            expected_uncached_tokens: (req.prompt_tokens as f64 - cached).max(0.0) as u64,
-            expected_cached_tokens: cached as u64,
-        }
+    /// Whether routing decisions are remembered as speculative cache entries.
+    fn speculating(&self) -> bool {
+        self.policy.speculates() && self.cfg.speculative_ttl_secs > 0
     }
 
     /// Teaches the approximate index that `endpoint` now caches these keys.
@@ -473,7 +275,7 @@ impl Scheduler {
             }
         };
         learn(&self.approx);
-        if self.cfg.policy == Policy::PrecisePrefix && self.cfg.speculative_ttl_secs > 0 {
+        if self.speculating() {
             learn(&self.speculative);
         }
     }
@@ -488,67 +290,4 @@ impl Scheduler {
     pub fn expire(&self) -> usize {
         self.approx.expire() + self.speculative.expire()
     }
-}
-
-/// Where a prompt cached nowhere goes among the near-ties (`near`, which
-/// holds `best`). Queued prefill tokens say nothing of how far along they are,
-/// so near-ties with some queued are not equal: an endpoint with none starts
-/// the prompt at once, and among busy ones, the one given a request longest
-/// ago is likely the nearest to done (what round robin gets by construction).
-/// The prefix's home (`home()`) wins only when it starts at once too: a
-/// group's requests then meet there at no cost to this one.
-fn cold_pick(
-    near: &[(usize, &Score)],
-    best: usize,
-    candidates: &[Candidate<'_>],
-    home: impl FnOnce() -> Option<usize>,
-) -> usize {
-    let idle = |i: usize| candidates[i].load.pending_prefill_tokens == 0;
-    if near.iter().any(|(i, _)| idle(*i)) {
-        if let Some(h) = home().filter(|h| idle(*h) && near.iter().any(|(i, _)| i == h)) {
-            return h;
-        }
-        if idle(best) {
-            return best;
-        }
-        return near
-            .iter()
-            .filter(|(i, _)| idle(*i))
-            .min_by(|a, b| a.1.cost.total_cmp(&b.1.cost))
-            .map_or(best, |(i, _)| *i);
-    }
-    near.iter()
-        .map(|(i, _)| *i)
-        .min_by_key(|i| (candidates[*i].load.last_routed, *i != best))
-        .unwrap_or(best)
-}
-
-fn find(
-    matches: &[(u32, Vec<EndpointMatch>)],
-    block_size: u32,
-    pred: impl Fn(&EndpointMatch) -> bool,
-) -> Option<&EndpointMatch> {
-    matches
-        .iter()
-        .find(|(bs, _)| *bs == block_size)
-        .and_then(|(_, ms)| ms.iter().find(|m| pred(m)))
-}
-
-/// Highest-random-weight hashing: a session keeps its endpoint while it stays
-/// eligible, and only sessions of a removed endpoint move.
-fn rendezvous<K: Hash + ?Sized>(
-    session: &K,
-    eligible: &[usize],
-    candidates: &[Candidate<'_>],
-) -> usize {
-    eligible
-        .iter()
-        .copied()
-        .max_by_key(|i| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            session.hash(&mut h);
-            candidates[*i].name.hash(&mut h);
-            h.finish()
-        })
-        .unwrap_or(eligible[0])
 }

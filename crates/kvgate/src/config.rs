@@ -219,10 +219,9 @@ pub fn with_port(listen: &str, port: u16) -> String {
     format!("{host}:{port}")
 }
 
+/// A registered policy's name; the error lists the registered ones.
 pub fn parse_policy(s: &str) -> Result<kvgate_router::Policy> {
-    serde_yaml::from_str(s).with_context(|| {
-        format!("unknown policy {s:?} (precise_prefix, approx_prefix, round_robin, least_load, session, random)")
-    })
+    Ok(s.trim().parse()?)
 }
 
 #[cfg(test)]
@@ -348,7 +347,11 @@ mod tests {
             c.router.policy = parse_policy("fastest")?;
             Ok(())
         });
-        assert!(r.is_err());
+        let err = r.unwrap_err().to_string();
+        for name in kvgate_router::policy_names() {
+            assert!(err.contains(name), "{err}");
+            assert_eq!(parse_policy(name).unwrap().name(), name);
+        }
         let r = load::<GatewayConfig>(None, none, |c| {
             c.health_interval_ms = 0;
             Ok(())

@@ -61,9 +61,8 @@ enum Command {
         /// Listen address (env KVGATE_LISTEN).
         #[arg(long)]
         listen: Option<String>,
-        /// Routing policy (env KVGATE_POLICY): precise_prefix, approx_prefix,
-        /// round_robin, least_load, session, random.
-        #[arg(long)]
+        /// Routing policy (env KVGATE_POLICY).
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(kvgate_router::policy_names()))]
         policy: Option<String>,
         /// An endpoint, repeatable:
         /// url=http://H:P,model=M,block_size=16[,events=tcp://H:P][,replay=tcp://H:P][,adapter=A][,topic=T][,bind=true]
