@@ -15,6 +15,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use kvgate_openai::OpenAiError;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone)]
@@ -80,21 +81,9 @@ fn word_tokens(body: &Value) -> Vec<u32> {
     (1..=words.max(1)).collect()
 }
 
-fn parse(body: &[u8]) -> Result<Value, BadRequest> {
-    serde_json::from_slice(body).map_err(|e| BadRequest(e.to_string()))
-}
-
-/// A body that is not JSON.
-struct BadRequest(String);
-
-impl IntoResponse for BadRequest {
-    fn into_response(self) -> Response {
-        (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": {"message": self.0, "type": "BadRequestError", "code": 400}})),
-        )
-            .into_response()
-    }
+/// A body that is not JSON is a 400 in the shape vLLM answers with.
+fn parse(body: &[u8]) -> Result<Value, OpenAiError> {
+    serde_json::from_slice(body).map_err(|e| OpenAiError::bad_request(e.to_string(), None))
 }
 
 async fn completion(State(cfg): State<FakeBackendConfig>, body: Bytes) -> Response {

@@ -1,11 +1,12 @@
 //! The index's HTTP service: locality queries, dumps, health and metrics.
 //!
-//! Errors use OpenAI's error shape so clients of the gateway and of the index
-//! parse one format.
+//! Errors use OpenAI's error shape, typed as vLLM types it ([`kvgate_openai`]),
+//! so clients of the gateway, the index and the engines parse one format.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -13,9 +14,11 @@ use axum::routing::get;
 use axum::{Json, Router};
 use kvgate_index::{KvIndex, Locality, MAX_TIERS};
 use kvgate_keys::RequestContext;
+pub use kvgate_openai::OpenAiError;
 use kvgate_tokenize::{ChatInput, TokenizerRegistry};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::metrics::IndexerMetrics;
 
@@ -45,78 +48,57 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// OpenAI-shaped error body.
-#[derive(Debug, Serialize)]
-pub struct ApiError {
-    #[serde(skip)]
-    status: StatusCode,
-    error: ErrorBody,
-}
-
-#[derive(Debug, Serialize)]
-struct ErrorBody {
-    message: String,
-    r#type: &'static str,
-    param: Option<&'static str>,
-    code: u16,
-}
+/// The index API's error type before [`kvgate_openai`] owned the shape, kept so
+/// its callers (the gateway) compile unchanged; new code uses [`OpenAiError`].
+/// The `type` now follows from the status, so `new`'s `kind` is not used.
+#[derive(Debug)]
+pub struct ApiError(OpenAiError);
 
 impl ApiError {
-    /// Any status, with an OpenAI-style error `type` (e.g. "NotFoundError").
+    /// Any status; the `type` is [`kvgate_openai::error_type`] of it, whatever `kind` says.
     pub fn new(
         status: StatusCode,
-        kind: &'static str,
+        _kind: &'static str,
         message: impl Into<String>,
         param: Option<&'static str>,
     ) -> Self {
-        Self {
-            status,
-            error: ErrorBody {
-                message: message.into(),
-                r#type: kind,
-                param,
-                code: status.as_u16(),
-            },
-        }
+        Self(OpenAiError::new(status, message).with_param(param))
     }
 
     pub fn status(&self) -> StatusCode {
-        self.status
+        self.0.status()
     }
 
     pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            error: ErrorBody {
-                message: message.into(),
-                r#type: "invalid_request_error",
-                param,
-                code: 400,
-            },
-        }
+        Self(OpenAiError::bad_request(message, param))
     }
 }
 
-impl From<axum::extract::rejection::JsonRejection> for ApiError {
-    /// Keeps the rejection's status (413 for oversized bodies, 415, 422 -> 400).
-    fn from(e: axum::extract::rejection::JsonRejection) -> Self {
-        let status = match e.status() {
-            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
-            s => s,
-        };
-        let mut err = Self::bad_request(e.body_text(), None);
-        err.status = status;
-        err.error.code = status.as_u16();
-        err
+impl From<OpenAiError> for ApiError {
+    fn from(e: OpenAiError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> Self {
+        e.0
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        Self(e.into())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(&self)).into_response()
+        self.0.into_response()
     }
 }
 
+/// `POST /v1/locality`'s body: exactly one of `tokens`, `text` or `messages`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalityRequest {
@@ -127,15 +109,48 @@ pub struct LocalityRequest {
     /// A completions-style prompt, tokenized with the model's tokenizer.
     #[serde(default)]
     pub text: Option<String>,
-    /// Chat messages, rendered with the model's chat template and tokenized.
-    #[serde(default)]
-    pub messages: Option<Vec<serde_json::Value>>,
-    #[serde(default)]
-    pub tools: Option<Vec<serde_json::Value>>,
     #[serde(default)]
     pub cache_salt: Option<String>,
     #[serde(default)]
     pub lora_name: Option<String>,
+    /// Chat messages, rendered with the model's chat template and tokenized;
+    /// this and the four fields below are a chat completion's, kept as sent
+    /// (an explicit null included) for [`ChatInput::from_openai`] to read.
+    #[serde(default, deserialize_with = "as_sent")]
+    pub messages: Option<Value>,
+    #[serde(default, deserialize_with = "as_sent")]
+    pub tools: Option<Value>,
+    #[serde(default, deserialize_with = "as_sent")]
+    pub add_generation_prompt: Option<Value>,
+    #[serde(default, deserialize_with = "as_sent")]
+    pub continue_final_message: Option<Value>,
+    #[serde(default, deserialize_with = "as_sent")]
+    pub chat_template_kwargs: Option<Value>,
+}
+
+/// Present fields stay `Some`, even `null`: the chat body keeps what the client sent.
+fn as_sent<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+impl LocalityRequest {
+    /// The chat fields as a chat completion body (None without `messages`).
+    fn take_chat_body(&mut self) -> Option<Value> {
+        let messages = self.messages.take()?;
+        let mut body = serde_json::Map::new();
+        body.insert("messages".into(), messages);
+        for (name, value) in [
+            ("tools", self.tools.take()),
+            ("add_generation_prompt", self.add_generation_prompt.take()),
+            ("continue_final_message", self.continue_final_message.take()),
+            ("chat_template_kwargs", self.chat_template_kwargs.take()),
+        ] {
+            if let Some(v) = value {
+                body.insert(name.into(), v);
+            }
+        }
+        Some(Value::Object(body))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,14 +187,15 @@ pub struct EndpointScore {
 
 async fn locality_get(
     State(st): State<ApiState>,
-    Query(q): Query<LocalityQuery>,
-) -> Result<Json<LocalityResponse>, ApiError> {
-    let model = q
-        .model
-        .ok_or_else(|| ApiError::bad_request("missing query parameter 'model'", Some("model")))?;
-    let raw = q
-        .tokens
-        .ok_or_else(|| ApiError::bad_request("missing query parameter 'tokens'", Some("tokens")))?;
+    query: Result<Query<LocalityQuery>, QueryRejection>,
+) -> Result<Json<LocalityResponse>, OpenAiError> {
+    let Query(q) = query?;
+    let model = q.model.ok_or_else(|| {
+        OpenAiError::bad_request("missing query parameter 'model'", Some("model"))
+    })?;
+    let raw = q.tokens.ok_or_else(|| {
+        OpenAiError::bad_request("missing query parameter 'tokens'", Some("tokens"))
+    })?;
     let tokens = parse_token_list(&raw)?;
     run_locality(
         &st,
@@ -192,27 +208,25 @@ async fn locality_get(
 
 async fn locality_post(
     State(st): State<ApiState>,
-    body: Result<Json<LocalityRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<LocalityResponse>, ApiError> {
-    let Json(req) = body?;
-    let tokens = match (req.tokens, req.text, req.messages) {
+    body: Result<Json<LocalityRequest>, JsonRejection>,
+) -> Result<Json<LocalityResponse>, OpenAiError> {
+    let Json(mut req) = body?;
+    let chat = req.take_chat_body();
+    let tokens = match (req.tokens.take(), req.text.take(), chat) {
         (Some(t), None, None) => t,
         (None, Some(text), None) => tokenizer(&st, &req.model)?
             .completion_tokens(&text)
-            .map_err(|e| ApiError::bad_request(e.to_string(), Some("text")))?,
-        (None, None, Some(messages)) => {
-            let input = ChatInput {
-                messages: &messages,
-                tools: req.tools.as_deref(),
-                add_generation_prompt: true,
-                ..Default::default()
-            };
+            .map_err(|e| OpenAiError::bad_request(e.to_string(), Some("text")))?,
+        (None, None, Some(chat)) => {
+            // The same reading of the chat fields as the gateway's and the engine's.
+            let input = ChatInput::from_openai(&chat)
+                .map_err(|e| OpenAiError::bad_request(e.to_string(), Some(e.field())))?;
             tokenizer(&st, &req.model)?
                 .chat_tokens(&input)
-                .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?
+                .map_err(|e| OpenAiError::bad_request(e.to_string(), Some("messages")))?
         }
         _ => {
-            return Err(ApiError::bad_request(
+            return Err(OpenAiError::bad_request(
                 "exactly one of 'tokens', 'text' or 'messages' is required",
                 Some("tokens"),
             ))
@@ -230,23 +244,23 @@ async fn locality_post(
 fn tokenizer<'a>(
     st: &'a ApiState,
     model: &str,
-) -> Result<&'a Arc<kvgate_tokenize::ModelTokenizer>, ApiError> {
+) -> Result<&'a Arc<kvgate_tokenize::ModelTokenizer>, OpenAiError> {
     st.tokenizers.get(model).ok_or_else(|| {
-        ApiError::bad_request(
+        OpenAiError::bad_request(
             format!("no tokenizer is configured for model {model:?}; send 'tokens'"),
             Some("model"),
         )
     })
 }
 
-fn parse_token_list(raw: &str) -> Result<Vec<u32>, ApiError> {
+fn parse_token_list(raw: &str) -> Result<Vec<u32>, OpenAiError> {
     if raw.trim().is_empty() {
         return Ok(Vec::new());
     }
     raw.split(',')
         .map(|t| {
             t.trim().parse::<u32>().map_err(|_| {
-                ApiError::bad_request(format!("token id {t:?} is not a u32"), Some("tokens"))
+                OpenAiError::bad_request(format!("token id {t:?} is not a u32"), Some("tokens"))
             })
         })
         .collect()
@@ -258,7 +272,7 @@ fn run_locality(
     tokens: &[u32],
     cache_salt: Option<&str>,
     lora_name: Option<&str>,
-) -> Result<Json<LocalityResponse>, ApiError> {
+) -> Result<Json<LocalityResponse>, OpenAiError> {
     let ctx = RequestContext {
         model,
         lora_name,
@@ -269,7 +283,7 @@ fn run_locality(
     let loc = st
         .index
         .locality(tokens, &ctx)
-        .map_err(|e| ApiError::bad_request(e.to_string(), None))?;
+        .map_err(|e| OpenAiError::bad_request(e.to_string(), None))?;
     let resp = score_locality(model, &loc, &st.tier_weights);
     let queried = loc
         .endpoints

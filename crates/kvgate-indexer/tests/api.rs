@@ -153,6 +153,24 @@ async fn bad_requests_get_openai_shaped_400s() {
             post(r#"{"model":"m","messages":[{"content":"no role"}]}"#),
             "messages".into(),
         ),
+        // Chat fields of the wrong type are named as the gateway names them.
+        (post(r#"{"model":"m","messages":null}"#), "messages".into()),
+        (
+            post(r#"{"model":"m","messages":[],"tools":{}}"#),
+            "tools".into(),
+        ),
+        (
+            post(r#"{"model":"m","messages":[],"continue_final_message":"yes"}"#),
+            "continue_final_message".into(),
+        ),
+        (
+            post(r#"{"model":"m","messages":[],"add_generation_prompt":null}"#),
+            "add_generation_prompt".into(),
+        ),
+        (
+            post(r#"{"model":"m","messages":[],"chat_template_kwargs":[1]}"#),
+            "chat_template_kwargs".into(),
+        ),
         (
             post(r#"{"model":"m","tokens":[1],"bogus":1}"#),
             serde_json::Value::Null,
@@ -172,10 +190,7 @@ async fn bad_requests_get_openai_shaped_400s() {
     ] {
         let (status, json, text) = call(&app, req).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
-        assert_eq!(json["error"]["type"], "invalid_request_error", "{text}");
-        assert!(json["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()));
+        assert_openai_error(&json, 400, "BadRequestError", &text);
         assert_eq!(json["error"]["param"], param, "{text}");
     }
     // Oversized bodies are refused before parsing.
@@ -183,9 +198,28 @@ async fn bad_requests_get_openai_shaped_400s() {
         r#"{{"model":"m","tokens":[{}]}}"#,
         vec!["1"; 5_000_000].join(",")
     );
-    let (status, json, _) = call(&app, post(&huge)).await;
+    let (status, json, text) = call(&app, post(&huge)).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(json["error"]["code"], 413);
+    assert_openai_error(&json, 413, "PayloadTooLargeError", &text);
+}
+
+/// `{"error": {"message": str, "type": str, "param": .., "code": int}}` and nothing else.
+fn assert_openai_error(json: &serde_json::Value, code: u16, kind: &str, text: &str) {
+    let error = json["error"].as_object().expect(text);
+    let mut keys: Vec<&str> = error.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["code", "message", "param", "type"], "{text}");
+    assert_eq!(json.as_object().unwrap().len(), 1, "{text}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{text}"
+    );
+    assert_eq!(error["type"], kind, "{text}");
+    assert!(
+        error["param"].is_null() || error["param"].is_string(),
+        "{text}"
+    );
+    assert_eq!(error["code"].as_u64(), Some(u64::from(code)), "{text}");
 }
 
 #[tokio::test]
@@ -274,4 +308,72 @@ async fn text_and_messages_are_tokenized_like_the_engine() {
     let (status, json, _) = call(&app, post(&body)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json["prompt_tokens"], ids.len());
+}
+
+/// `/v1/locality` reads a chat body's template fields as a chat completion does:
+/// its tokens are `chat_tokens` of the same input.
+#[tokio::test]
+async fn chat_template_fields_are_honoured() {
+    let (app, index) = app();
+    let messages = serde_json::json!([
+        {"role": "user", "content": "Write a haiku about caches."},
+        {"role": "assistant", "content": "Blocks of warm prefix"},
+    ]);
+    let msgs = messages.as_array().unwrap();
+    let kwargs = serde_json::json!({"enable_thinking": false});
+    let default_input = ChatInput {
+        messages: &msgs[..1],
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    let default = TOKENIZER.chat_tokens(&default_input).unwrap();
+    let cases = [
+        (
+            serde_json::json!({"model": "m", "messages": messages, "continue_final_message": true, "add_generation_prompt": false}),
+            ChatInput {
+                messages: msgs,
+                continue_final_message: true,
+                ..Default::default()
+            },
+        ),
+        (
+            serde_json::json!({"model": "m", "messages": &msgs[..1], "chat_template_kwargs": kwargs}),
+            ChatInput {
+                template_kwargs: kwargs.as_object(),
+                ..default_input.clone()
+            },
+        ),
+        (
+            serde_json::json!({"model": "m", "messages": &msgs[..1], "add_generation_prompt": false}),
+            ChatInput {
+                add_generation_prompt: false,
+                ..default_input.clone()
+            },
+        ),
+    ];
+    let a = index.endpoint_id("http://a").unwrap();
+    for (body, input) in cases {
+        let want = TOKENIZER.chat_tokens(&input).unwrap();
+        assert_ne!(want, default, "the field changes the prompt: {body}");
+        // Endpoint a holds exactly the full blocks of the expected tokens.
+        index.clear_endpoint(a);
+        let full = want.len() / 4 * 4;
+        let batch = EventBatch {
+            ts: 0.0,
+            events: vec![stored(
+                (1000..1000 + full as u64 / 4).collect(),
+                None,
+                want[..full].to_vec(),
+                "GPU",
+            )],
+            data_parallel_rank: None,
+        };
+        index.apply_batch(a, &batch).unwrap();
+        let (status, json, text) = call(&app, post(&body.to_string())).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let resp: LocalityResponse = serde_json::from_value(json).unwrap();
+        assert_eq!(resp.prompt_tokens, want.len(), "{body}");
+        let got = resp.endpoints.iter().find(|e| e.endpoint == "http://a");
+        assert_eq!(got.unwrap().matched_tokens, full, "{body}");
+    }
 }

@@ -12,11 +12,14 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use kvgate_openai::OpenAiError;
 use kvgate_tokenize::{ChatInput, ModelTokenizer};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::engine::{EngineError, EngineHandle, Histogram, SimRequest, TokenEvent};
+use crate::engine::{EngineError, EngineHandle, SimRequest, TokenEvent};
+
+mod metrics;
 
 /// vLLM's limit on `cache_salt`.
 const MAX_SALT_LEN: usize = 128;
@@ -84,39 +87,14 @@ pub fn router(state: SimState) -> Router {
             get(|| async { Json(json!({"version": "0.32.0+kvgate-sim"})) }),
         )
         .route("/tokenize", post(tokenize))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics::metrics))
         .route("/reset_prefix_cache", post(reset))
         .route("/sim/faults", post(faults))
         .with_state(state)
 }
 
-/// vLLM's error body: `{"error": {"message", "type", "param", "code"}}`.
-pub struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.status.as_u16()}})),
-        )
-            .into_response()
-    }
-}
-
-fn error(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status,
-        kind,
-        message: message.into(),
-    }
-}
-
-fn bad_request(message: impl Into<String>) -> ApiError {
-    error(StatusCode::BAD_REQUEST, "BadRequestError", message)
+fn bad_request(message: impl Into<String>) -> OpenAiError {
+    OpenAiError::bad_request(message, None)
 }
 
 fn now_secs() -> u64 {
@@ -126,30 +104,37 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// Parses a body, checks the model and the salt; returns the JSON object.
-fn parse(state: &SimState, body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
-    let v: Value =
+/// Parses a body, checks the model and the salt; returns the body (a JSON object).
+fn parse(state: &SimState, body: &[u8]) -> Result<Value, OpenAiError> {
+    let obj: Value =
         serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))?;
-    let Value::Object(obj) = v else {
+    if !obj.is_object() {
         return Err(bad_request("request body must be a JSON object"));
-    };
+    }
     match obj.get("model").and_then(Value::as_str) {
         Some(m) if m == state.model => {}
         Some(m) => {
-            return Err(error(
-                StatusCode::NOT_FOUND,
-                "NotFoundError",
+            return Err(OpenAiError::not_found(
                 format!("The model `{m}` does not exist."),
+                Some("model"),
             ))
         }
-        None => return Err(bad_request("'model' is required")),
+        None => {
+            return Err(OpenAiError::bad_request(
+                "'model' is required",
+                Some("model"),
+            ))
+        }
     }
     if let Some(salt) = obj.get("cache_salt") {
         let ok = salt.as_str().is_some_and(|s| {
             !s.is_empty() && s.len() <= MAX_SALT_LEN && !s.contains(['@', '/', '\\', '\0'])
         });
         if !ok {
-            return Err(bad_request("cache_salt must be a non-empty string of at most 128 characters without '@', '/', '\\'"));
+            return Err(OpenAiError::bad_request(
+                "cache_salt must be a non-empty string of at most 128 characters without '@', '/', '\\'",
+                Some("cache_salt"),
+            ));
         }
     }
     Ok(obj)
@@ -157,19 +142,17 @@ fn parse(state: &SimState, body: &[u8]) -> Result<serde_json::Map<String, Value>
 
 fn sim_request(
     state: &SimState,
-    obj: &serde_json::Map<String, Value>,
+    obj: &Value,
     prompt_tokens: Vec<u32>,
-) -> Result<SimRequest, ApiError> {
+) -> Result<SimRequest, OpenAiError> {
     let max_tokens = match obj
         .get("max_tokens")
         .or_else(|| obj.get("max_completion_tokens"))
     {
         None | Some(Value::Null) => 16,
-        Some(v) => v
-            .as_u64()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| bad_request("max_tokens must be a positive integer"))?
-            as u32,
+        Some(v) => v.as_u64().filter(|n| *n >= 1).ok_or_else(|| {
+            OpenAiError::bad_request("max_tokens must be a positive integer", Some("max_tokens"))
+        })? as u32,
     };
     if prompt_tokens.is_empty() {
         return Err(bad_request("the prompt is empty"));
@@ -195,10 +178,7 @@ fn sim_request(
 }
 
 /// The prompt of a completion request as token ids.
-fn completion_prompt(
-    state: &SimState,
-    obj: &serde_json::Map<String, Value>,
-) -> Result<Vec<u32>, ApiError> {
+fn completion_prompt(state: &SimState, obj: &Value) -> Result<Vec<u32>, OpenAiError> {
     match obj.get("prompt") {
         Some(Value::String(p)) => state
             .prompt_cache
@@ -210,36 +190,17 @@ fn completion_prompt(
             .filter_map(Value::as_u64)
             .map(|t| t as u32)
             .collect()),
-        _ => Err(bad_request(
+        _ => Err(OpenAiError::bad_request(
             "'prompt' must be a string or a list of token ids",
+            Some("prompt"),
         )),
     }
 }
 
 /// The prompt of a chat request, with the chat template applied, as token ids.
-fn chat_prompt(
-    state: &SimState,
-    obj: &serde_json::Map<String, Value>,
-) -> Result<Vec<u32>, ApiError> {
-    let Some(messages) = obj.get("messages").and_then(Value::as_array) else {
-        return Err(bad_request("'messages' is required and must be a list"));
-    };
-    let input = ChatInput {
-        messages,
-        tools: obj
-            .get("tools")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice),
-        add_generation_prompt: obj
-            .get("add_generation_prompt")
-            .and_then(Value::as_bool)
-            .unwrap_or(true),
-        continue_final_message: obj
-            .get("continue_final_message")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        template_kwargs: obj.get("chat_template_kwargs").and_then(Value::as_object),
-    };
+fn chat_prompt(state: &SimState, obj: &Value) -> Result<Vec<u32>, OpenAiError> {
+    let input = ChatInput::from_openai(obj)
+        .map_err(|e| OpenAiError::bad_request(e.to_string(), Some(e.field())))?;
     state
         .tokenizer
         .chat_tokens(&input)
@@ -273,7 +234,7 @@ async fn chat(State(state): State<SimState>, body: Bytes) -> Response {
 /// What vLLM's render endpoints return per prompt (its `GenerateRequest`):
 /// the token ids the engine would run, and the request's sampling settings,
 /// so a router can tokenize with the engine's own tokenizer and template.
-fn rendered(obj: &serde_json::Map<String, Value>, req: &SimRequest) -> Value {
+fn rendered(obj: &Value, req: &SimRequest) -> Value {
     let field = |k: &str| obj.get(k).cloned().unwrap_or(Value::Null);
     let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
     json!({
@@ -366,21 +327,15 @@ impl Usage {
 
 async fn run(
     state: SimState,
-    obj: serde_json::Map<String, Value>,
+    obj: Value,
     req: SimRequest,
     chat: bool,
-) -> Result<Response, ApiError> {
+) -> Result<Response, OpenAiError> {
     let prompt_len = req.prompt_tokens.len();
     let mut events = match state.engine.submit(req).await {
         Ok(rx) => rx,
         Err(e @ EngineError::TooLong { .. }) => return Err(bad_request(e.to_string())),
-        Err(e) => {
-            return Err(error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailableError",
-                e.to_string(),
-            ))
-        }
+        Err(e) => return Err(OpenAiError::service_unavailable(e.to_string(), None)),
     };
     let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let include_usage = obj
@@ -402,9 +357,7 @@ async fn run(
             ids.extend(usage.observe(ev));
         }
         if !usage.done {
-            return Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalServerError",
+            return Err(OpenAiError::internal(
                 "the engine stopped before the request finished",
             ));
         }
@@ -490,13 +443,7 @@ async fn run(
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
         .body(Body::from_stream(tokio_stream_from(rx)))
-        .map_err(|e| {
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalServerError",
-                e.to_string(),
-            )
-        })
+        .map_err(|e| OpenAiError::internal(e.to_string()))
 }
 
 fn tokio_stream_from(
@@ -520,7 +467,7 @@ async fn models(State(state): State<SimState>) -> Response {
     .into_response()
 }
 
-async fn tokenize(State(state): State<SimState>, body: Bytes) -> Result<Response, ApiError> {
+async fn tokenize(State(state): State<SimState>, body: Bytes) -> Result<Response, OpenAiError> {
     let v: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => return Err(bad_request(format!("invalid JSON body: {e}"))),
@@ -531,12 +478,11 @@ async fn tokenize(State(state): State<SimState>, body: Bytes) -> Result<Response
             .and_then(Value::as_bool)
             .unwrap_or(true);
         state.tokenizer.encode(p, add_special)
-    } else if let Some(m) = v.get("messages").and_then(Value::as_array) {
-        state.tokenizer.chat_tokens(&ChatInput {
-            messages: m,
-            add_generation_prompt: true,
-            ..Default::default()
-        })
+    } else if v.get("messages").is_some() {
+        // vLLM's chat /tokenize takes a chat completion's template fields.
+        let input = ChatInput::from_openai(&v)
+            .map_err(|e| OpenAiError::bad_request(e.to_string(), Some(e.field())))?;
+        state.tokenizer.chat_tokens(&input)
     } else {
         return Err(bad_request("'prompt' or 'messages' is required"));
     };
@@ -552,123 +498,9 @@ async fn reset(State(state): State<SimState>) -> Response {
     StatusCode::OK.into_response()
 }
 
-async fn metrics(State(state): State<SimState>) -> Response {
-    let m = state.engine.metrics_snapshot();
-    let labels = format!("engine=\"0\",model_name=\"{}\"", state.model);
-    let mut out = String::new();
-    // The standard process metric: restart detection compares it between scrapes.
-    out.push_str(&format!(
-        "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {:.3}\n",
-        state.engine.start_time_seconds()
-    ));
-    let mut gauge = |name: &str, help: &str, v: f64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{labels}}} {v}\n"
-        ));
-    };
-    gauge(
-        "vllm:num_requests_running",
-        "Number of requests in model execution batches.",
-        m.running as f64,
-    );
-    gauge(
-        "vllm:num_requests_waiting",
-        "Number of requests waiting to be processed.",
-        m.waiting as f64,
-    );
-    gauge(
-        "vllm:kv_cache_usage_perc",
-        "KV-cache usage. 1 means 100 percent usage.",
-        m.kv_usage,
-    );
-    let mut counter = |name: &str, help: &str, v: u64| {
-        out.push_str(&format!("# HELP {name}_total {help}\n# TYPE {name}_total counter\n{name}_total{{{labels}}} {v}.0\n"));
-    };
-    counter(
-        "vllm:prefix_cache_queries",
-        "Prefix cache queries, in terms of number of queried tokens.",
-        m.prefix_cache_queries,
-    );
-    counter(
-        "vllm:prefix_cache_hits",
-        "Prefix cache hits, in terms of number of cached tokens.",
-        m.prefix_cache_hits,
-    );
-    counter(
-        "vllm:prompt_tokens",
-        "Number of prefill tokens processed.",
-        m.prompt_tokens,
-    );
-    counter(
-        "vllm:generation_tokens",
-        "Number of generation tokens processed.",
-        m.generation_tokens,
-    );
-    counter(
-        "vllm:request_success",
-        "Count of successfully processed requests.",
-        m.requests_finished,
-    );
-    counter(
-        "vllm:prompt_tokens_cached",
-        "Number of cached prompt tokens.",
-        m.prompt_tokens_cached,
-    );
-    counter(
-        "vllm:num_preemptions",
-        "Cumulative number of preemption from the engine.",
-        m.preemptions,
-    );
-    out.push_str(&format!(
-        "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{block_size=\"{}\",enable_prefix_caching=\"True\",engine=\"0\",num_gpu_blocks=\"{}\",prefix_caching_hash_algo=\"sha256\"}} 1.0\n",
-        state.block_size, state.num_blocks
-    ));
-    histogram(
-        &mut out,
-        &labels,
-        "vllm:time_to_first_token_seconds",
-        "Histogram of time to first token in seconds.",
-        &m.ttft,
-    );
-    histogram(
-        &mut out,
-        &labels,
-        "vllm:e2e_request_latency_seconds",
-        "Histogram of e2e request latency in seconds.",
-        &m.e2e,
-    );
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        out,
-    )
-        .into_response()
-}
-
-fn histogram(out: &mut String, labels: &str, name: &str, help: &str, h: &Histogram) {
-    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
-    let mut cumulative = 0u64;
-    for (le, n) in h.bounds.iter().zip(&h.counts) {
-        cumulative += n;
-        out.push_str(&format!(
-            "{name}_bucket{{{labels},le=\"{le:?}\"}} {cumulative}.0\n"
-        ));
-    }
-    out.push_str(&format!(
-        "{name}_bucket{{{labels},le=\"+Inf\"}} {}.0\n",
-        h.count
-    ));
-    out.push_str(&format!(
-        "{name}_count{{{labels}}} {}.0\n{name}_sum{{{labels}}} {}\n",
-        h.count, h.sum
-    ));
-}
-
 /// Fault injection for tests and demos:
 /// `{"restart": true, "drop_event_batches": N, "slowdown": F, "refuse": B}`.
-async fn faults(State(state): State<SimState>, body: Bytes) -> Result<Response, ApiError> {
+async fn faults(State(state): State<SimState>, body: Bytes) -> Result<Response, OpenAiError> {
     let v: Value = match serde_json::from_slice(&body) {
         Ok(Value::Object(o)) => Value::Object(o),
         Ok(_) => return Err(bad_request("body must be a JSON object")),

@@ -440,18 +440,39 @@ async fn metrics_use_vllm_names_and_count_hits() {
     .await;
 }
 
-fn check_error(status: StatusCode, v: &Value, want: StatusCode, what: &str) {
+/// vLLM's error body, `{"error": {"message": str, "type": str, "param": .., "code": int}}`,
+/// typed by status as vLLM types it.
+fn check_error(status: StatusCode, v: &Value, want: StatusCode, what: &str) -> Value {
     assert_eq!(status, want, "{what}: {v}");
-    let e = &v["error"];
+    let e = v["error"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: {v}"));
+    let mut keys: Vec<&str> = e.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["code", "message", "param", "type"], "{what}: {v}");
+    assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{what}: {v}");
     assert!(
         e["message"].as_str().is_some_and(|m| !m.is_empty()),
         "{what}: {v}"
     );
+    let kind = match want.as_u16() {
+        400 => "BadRequestError",
+        404 => "NotFoundError",
+        500 => "InternalServerError",
+        503 => "ServiceUnavailableError",
+        other => panic!("no expected type for {other}"),
+    };
+    assert_eq!(e["type"], kind, "{what}: {v}");
     assert!(
-        e["type"].as_str().is_some_and(|t| !t.is_empty()),
+        e["param"].is_null() || e["param"].is_string(),
         "{what}: {v}"
     );
-    assert!(e.get("code").is_some(), "{what}: {v}");
+    assert_eq!(
+        e["code"].as_u64(),
+        Some(u64::from(want.as_u16())),
+        "{what}: {v}"
+    );
+    e["param"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,6 +530,23 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             let (status, v) = post(&c, url.clone(), body).await;
             check_error(status, &v, want, what);
         }
+        // Chat fields of the wrong type are named in `param`.
+        let hi = json!([{"role": "user", "content": "hi"}]);
+        for (field, value) in [
+            ("messages", json!("hi")),
+            ("tools", json!({})),
+            ("add_generation_prompt", json!("yes")),
+            ("continue_final_message", json!(1)),
+            ("chat_template_kwargs", json!([])),
+        ] {
+            let mut body = json!({"model": DEFAULT_MODEL, "messages": hi});
+            body[field] = value;
+            let (status, v) = post(&c, chat.clone(), body).await;
+            let param = check_error(status, &v, StatusCode::BAD_REQUEST, field);
+            assert_eq!(param, field, "{v}");
+        }
+        let (status, v) = post(&c, chat.clone(), json!({"model": "gpt-9", "messages": hi})).await;
+        assert_eq!(check_error(status, &v, StatusCode::NOT_FOUND, "model"), "model");
         let (status, v) = post(&c, format!("{}/tokenize", sim.url()), json!({})).await;
         check_error(status, &v, StatusCode::BAD_REQUEST, "tokenize without input");
 

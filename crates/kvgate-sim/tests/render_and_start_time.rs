@@ -94,6 +94,43 @@ async fn render_returns_the_token_ids_the_engine_runs() {
     assert_eq!(status, 400);
 }
 
+/// `/tokenize` and the chat render read a chat completion's template fields alike.
+#[tokio::test]
+async fn tokenize_takes_the_chat_template_fields() {
+    let sim = start().await;
+    let c = client();
+    let messages = json!([
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue"},
+    ]);
+    let mut counts = Vec::new();
+    for extra in [
+        json!({}),
+        json!({"continue_final_message": true, "add_generation_prompt": false}),
+        json!({"chat_template_kwargs": {"enable_thinking": false}}),
+    ] {
+        let mut body = json!({"model": DEFAULT_MODEL, "messages": messages});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, tokenized) = post(&c, format!("{}/tokenize", sim.url()), body.clone()).await;
+        assert_eq!(status, 200, "{tokenized}");
+        let (status, chat) = post(
+            &c,
+            format!("{}/v1/chat/completions/render", sim.url()),
+            body,
+        )
+        .await;
+        assert_eq!(status, 200, "{chat}");
+        assert_eq!(chat["token_ids"], tokenized["tokens"], "{extra}");
+        counts.push(tokenized["count"].as_u64().unwrap());
+    }
+    assert!(
+        counts[1] != counts[0] && counts[2] != counts[0],
+        "the fields change the prompt: {counts:?}"
+    );
+}
+
 fn start_time(metrics: &str) -> f64 {
     metrics
         .lines()

@@ -10,12 +10,16 @@
 //!
 //! `encode` gives `tokenizers`' `encode_fast` ids; for byte-level BPE
 //! tokenizers it computes them without building an `Encoding` (see `fast.rs`).
+//!
+//! [`ChatInput::from_openai`] reads a chat request body's template inputs.
 
 mod fast;
+mod openai;
 mod pyjson;
 mod segments;
 
 pub use fast::{MAX_CACHED_WORD_BYTES, WORD_CACHE_ENTRIES};
+pub use openai::InvalidField;
 pub use segments::DEFAULT_SEGMENT_CACHE_ENTRIES;
 
 use std::collections::BTreeMap;
@@ -50,7 +54,8 @@ pub enum TokenizeError {
     Encode(String),
 }
 
-/// What a chat request contributes to the rendered prompt.
+/// What a chat request contributes to the rendered prompt (from a request
+/// body: [`ChatInput::from_openai`]).
 #[derive(Debug, Clone, Default)]
 pub struct ChatInput<'a> {
     /// OpenAI-style messages, as the client sent them.
