@@ -14,7 +14,7 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 /// Extra endpoints tried when connecting fails before the request was sent.
 pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
-pub const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
+pub const DEFAULT_RETRY_AFTER_SECS: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

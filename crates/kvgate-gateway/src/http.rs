@@ -7,18 +7,17 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kvgate_indexer::api::ApiError;
+use kvgate_openai::OpenAiError;
 use kvgate_router::RouteError;
 use serde_json::Value;
 
 use crate::config::DEFAULT_RETRY_AFTER_SECS;
 use crate::pipeline::{prepare, Kind, PrepareError};
 use crate::proxy::{forward, ProxyError};
-use crate::tenancy::AuthError;
 use crate::Gateway;
 
 /// What routing sees for a chat request: same body and auth as
@@ -158,19 +157,15 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 fn rejected(e: BytesRejection) -> Response {
-    ApiError::new(e.status(), "BadRequestError", e.body_text(), None).into_response()
+    OpenAiError::from(e).into_response()
 }
 
 fn prepare_error(e: PrepareError) -> Response {
     let msg = e.to_string();
     match e {
-        PrepareError::Auth(AuthError::Missing | AuthError::Invalid) => {
-            ApiError::new(StatusCode::UNAUTHORIZED, "AuthenticationError", msg, None)
-        }
-        PrepareError::UnknownModel(_) => {
-            ApiError::new(StatusCode::NOT_FOUND, "NotFoundError", msg, e.param())
-        }
-        _ => ApiError::bad_request(msg, e.param()),
+        PrepareError::Auth(_) => OpenAiError::unauthorized(msg),
+        PrepareError::UnknownModel(_) => OpenAiError::not_found(msg, e.param()),
+        _ => OpenAiError::bad_request(msg, e.param()),
     }
     .into_response()
 }
@@ -180,27 +175,12 @@ fn proxy_error(e: ProxyError) -> Response {
         ProxyError::NoEndpoint(RouteError::UnknownModel(_) | RouteError::NoHealthyEndpoint(_)) => {
             no_endpoint(e.to_string())
         }
-        ProxyError::Upstream { .. } | ProxyError::Response(_) => ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "BadGatewayError",
-            e.to_string(),
-            None,
-        )
-        .into_response(),
+        ProxyError::Upstream { .. } | ProxyError::Response(_) => {
+            OpenAiError::bad_gateway(e.to_string()).into_response()
+        }
     }
 }
 
 fn no_endpoint(msg: impl Into<String>) -> Response {
-    let mut r = ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "ServiceUnavailableError",
-        msg,
-        None,
-    )
-    .into_response();
-    r.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(DEFAULT_RETRY_AFTER_SECS),
-    );
-    r
+    OpenAiError::service_unavailable(msg, Some(DEFAULT_RETRY_AFTER_SECS)).into_response()
 }

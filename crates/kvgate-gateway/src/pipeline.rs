@@ -168,24 +168,7 @@ pub fn prepare(
 fn prompt_tokens(gw: &Gateway, kind: Kind, model: &str, body: &Value) -> Option<Vec<u32>> {
     let tok = gw.tokenizers.get(model)?;
     let result = match kind {
-        Kind::Chat => {
-            let messages = body.get("messages")?.as_array()?;
-            let tools = body.get("tools").and_then(Value::as_array);
-            let input = ChatInput {
-                messages,
-                tools: tools.map(Vec::as_slice),
-                add_generation_prompt: body
-                    .get("add_generation_prompt")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(true),
-                continue_final_message: body
-                    .get("continue_final_message")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false),
-                template_kwargs: body.get("chat_template_kwargs").and_then(Value::as_object),
-            };
-            tok.chat_tokens(&input)
-        }
+        Kind::Chat => tok.chat_tokens(&ChatInput::from_openai(body).ok()?),
         Kind::Completion => match body.get("prompt")? {
             Value::String(s) => tok.completion_tokens(s),
             // Pre-tokenized prompts are used as they are.

@@ -125,6 +125,26 @@ async fn streams_incrementally_and_releases_load_on_disconnect() {
     let text = resp.text().await.unwrap();
     assert_eq!(text.matches("data:").count(), 5);
     assert_eq!(load.snapshot().in_flight, 0);
+
+    // Both are counted, each with how it ended.
+    let metrics = client
+        .get(format!("{gw_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for outcome in ["aborted", "completed"] {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("kvgate_requests_total")
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .unwrap_or_else(|| panic!("no {outcome} request counted:\n{metrics}"));
+        assert!(line.ends_with(" 1"), "{line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -418,4 +438,79 @@ async fn explain_shows_tokens_and_which_endpoint_holds_each_block() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 401);
+}
+
+/// The index's `/v1/locality` and the gateway read a chat body the same way
+/// (one `ChatInput::from_openai`): the same messages with
+/// `continue_final_message`, `add_generation_prompt` and
+/// `chat_template_kwargs` give the same prompt on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_api_and_gateway_agree_on_chat_fields() {
+    use kvgate_indexer::api::{router, ApiState, DEFAULT_TIER_WEIGHTS};
+    use kvgate_tokenize::{ModelTokenizer, TokenizerRegistry};
+    let (url, _u) = spawn_upstream().await;
+    let (gw_url, gw) = gateway(GatewayConfig {
+        endpoints: vec![endpoint(&url)],
+        ..Default::default()
+    })
+    .await;
+    let mut tokenizers = TokenizerRegistry::default();
+    tokenizers.set_fallback(Arc::new(ModelTokenizer::embedded_default().unwrap()));
+    let app = router(ApiState {
+        index: gw.index().clone(),
+        metrics: Arc::new(kvgate_indexer::metrics::IndexerMetrics::default()),
+        registry: Arc::new(prometheus_client::registry::Registry::default()),
+        tier_weights: DEFAULT_TIER_WEIGHTS,
+        tokenizers: Arc::new(tokenizers),
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let index_url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let client = reqwest::Client::new();
+    let messages = serde_json::json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "The colour is  "}
+    ]);
+    let variants = [
+        serde_json::json!({}),
+        serde_json::json!({"continue_final_message": true, "add_generation_prompt": false}),
+        serde_json::json!({"add_generation_prompt": false}),
+        serde_json::json!({"chat_template_kwargs": {"enable_thinking": false}}),
+    ];
+    let mut lengths = Vec::new();
+    for extra in &variants {
+        let mut body = serde_json::json!({"model": "m", "messages": messages});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let explained: serde_json::Value = client
+            .post(format!("{gw_url}{}", kvgate_gateway::EXPLAIN_CHAT_PATH))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let tokens = explained["prompt_tokens"].as_array().unwrap().len();
+        assert!(tokens > 0, "{explained}");
+        let resp = client
+            .post(format!("{index_url}/v1/locality"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{extra}");
+        let located: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(
+            located["prompt_tokens"].as_u64(),
+            Some(tokens as u64),
+            "{extra}"
+        );
+        lengths.push(tokens);
+    }
+    // The fields really change the prompt, so agreeing on them means something.
+    assert_ne!(lengths[0], lengths[1]);
+    assert_ne!(lengths[0], lengths[2]);
 }

@@ -48,56 +48,6 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// The index API's error type before [`kvgate_openai`] owned the shape, kept so
-/// its callers (the gateway) compile unchanged; new code uses [`OpenAiError`].
-/// The `type` now follows from the status, so `new`'s `kind` is not used.
-#[derive(Debug)]
-pub struct ApiError(OpenAiError);
-
-impl ApiError {
-    /// Any status; the `type` is [`kvgate_openai::error_type`] of it, whatever `kind` says.
-    pub fn new(
-        status: StatusCode,
-        _kind: &'static str,
-        message: impl Into<String>,
-        param: Option<&'static str>,
-    ) -> Self {
-        Self(OpenAiError::new(status, message).with_param(param))
-    }
-
-    pub fn status(&self) -> StatusCode {
-        self.0.status()
-    }
-
-    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        Self(OpenAiError::bad_request(message, param))
-    }
-}
-
-impl From<OpenAiError> for ApiError {
-    fn from(e: OpenAiError) -> Self {
-        Self(e)
-    }
-}
-
-impl From<ApiError> for OpenAiError {
-    fn from(e: ApiError) -> Self {
-        e.0
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(e: JsonRejection) -> Self {
-        Self(e.into())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        self.0.into_response()
-    }
-}
-
 /// `POST /v1/locality`'s body: exactly one of `tokens`, `text` or `messages`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
