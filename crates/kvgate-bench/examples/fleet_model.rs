@@ -4,7 +4,7 @@
 //! `cargo run --release -p kvgate-bench --example fleet_model`.
 
 use kvgate_bench::fleet_model::{simulate, FleetModelConfig, ModelWorkload};
-use kvgate_bench::workload::{no_reuse, shared_prefix, timed, LLMD_73};
+use kvgate_bench::workload::{no_reuse, timed, LLMD_73};
 use kvgate_router::RouterConfig;
 use kvgate_tokenize::ModelTokenizer;
 
@@ -12,14 +12,7 @@ fn main() {
     let tok = ModelTokenizer::embedded_default().unwrap();
     let mut workloads = Vec::new();
     for seed in [1u64, 2] {
-        let specs = shared_prefix(
-            20,
-            LLMD_73.prompts_per_group,
-            LLMD_73.prefix_tokens,
-            LLMD_73.unique_tokens,
-            100,
-            seed,
-        );
+        let specs = LLMD_73.groups(20, 100, seed);
         workloads.push((
             format!("shared-prefix 48 QPS seed {seed}"),
             timed(specs, 48.0, seed),

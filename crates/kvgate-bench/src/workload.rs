@@ -234,6 +234,20 @@ pub struct SharedPrefixShape {
     pub output_tokens: usize,
 }
 
+impl SharedPrefixShape {
+    /// `groups` groups of this shape, with `output_tokens` per request.
+    pub fn groups(&self, groups: usize, output_tokens: u32, seed: u64) -> Vec<RequestSpec> {
+        shared_prefix(
+            groups,
+            self.prompts_per_group,
+            self.prefix_tokens,
+            self.unique_tokens,
+            output_tokens,
+            seed,
+        )
+    }
+}
+
 /// llm-d's "KV-cache wins you can see" workload (LLMD-73).
 pub const LLMD_73: SharedPrefixShape = SharedPrefixShape {
     prompts_per_group: 5,

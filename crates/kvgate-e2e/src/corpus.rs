@@ -6,20 +6,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Chat,
-    Completion,
-}
-
-impl Kind {
-    pub fn path(self) -> &'static str {
-        match self {
-            Kind::Chat => "/v1/chat/completions",
-            Kind::Completion => "/v1/completions",
-        }
-    }
-}
+/// Chat or completion, with its OpenAI path: the gateway's own.
+pub use kvgate_gateway::pipeline::Kind;
 
 #[derive(Debug, Clone)]
 pub struct Item {

@@ -7,8 +7,7 @@ use kvgate_keys::BlockKey;
 
 use crate::pick::rendezvous;
 use crate::{
-    Candidate, CostWeights, Decision, LoadSnapshot, PolicyContext, RouteRequest, Score,
-    AFFINITY_PREFIX_TOKENS,
+    Candidate, Choice, CostWeights, Decision, LoadSnapshot, Score, AFFINITY_PREFIX_TOKENS,
 };
 
 /// Work already on an endpoint, in prefill tokens (the cost's load terms).
@@ -66,12 +65,15 @@ pub(crate) fn approx_cached(approx: &KvIndex, matches: &Matches, c: &Candidate<'
 /// Scores every eligible candidate and picks the cheapest, with the near-tie
 /// rules of [`CostWeights::prefix_affinity_slack`].
 pub(crate) fn by_cost(
-    req: &RouteRequest<'_>,
-    candidates: &[Candidate<'_>],
-    eligible: &[usize],
-    ctx: &PolicyContext<'_>,
+    choice: &Choice<'_>,
     cached_on: impl Fn(&Candidate<'_>) -> Cached,
 ) -> Decision {
+    let Choice {
+        req,
+        candidates,
+        eligible,
+        ctx,
+    } = *choice;
     let w = ctx.weights();
     let home = req.session_id.map(|s| rendezvous(s, eligible, candidates));
     let n = ctx.next_turn();

@@ -36,6 +36,7 @@ use kvgate_keys::{BlockHasher, BlockKey};
 use serde::{Deserialize, Serialize};
 
 pub use load::{LoadCounters, LoadSnapshot, RequestGuard};
+pub use pick::Choice;
 pub use policy::{policy_names, Policy, PolicyContext, RoutingPolicy, UnknownPolicy};
 
 /// Weights of the cost function, in prefill-token units.
@@ -259,7 +260,12 @@ impl Scheduler {
             self.speculating().then_some(&self.speculative),
             &self.rr,
         );
-        Ok(self.policy.route(req, candidates, &eligible, &ctx))
+        Ok(self.policy.route(&Choice {
+            req,
+            candidates,
+            eligible: &eligible,
+            ctx: &ctx,
+        }))
     }
 
     /// Whether routing decisions are remembered as speculative cache entries.

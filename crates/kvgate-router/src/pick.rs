@@ -5,6 +5,33 @@ use std::hash::{Hash, Hasher};
 use crate::cost::load_tokens;
 use crate::{Candidate, Decision, PolicyContext, RouteRequest};
 
+/// One decision's inputs, as the scheduler hands them to its policy.
+#[derive(Clone, Copy)]
+pub struct Choice<'a> {
+    pub req: &'a RouteRequest<'a>,
+    pub candidates: &'a [Candidate<'a>],
+    /// Never empty; indexes `candidates`, as does [`Decision::chosen`].
+    pub eligible: &'a [usize],
+    pub ctx: &'a PolicyContext<'a>,
+}
+
+impl Choice<'_> {
+    /// A decision that scored nothing: `chosen` for `reason`.
+    pub fn unscored(&self, chosen: usize, reason: &'static str) -> Decision {
+        unscored(self.req, chosen, reason)
+    }
+
+    /// The eligible endpoint with the least load.
+    pub fn least_loaded(&self) -> usize {
+        least_loaded(self.eligible, self.candidates, self.ctx)
+    }
+
+    /// The eligible endpoint `key` hashes to (stable while it stays eligible).
+    pub fn rendezvous<K: Hash + ?Sized>(&self, key: &K) -> usize {
+        rendezvous(key, self.eligible, self.candidates)
+    }
+}
+
 /// A decision of a policy that does not score: nothing known cached.
 pub(crate) fn unscored(req: &RouteRequest<'_>, chosen: usize, reason: &'static str) -> Decision {
     Decision {

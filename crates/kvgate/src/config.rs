@@ -14,10 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 /// One environment variable and how it sets a config.
-pub struct EnvOverride<C> {
-    pub var: &'static str,
-    pub apply: fn(&mut C, &str) -> Result<()>,
-}
+pub type EnvOverride<C> = (&'static str, fn(&mut C, &str) -> Result<()>);
 
 /// A subcommand's configuration.
 pub trait LayeredConfig: DeserializeOwned + Default + 'static {
@@ -41,9 +38,9 @@ pub fn load<C: LayeredConfig>(
         }
         None => C::default(),
     };
-    for o in C::ENV {
-        if let Some(v) = env(o.var) {
-            (o.apply)(&mut cfg, &v).with_context(|| format!("{}={v:?}", o.var))?;
+    for (var, apply) in C::ENV {
+        if let Some(v) = env(var) {
+            apply(&mut cfg, &v).with_context(|| format!("{var}={v:?}"))?;
         }
     }
     flags(&mut cfg)?;
@@ -56,6 +53,24 @@ where
     T::Err: std::error::Error + Send + Sync + 'static,
 {
     Ok(v.parse()?)
+}
+
+fn set(slot: &mut String, v: &str) -> Result<()> {
+    *slot = v.to_string();
+    Ok(())
+}
+
+fn set_some(slot: &mut Option<String>, v: &str) -> Result<()> {
+    *slot = Some(v.to_string());
+    Ok(())
+}
+
+fn set_parsed<T: std::str::FromStr>(slot: &mut T, v: &str) -> Result<()>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    *slot = parse(v)?;
+    Ok(())
 }
 
 /// `--endpoint`/`--source` values, appended after the file's.
@@ -105,27 +120,11 @@ impl Default for IndexServiceConfig {
 
 impl LayeredConfig for IndexServiceConfig {
     const ENV: &'static [EnvOverride<Self>] = &[
-        EnvOverride {
-            var: "KVGATE_LISTEN",
-            apply: |c, v| {
-                c.listen = v.to_string();
-                Ok(())
-            },
-        },
-        EnvOverride {
-            var: "KVGATE_KEY_SECRET",
-            apply: |c, v| {
-                c.key_secret = Some(v.to_string());
-                Ok(())
-            },
-        },
-        EnvOverride {
-            var: "KVGATE_MAX_TRACKED_BLOCKS",
-            apply: |c, v| {
-                c.index.max_tracked_blocks = parse(v)?;
-                Ok(())
-            },
-        },
+        ("KVGATE_LISTEN", |c, v| set(&mut c.listen, v)),
+        ("KVGATE_KEY_SECRET", |c, v| set_some(&mut c.key_secret, v)),
+        ("KVGATE_MAX_TRACKED_BLOCKS", |c, v| {
+            set_parsed(&mut c.index.max_tracked_blocks, v)
+        }),
     ];
 
     fn validate(&self) -> Result<()> {
@@ -142,34 +141,15 @@ impl LayeredConfig for IndexServiceConfig {
 
 impl LayeredConfig for GatewayConfig {
     const ENV: &'static [EnvOverride<Self>] = &[
-        EnvOverride {
-            var: "KVGATE_LISTEN",
-            apply: |c, v| {
-                c.listen = v.to_string();
-                Ok(())
-            },
-        },
-        EnvOverride {
-            var: "KVGATE_KEY_SECRET",
-            apply: |c, v| {
-                c.key_secret = Some(v.to_string());
-                Ok(())
-            },
-        },
-        EnvOverride {
-            var: "KVGATE_SALT_SECRET",
-            apply: |c, v| {
-                c.tenancy.salt_secret = Some(v.to_string());
-                Ok(())
-            },
-        },
-        EnvOverride {
-            var: "KVGATE_POLICY",
-            apply: |c, v| {
-                c.router.policy = parse_policy(v)?;
-                Ok(())
-            },
-        },
+        ("KVGATE_LISTEN", |c, v| set(&mut c.listen, v)),
+        ("KVGATE_KEY_SECRET", |c, v| set_some(&mut c.key_secret, v)),
+        ("KVGATE_SALT_SECRET", |c, v| {
+            set_some(&mut c.tenancy.salt_secret, v)
+        }),
+        ("KVGATE_POLICY", |c, v| {
+            c.router.policy = parse_policy(v)?;
+            Ok(())
+        }),
     ];
 
     fn validate(&self) -> Result<()> {
@@ -179,27 +159,17 @@ impl LayeredConfig for GatewayConfig {
 
 impl LayeredConfig for SimConfig {
     const ENV: &'static [EnvOverride<Self>] = &[
-        EnvOverride {
-            var: "KVGATE_SIM_HOST",
-            apply: |c, v| {
-                c.listen = with_host(&c.listen, v);
-                Ok(())
-            },
-        },
-        EnvOverride {
-            var: "KVGATE_SIM_PORT",
-            apply: |c, v| {
-                c.listen = with_port(&c.listen, parse(v)?);
-                Ok(())
-            },
-        },
-        EnvOverride {
-            var: "KVGATE_SIM_TIME_SCALE",
-            apply: |c, v| {
-                c.engine.time_scale = parse(v)?;
-                Ok(())
-            },
-        },
+        ("KVGATE_SIM_HOST", |c, v| {
+            c.listen = with_host(&c.listen, v);
+            Ok(())
+        }),
+        ("KVGATE_SIM_PORT", |c, v| {
+            c.listen = with_port(&c.listen, parse(v)?);
+            Ok(())
+        }),
+        ("KVGATE_SIM_TIME_SCALE", |c, v| {
+            set_parsed(&mut c.engine.time_scale, v)
+        }),
     ];
 
     fn validate(&self) -> Result<()> {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use kvgate_index::KvIndex;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{Candidate, CostWeights, Decision, RouteRequest, RouterConfig};
+use crate::{Choice, CostWeights, Decision, RouterConfig};
 
 /// Every policy, in the order help and error texts list them.
 const REGISTRY: &[Policy] = &[
@@ -47,15 +47,8 @@ pub trait RoutingPolicy: Send + Sync {
         false
     }
 
-    /// `eligible` (never empty) indexes `candidates`; so does
-    /// [`Decision::chosen`].
-    fn route(
-        &self,
-        req: &RouteRequest<'_>,
-        candidates: &[Candidate<'_>],
-        eligible: &[usize],
-        ctx: &PolicyContext<'_>,
-    ) -> Decision;
+    /// Picks one of `choice.eligible`.
+    fn route(&self, choice: &Choice<'_>) -> Decision;
 }
 
 /// What the scheduler shares with its policy for one decision.

@@ -2,7 +2,7 @@
 //! own recent routing decisions until their events arrive.
 
 use crate::cost::{self, approx_cached, Cached, Matches};
-use crate::{Candidate, Decision, Policy, PolicyContext, RouteRequest, RoutingPolicy};
+use crate::{Choice, Decision, Policy, RoutingPolicy};
 
 pub(crate) const POLICY: Policy = Policy::new("precise_prefix", || Box::new(PrecisePrefix));
 
@@ -13,19 +13,14 @@ impl RoutingPolicy for PrecisePrefix {
         true
     }
 
-    fn route(
-        &self,
-        req: &RouteRequest<'_>,
-        candidates: &[Candidate<'_>],
-        eligible: &[usize],
-        ctx: &PolicyContext<'_>,
-    ) -> Decision {
+    fn route(&self, choice: &Choice<'_>) -> Decision {
+        let (req, ctx) = (choice.req, choice.ctx);
         let precise = Matches::lookup(ctx.precise, req.keys);
         let speculative = Matches::lookup(ctx.speculative, req.keys);
         // Endpoints without events fall back to what routing taught.
         let approx = Matches::lookup(Some(ctx.approx), req.keys);
         let tiers = &ctx.weights().tier;
-        cost::by_cost(req, candidates, eligible, ctx, |c| {
+        cost::by_cost(choice, |c| {
             let Some(id) = c.index_id else {
                 return approx_cached(ctx.approx, &approx, c);
             };

@@ -1,7 +1,6 @@
 //! A uniformly random eligible endpoint.
 
-use crate::pick::unscored;
-use crate::{Candidate, Decision, Policy, PolicyContext, RouteRequest, RoutingPolicy};
+use crate::{Choice, Decision, Policy, RoutingPolicy};
 
 pub(crate) const POLICY: Policy = Policy::new("random", || Box::new(Random));
 
@@ -12,16 +11,9 @@ impl RoutingPolicy for Random {
         false
     }
 
-    fn route(
-        &self,
-        req: &RouteRequest<'_>,
-        _candidates: &[Candidate<'_>],
-        eligible: &[usize],
-        _ctx: &PolicyContext<'_>,
-    ) -> Decision {
-        unscored(
-            req,
-            eligible[rand::random_range(0..eligible.len())],
+    fn route(&self, c: &Choice<'_>) -> Decision {
+        c.unscored(
+            c.eligible[rand::random_range(0..c.eligible.len())],
             "random",
         )
     }

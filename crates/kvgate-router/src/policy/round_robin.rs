@@ -1,7 +1,6 @@
 //! Each eligible endpoint in turn; looks at nothing but the turn counter.
 
-use crate::pick::unscored;
-use crate::{Candidate, Decision, Policy, PolicyContext, RouteRequest, RoutingPolicy};
+use crate::{Choice, Decision, Policy, RoutingPolicy};
 
 pub(crate) const POLICY: Policy = Policy::new("round_robin", || Box::new(RoundRobin));
 
@@ -12,14 +11,8 @@ impl RoutingPolicy for RoundRobin {
         false
     }
 
-    fn route(
-        &self,
-        req: &RouteRequest<'_>,
-        _candidates: &[Candidate<'_>],
-        eligible: &[usize],
-        ctx: &PolicyContext<'_>,
-    ) -> Decision {
-        let n = ctx.next_turn();
-        unscored(req, eligible[n % eligible.len()], "round_robin")
+    fn route(&self, c: &Choice<'_>) -> Decision {
+        let n = c.ctx.next_turn();
+        c.unscored(c.eligible[n % c.eligible.len()], "round_robin")
     }
 }
