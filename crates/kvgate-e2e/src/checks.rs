@@ -235,18 +235,7 @@ mod tests {
     use super::*;
 
     fn stored(hashes: &[u64], parent: Option<u64>, tokens: &[u32], bs: u32) -> BlockStored {
-        BlockStored {
-            block_hashes: hashes.to_vec(),
-            parent_block_hash: parent,
-            token_ids: tokens.to_vec(),
-            block_size: bs,
-            lora_id: None,
-            medium: Some("GPU".into()),
-            lora_name: None,
-            extra_keys: None,
-            group_idx: 0,
-            kv_cache_spec_kind: None,
-        }
+        BlockStored::on_gpu(hashes.to_vec(), parent, tokens.to_vec(), bs)
     }
 
     /// A 100-token prompt at block size 32: three prompt blocks stored in two

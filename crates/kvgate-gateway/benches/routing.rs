@@ -112,18 +112,12 @@ fn main() {
         })
         .unwrap();
     let full = sample_tokens.len() / BS as usize * BS as usize;
-    let ev = KvEvent::BlockStored(BlockStored {
-        block_hashes: (0..(full / BS as usize) as u64).collect(),
-        parent_block_hash: None,
-        token_ids: sample_tokens[..full].to_vec(),
-        block_size: BS,
-        lora_id: None,
-        medium: None,
-        lora_name: None,
-        extra_keys: None,
-        group_idx: 0,
-        kv_cache_spec_kind: None,
-    });
+    let ev = KvEvent::BlockStored(BlockStored::on_gpu(
+        (0..(full / BS as usize) as u64).collect(),
+        None,
+        sample_tokens[..full].to_vec(),
+        BS,
+    ));
     setup
         .fleet
         .index()

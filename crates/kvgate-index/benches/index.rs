@@ -25,18 +25,7 @@ impl Rng {
 }
 
 fn stored(hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32>, bs: u32) -> KvEvent {
-    KvEvent::BlockStored(BlockStored {
-        block_hashes: hashes,
-        parent_block_hash: parent,
-        token_ids: tokens,
-        block_size: bs,
-        lora_id: None,
-        medium: Some("GPU".into()),
-        lora_name: None,
-        extra_keys: None,
-        group_idx: 0,
-        kv_cache_spec_kind: Some("full_attention".into()),
-    })
+    KvEvent::BlockStored(BlockStored::on_gpu(hashes, parent, tokens, bs))
 }
 
 fn batch(events: Vec<KvEvent>) -> EventBatch {

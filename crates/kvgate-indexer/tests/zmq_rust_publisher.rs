@@ -32,18 +32,12 @@ fn msg(frames: Vec<Vec<u8>>) -> ZmqMessage {
 
 fn stored(hashes: &[u64], parent: Option<u64>, first_token: u32) -> KvEvent {
     let n = hashes.len() as u32 * BS;
-    KvEvent::BlockStored(BlockStored {
-        block_hashes: hashes.to_vec(),
-        parent_block_hash: parent,
-        token_ids: (first_token..first_token + n).collect(),
-        block_size: BS,
-        lora_id: None,
-        medium: Some("GPU".into()),
-        lora_name: None,
-        extra_keys: None,
-        group_idx: 0,
-        kv_cache_spec_kind: Some("full_attention".into()),
-    })
+    KvEvent::BlockStored(BlockStored::on_gpu(
+        hashes.to_vec(),
+        parent,
+        (first_token..first_token + n).collect(),
+        BS,
+    ))
 }
 
 fn removed(hashes: &[u64]) -> KvEvent {

@@ -30,18 +30,12 @@ fn index_with_prefix(cached: [usize; 3], tokens: &[u32]) -> KvIndex {
     for (n, blocks) in NAMES.iter().zip(cached) {
         let id = index.add_endpoint(n, "m", BS).unwrap();
         if blocks > 0 {
-            let ev = KvEvent::BlockStored(BlockStored {
-                block_hashes: (0..blocks as u64).collect(),
-                parent_block_hash: None,
-                token_ids: tokens[..blocks * BS as usize].to_vec(),
-                block_size: BS,
-                lora_id: None,
-                medium: None,
-                lora_name: None,
-                extra_keys: None,
-                group_idx: 0,
-                kv_cache_spec_kind: None,
-            });
+            let ev = KvEvent::BlockStored(BlockStored::on_gpu(
+                (0..blocks as u64).collect(),
+                None,
+                tokens[..blocks * BS as usize].to_vec(),
+                BS,
+            ));
             index
                 .apply_batch(
                     id,

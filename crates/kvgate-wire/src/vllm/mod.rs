@@ -57,6 +57,30 @@ pub struct BlockStored {
     pub kv_cache_spec_kind: Option<String>,
 }
 
+impl BlockStored {
+    /// Full-attention blocks of the base model stored on the GPU, with no
+    /// extra keys: what vLLM publishes for a plain request.
+    pub fn on_gpu(
+        block_hashes: Vec<EngineHash>,
+        parent_block_hash: Option<EngineHash>,
+        token_ids: Vec<u32>,
+        block_size: u32,
+    ) -> Self {
+        Self {
+            block_hashes,
+            parent_block_hash,
+            token_ids,
+            block_size,
+            lora_id: None,
+            medium: Some("GPU".into()),
+            lora_name: None,
+            extra_keys: None,
+            group_idx: 0,
+            kv_cache_spec_kind: Some("full_attention".into()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockRemoved {
     pub block_hashes: Vec<EngineHash>,
