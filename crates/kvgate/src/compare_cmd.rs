@@ -2,6 +2,14 @@
 //! time, in front of the same simulated fleet (the shared-prefix ladder and
 //! the no-reuse control), then in front of fixed-latency backends (overhead);
 //! one report with plots. Every router runs as its own process.
+//!
+//! This module holds the command line and the run itself (its report and
+//! `--check`); [`routers`] starts a router and runs stages through it,
+//! [`overhead`] the fixed-latency runs, [`busy`] the `--busy-check` watch.
+
+mod busy;
+mod overhead;
+mod routers;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,19 +17,17 @@ use std::time::Duration;
 
 use crate::bench_cmd::scaled;
 use anyhow::{bail, Context, Result};
-use kvgate_bench::compare::{Comparison, OverheadRow, DIRECT, REFERENCE, REFERENCE_ROUND_ROBIN};
-use kvgate_bench::fake_backend::{self, FakeBackendConfig};
-use kvgate_bench::overhead::{measure, OverheadOptions};
-use kvgate_bench::peers::{free_port, LaunchContext, RouterKind, RouterProcess, RouterSpec};
-use kvgate_bench::report::{scrape_fleet, Report, RunReport, StageReport};
-use kvgate_bench::workload::{self, RequestSpec, LLMD_73};
-use kvgate_bench::{run_stage, summarize, StageOptions, StageSummary};
-use kvgate_gateway::{EndpointConfig, GatewayConfig};
-use kvgate_router::Policy;
+use busy::BusyWatch;
+use kvgate_bench::compare::{Comparison, REFERENCE, REFERENCE_ROUND_ROBIN};
+use kvgate_bench::peers::RouterSpec;
+use kvgate_bench::report::{Report, RunReport};
+use kvgate_bench::workload::{self, LLMD_73};
+use kvgate_gateway::EndpointConfig;
 use kvgate_sim::engine::EngineConfig;
 use kvgate_sim::fleet::{start_fleet, RunningSim, SimConfig, DEFAULT_MODEL};
 use kvgate_tokenize::ModelTokenizer;
-use rand::SeedableRng;
+use overhead::overhead_runs;
+use routers::{reset_caches, run_stages, start_router, timed, Stage};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CompareArgs {
@@ -133,277 +139,6 @@ fn progress(msg: &str) {
     eprintln!("[compare] {msg}");
 }
 
-struct Stage {
-    rate: f64,
-    specs: Vec<RequestSpec>,
-}
-
-/// Arrival offsets in wall seconds for `rate` requests per simulated second.
-fn timed(specs: Vec<RequestSpec>, rate: f64, time_scale: f64, seed: u64) -> Vec<RequestSpec> {
-    workload::timed(specs, rate * time_scale, seed)
-}
-
-/// Client-side wall-clock numbers in simulated time.
-fn to_sim_time(mut s: StageSummary, time_scale: f64) -> StageSummary {
-    for ms in [
-        &mut s.ttft_p50_ms,
-        &mut s.ttft_p90_ms,
-        &mut s.ttft_p99_ms,
-        &mut s.itl_p50_ms,
-        &mut s.itl_p90_ms,
-        &mut s.e2e_p50_ms,
-        &mut s.duration_s,
-    ] {
-        *ms *= time_scale;
-    }
-    s.request_rate /= time_scale;
-    s.output_tok_s /= time_scale;
-    s
-}
-
-async fn reset_caches(fleet: &[RunningSim]) {
-    for sim in fleet {
-        sim.engine.reset_prefix_cache().await;
-    }
-}
-
-/// A gateway config for `policy` in front of `endpoints`, written to `dir`.
-fn gateway_config(
-    spec: &RouterSpec,
-    listen: u16,
-    endpoints: Vec<EndpointConfig>,
-    dir: &std::path::Path,
-) -> Result<PathBuf> {
-    let policy: Policy = serde_yaml::from_str(&spec.policy)
-        .with_context(|| format!("unknown kvgate policy {:?}", spec.policy))?;
-    let mut cfg = GatewayConfig {
-        listen: format!("127.0.0.1:{listen}"),
-        endpoints: endpoints
-            .into_iter()
-            .map(|mut e| {
-                // The approximate policy is for fleets without events.
-                if policy == Policy::ApproxPrefix {
-                    e.events = None;
-                    e.replay = None;
-                }
-                e
-            })
-            .collect(),
-        metrics_interval_ms: 200,
-        ..GatewayConfig::default()
-    };
-    cfg.router.policy = policy;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(format!("gateway-{}-{listen}.yaml", spec.policy));
-    std::fs::write(&path, serde_yaml::to_string(&cfg)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
-}
-
-/// Starts `spec` in front of `workers` and waits until a request goes through.
-async fn start_router(
-    args: &CompareArgs,
-    spec: &RouterSpec,
-    workers: &[String],
-    gateway_endpoints: Vec<EndpointConfig>,
-    model: &str,
-    scratch: &std::path::Path,
-    client: &reqwest::Client,
-) -> Result<RouterProcess> {
-    let port = free_port()?;
-    let kvgate_config = match spec.kind {
-        RouterKind::Kvgate => Some(gateway_config(spec, port, gateway_endpoints, scratch)?),
-        _ => None,
-    };
-    let ctx = LaunchContext {
-        port,
-        aux_port: free_port()?,
-        workers: workers.to_vec(),
-        peers_bin: args.peers_bin.clone(),
-        kvgate_exe: std::env::current_exe()?,
-        kvgate_config,
-        scratch: scratch.to_path_buf(),
-    };
-    let mut p = RouterProcess::spawn(spec, &ctx)?;
-    p.wait_ready(client, model, Duration::from_secs(args.ready_timeout_s))
-        .await?;
-    tokio::time::sleep(SETTLE).await;
-    Ok(p)
-}
-
-async fn run_stages(
-    args: &CompareArgs,
-    client: &reqwest::Client,
-    fleet: &[RunningSim],
-    base: &str,
-    label: &str,
-    stages: &[Stage],
-    fresh_caches: bool,
-) -> Vec<StageReport> {
-    let engines: Vec<String> = fleet.iter().map(RunningSim::url).collect();
-    let mut out = Vec::new();
-    for st in stages {
-        if fresh_caches {
-            reset_caches(fleet).await;
-            tokio::time::sleep(SETTLE).await;
-        }
-        let name = format!("{label} @ {} QPS", st.rate);
-        let before = scrape_fleet(client, &engines).await;
-        let opts = StageOptions {
-            name: name.clone(),
-            concurrency: None,
-            timeout: Duration::from_secs(args.timeout_s),
-            progress: true,
-        };
-        let (outcomes, secs) = run_stage(client, base, DEFAULT_MODEL, &st.specs, &opts).await;
-        let after = scrape_fleet(client, &engines).await;
-        let summary = to_sim_time(summarize(&name, &outcomes, secs), args.time_scale);
-        if let Some(e) = &summary.first_error {
-            progress(&format!("  {name}: {} errors, first: {e}", summary.errors));
-        }
-        out.push(StageReport {
-            offered_rate: Some(st.rate),
-            summary,
-            fleet_hit_rate: after.rate_since(before),
-        });
-    }
-    out
-}
-
-fn filler_prompt(words: usize, seed: u64) -> String {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    workload::filler(&mut rng, words)
-}
-
-async fn overhead_runs(
-    args: &CompareArgs,
-    specs: &[RouterSpec],
-    scratch: &std::path::Path,
-    watch: &BusyWatch,
-) -> Result<Vec<OverheadRow>> {
-    let cfg = FakeBackendConfig {
-        model: FAKE_MODEL.into(),
-        delay: Duration::from_millis(args.overhead_delay_ms),
-        ..FakeBackendConfig::default()
-    };
-    let mut backends = Vec::new();
-    let mut tasks = Vec::new();
-    for _ in 0..FAKE_BACKENDS {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        backends.push(format!("http://{}", listener.local_addr()?));
-        tasks.push(tokio::spawn(fake_backend::serve(listener, cfg.clone())));
-    }
-    let endpoints: Vec<EndpointConfig> = backends
-        .iter()
-        .map(|url| EndpointConfig::new(url.clone(), FAKE_MODEL, BLOCK_SIZE as u32))
-        .collect();
-    // A fresh pool per target, sized for the load.
-    let client = || {
-        reqwest::Client::builder()
-            .pool_max_idle_per_host(args.overhead_concurrency * 2)
-            .build()
-    };
-    let mut opts = OverheadOptions {
-        model: FAKE_MODEL.into(),
-        prompt: filler_prompt(args.overhead_prompt_words, args.seed ^ 0x0e),
-        max_tokens: cfg.stream_chunks,
-        stream: false,
-        concurrency: args.overhead_concurrency,
-        warmup: Duration::from_secs(1),
-        duration: Duration::from_secs_f64(args.overhead_seconds),
-        timeout: Duration::from_secs(30),
-    };
-    let mut rows = Vec::new();
-    let long_prompt = opts.prompt.clone();
-    let short_prompt = filler_prompt(args.overhead_short_prompt_words, args.seed ^ 0x0f);
-    let short_mode = format!("plain, {}-word prompt", args.overhead_short_prompt_words);
-    // (mode, streamed, short prompt); the short one only for kvgate and direct.
-    let mut modes = vec![
-        ("plain".to_string(), false, false),
-        ("stream".into(), true, false),
-    ];
-    if args.overhead_short_prompt_words > 0 {
-        modes.push((short_mode, false, true));
-    }
-    let set = |opts: &mut OverheadOptions, stream: bool, short: bool| {
-        opts.stream = stream;
-        opts.prompt = if short {
-            short_prompt.clone()
-        } else {
-            long_prompt.clone()
-        };
-    };
-    for attempt in 0..=MAX_REDOS {
-        watch.wait_quiet().await;
-        let mut direct = Vec::new();
-        for (mode, stream, short) in &modes {
-            set(&mut opts, *stream, *short);
-            progress(&format!("overhead: direct ({mode})"));
-            let sample = measure(&client()?, &backends[0], &opts).await;
-            direct.push(OverheadRow {
-                router: DIRECT.into(),
-                mode: mode.clone(),
-                sample,
-            });
-        }
-        if !watch.disturbed() || attempt == MAX_REDOS {
-            rows.extend(direct);
-            break;
-        }
-    }
-    for spec in specs {
-        for attempt in 0..=MAX_REDOS {
-            watch.wait_quiet().await;
-            let mut measured = Vec::new();
-            let c = client()?;
-            let p = match start_router(
-                args,
-                spec,
-                &backends,
-                endpoints.clone(),
-                FAKE_MODEL,
-                scratch,
-                &c,
-            )
-            .await
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    progress(&format!("overhead: {} skipped: {e:#}", spec.name()));
-                    break;
-                }
-            };
-            for (mode, stream, short) in &modes {
-                if *short && spec.kind != RouterKind::Kvgate {
-                    continue;
-                }
-                set(&mut opts, *stream, *short);
-                progress(&format!("overhead: {} ({mode})", spec.name()));
-                let sample = measure(&c, &p.url, &opts).await;
-                measured.push(OverheadRow {
-                    router: spec.name(),
-                    mode: mode.clone(),
-                    sample,
-                });
-            }
-            drop(p);
-            tokio::time::sleep(SETTLE).await;
-            if !watch.disturbed() || attempt == MAX_REDOS {
-                rows.extend(measured);
-                break;
-            }
-            progress(&format!(
-                "overhead: {}: the machine got busy; running it again",
-                spec.name()
-            ));
-        }
-    }
-    for t in tasks {
-        t.abort();
-    }
-    Ok(rows)
-}
-
 pub async fn run(args: CompareArgs) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Interrupted: dropping the run stops the routers it started.
@@ -416,64 +151,6 @@ pub async fn run(args: CompareArgs) -> Result<()> {
 
 /// Redos of one router's runs when the machine got busy during them.
 const MAX_REDOS: usize = 5;
-
-/// Watches `--busy-check`: `seen` turns true whenever the check succeeds.
-struct BusyWatch {
-    check: Option<String>,
-    seen: Arc<std::sync::atomic::AtomicBool>,
-    _poller: Option<tokio::task::JoinHandle<()>>,
-}
-
-async fn busy(check: &str) -> bool {
-    tokio::process::Command::new("sh")
-        .args(["-c", check])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .await
-        .is_ok_and(|s| s.success())
-}
-
-impl BusyWatch {
-    fn start(check: Option<String>) -> Self {
-        let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let poller = check.clone().map(|c| {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                loop {
-                    if busy(&c).await {
-                        seen.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-            })
-        });
-        Self {
-            check,
-            seen,
-            _poller: poller,
-        }
-    }
-
-    /// Waits until the machine is quiet, then starts a clean window.
-    async fn wait_quiet(&self) {
-        let Some(c) = &self.check else { return };
-        let mut told = false;
-        while busy(c).await {
-            if !told {
-                progress(&format!("machine busy ({c}); waiting"));
-                told = true;
-            }
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        }
-        self.seen.store(false, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether the window since `wait_quiet` was disturbed.
-    fn disturbed(&self) -> bool {
-        self.seen.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
 
 async fn compare(args: CompareArgs) -> Result<()> {
     let started = std::time::Instant::now();

@@ -1,0 +1,107 @@
+//! The tier's results: the verdict on them and the one summary line.
+
+use kvgate_e2e::checks::{BlockParity, CacheTrace, TokenParity};
+
+#[derive(Debug, Default)]
+pub(crate) struct Summary {
+    pub(crate) tokens: TokenParity,
+    pub(crate) blocks: BlockParity,
+    pub(crate) salted_blocks: usize,
+    pub(crate) hit_rate: f64,
+    pub(crate) oracle: f64,
+    pub(crate) rr_hit_rate: f64,
+    pub(crate) salt_same_hits: bool,
+    pub(crate) salt_cross_hits: usize,
+    pub(crate) evicted_blocks: u64,
+    pub(crate) probes: usize,
+    pub(crate) probe_mismatches: Vec<String>,
+    pub(crate) probes_cached: usize,
+    pub(crate) probes_gone: usize,
+    pub(crate) gap_replayed: bool,
+    pub(crate) restart_purged: bool,
+    pub(crate) fidelity: Vec<String>,
+    pub(crate) fidelity_run: bool,
+    /// vLLM's side of the fidelity script.
+    pub(crate) fidelity_vllm: CacheTrace,
+    pub(crate) failures: Vec<String>,
+}
+
+impl Summary {
+    fn resync_ok(&self) -> bool {
+        self.probe_mismatches.is_empty()
+            && self.probes_cached > 0
+            && self.probes_gone > 0
+            && self.evicted_blocks > 0
+            && self.gap_replayed
+            && self.restart_purged
+    }
+
+    pub(crate) fn line(&self) -> String {
+        format!(
+            "e2e-vllm: token_parity={:.3} ({} requests) block_parity={:.3} ({} blocks, {} salted) hit_rate={:.3} oracle={:.3} rr_hit_rate={:.3} salt_cross_hits={} resync={} (probes={} evicted_blocks={}) sim_fidelity={} (hits={} stored={} removed={})",
+            self.tokens.ratio(),
+            self.tokens.total,
+            self.blocks.ratio(),
+            self.blocks.checked,
+            self.salted_blocks,
+            self.hit_rate,
+            self.oracle,
+            self.rr_hit_rate,
+            self.salt_cross_hits,
+            if self.resync_ok() { "ok" } else { "FAILED" },
+            self.probes,
+            self.evicted_blocks,
+            match (self.fidelity_run, self.fidelity.is_empty()) {
+                (true, true) => "ok",
+                (true, false) => "FAILED",
+                (false, _) => "not-run",
+            },
+            self.fidelity_vllm.total_hits(),
+            self.fidelity_vllm.stored_blocks,
+            self.fidelity_vllm.removed_blocks
+        )
+    }
+
+    pub(crate) fn verdict(&mut self) {
+        let mut f = Vec::new();
+        if self.tokens.total < 200 || self.tokens.ratio() < 1.0 {
+            f.push(format!("token parity {:?}", self.tokens.mismatches));
+        }
+        if self.blocks.checked == 0 || self.blocks.ratio() < 1.0 || self.salted_blocks == 0 {
+            f.push(format!("block parity {:?}", self.blocks.mismatches));
+        }
+        if self.hit_rate + 0.005 < self.oracle {
+            f.push(format!(
+                "precise hit rate {:.3} below vLLM's optimum {:.3}",
+                self.hit_rate, self.oracle
+            ));
+        }
+        if self.rr_hit_rate + 0.02 > self.oracle {
+            f.push(format!(
+                "round_robin reached {:.3} of {:.3}: the workload does not separate policies",
+                self.rr_hit_rate, self.oracle
+            ));
+        }
+        if !self.salt_same_hits || self.salt_cross_hits > 0 {
+            f.push(format!(
+                "salt isolation: same-tenant hit {} cross-tenant hits {}",
+                self.salt_same_hits, self.salt_cross_hits
+            ));
+        }
+        if !self.resync_ok() {
+            f.push(format!(
+                "resync: probe mismatches {:?}, cached/gone probes {}/{}, evicted {}, gap replayed {}, restart purged {}",
+                self.probe_mismatches,
+                self.probes_cached,
+                self.probes_gone,
+                self.evicted_blocks,
+                self.gap_replayed,
+                self.restart_purged
+            ));
+        }
+        if !self.fidelity_run || !self.fidelity.is_empty() {
+            f.push(format!("sim fidelity: {:?}", self.fidelity));
+        }
+        self.failures.extend(f);
+    }
+}
