@@ -81,14 +81,7 @@ fn no_reuse_precise_is_within_5_percent_of_round_robin() {
 #[test]
 fn shared_prefix_precise_keeps_groups_together_under_load() {
     for seed in [1u64, 2] {
-        let specs = shared_prefix(
-            20,
-            LLMD_73.prompts_per_group,
-            LLMD_73.prefix_tokens,
-            LLMD_73.unique_tokens,
-            100,
-            seed,
-        );
+        let specs = LLMD_73.groups(20, 100, seed);
         let w = ModelWorkload::tokenize(&timed(specs, 48.0, seed), tok()).unwrap();
         let oracle = w.oracle_hit_rate(16);
         let precise = run(Policy::PrecisePrefix, &w);
