@@ -514,3 +514,91 @@ async fn locality_api_and_gateway_agree_on_chat_fields() {
     assert_ne!(lengths[0], lengths[1]);
     assert_ne!(lengths[0], lengths[2]);
 }
+
+/// A configuration built in code goes through the same validation as a file:
+/// a block size of 0 used to become "route by load" without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configs_built_in_code_are_validated() {
+    let mut bad = endpoint("http://127.0.0.1:1");
+    bad.block_size = 0;
+    let cfg = GatewayConfig {
+        endpoints: vec![bad.clone()],
+        ..Default::default()
+    };
+    let discovery = Arc::new(StaticDiscovery::new(Vec::new()).unwrap());
+    let err = Gateway::start(cfg, discovery).await.err().unwrap();
+    assert!(err.to_string().contains("block_size must be > 0"), "{err}");
+    assert!(StaticDiscovery::new(vec![bad]).is_err());
+    let twice = GatewayConfig {
+        endpoints: vec![
+            endpoint("http://127.0.0.1:1"),
+            endpoint("http://127.0.0.1:1"),
+        ],
+        ..Default::default()
+    };
+    let discovery = Arc::new(StaticDiscovery::new(Vec::new()).unwrap());
+    let err = Gateway::start(twice, discovery).await.err().unwrap();
+    assert!(err.to_string().contains("twice"), "{err}");
+}
+
+/// An upstream that breaks off mid-stream is counted as `failed`, and its
+/// load is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_broken_upstream_is_counted_failed() {
+    async fn broken(_body: Bytes) -> axum::response::Response {
+        let chunks = futures_util::stream::iter(0..2).then(|i| async move {
+            if i == 0 {
+                Ok(Bytes::from("data: {\"i\": 0}\n\n"))
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(std::io::Error::other("engine died"))
+            }
+        });
+        axum::response::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from_stream(chunks))
+            .unwrap()
+    }
+    let app = Router::new()
+        .route("/v1/chat/completions", post(broken))
+        .route("/health", get(|| async { "" }));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let (gw_url, gw) = gateway(GatewayConfig {
+        endpoints: vec![endpoint(&url)],
+        ..Default::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{gw_url}/v1/chat/completions"))
+        .json(&chat_body("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.is_err(), "the break reaches the client");
+    let load = gw.fleet().snapshot()[0].load.clone();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while load.snapshot().in_flight != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(load.snapshot().in_flight, 0);
+    let metrics = client
+        .get(format!("{gw_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failed = metrics
+        .lines()
+        .find(|l| l.starts_with("kvgate_requests_total") && l.contains("outcome=\"failed\""));
+    assert!(
+        failed.is_some_and(|l| l.ends_with(" 1")),
+        "not counted as failed:\n{metrics}"
+    );
+    assert!(!metrics.contains("outcome=\"completed\""), "{metrics}");
+}
