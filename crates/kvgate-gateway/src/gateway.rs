@@ -39,6 +39,7 @@ pub struct Gateway {
     pub metrics: GatewayMetrics,
     pub index_metrics: Arc<IndexerMetrics>,
     pub(crate) registry: Registry,
+    pub(crate) render_failures: crate::pipeline::RenderFailures,
 }
 
 impl Gateway {
@@ -88,6 +89,7 @@ impl Gateway {
             metrics,
             index_metrics,
             registry,
+            render_failures: Default::default(),
             cfg,
         }))
     }

@@ -105,6 +105,21 @@ fn explain(gw: &Arc<Gateway>, kind: Kind, headers: &HeaderMap, body: Body) -> Re
         Ok(p) => p,
         Err(e) => return prepare_error(e),
     };
+    if let Some(f) = &p.render_failure {
+        let param = match kind {
+            Kind::Chat => "messages",
+            Kind::Completion => "prompt",
+        };
+        return OpenAiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "prompt not rendered ({}): {f}; requests route by load alone",
+                f.reason()
+            ),
+        )
+        .with_param(Some(param))
+        .into_response();
+    }
     let input = match p.routing_input(gw, None) {
         Ok(i) => i,
         Err(e) => return prepare_error(e),
@@ -143,12 +158,20 @@ async fn models(State(gw): State<Arc<Gateway>>) -> Response {
     Json(serde_json::json!({"object": "list", "data": data})).into_response()
 }
 
+/// 200 with details while some endpoint is available (render failures are
+/// listed: they degrade routing, not readiness), else 503.
 async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
-    if gw.fleet.snapshot().iter().any(|e| e.is_available()) {
-        StatusCode::OK.into_response()
-    } else {
-        no_endpoint("no healthy endpoint")
+    let endpoints = gw.fleet.snapshot();
+    let available = endpoints.iter().filter(|e| e.is_available()).count();
+    if available == 0 {
+        return no_endpoint("no healthy endpoint");
     }
+    Json(serde_json::json!({
+        "status": "ready",
+        "endpoints": {"available": available, "total": endpoints.len()},
+        "render_failures": gw.render_failures.report(),
+    }))
+    .into_response()
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {

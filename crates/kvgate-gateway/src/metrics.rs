@@ -32,6 +32,13 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RenderFailureLabels {
+    /// Only models the fleet serves get this far, so the label stays bounded.
+    pub model: String,
+    pub reason: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~65 s
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
@@ -46,6 +53,7 @@ pub struct GatewayMetrics {
     pub prompt_tokens: Counter,
     pub connect_retries: Counter,
     pub routing_duration: Histogram,
+    pub render_failures: Family<RenderFailureLabels, Counter>,
 }
 
 impl Default for GatewayMetrics {
@@ -60,6 +68,7 @@ impl Default for GatewayMetrics {
             connect_retries: Counter::default(),
             // 1 µs .. ~33 ms
             routing_duration: Histogram::new(exponential_buckets(1e-6, 2.0, 16)),
+            render_failures: Family::default(),
         }
     }
 }
@@ -100,6 +109,11 @@ impl GatewayMetrics {
             "kvgate_connect_retries",
             "Requests retried on another endpoint after a connection failure",
             self.connect_retries.clone(),
+        );
+        r.register(
+            "kvgate_render_failures",
+            "Prompts the gateway could not render or tokenize (routed by load alone), by model and reason",
+            self.render_failures.clone(),
         );
         r.register(
             "kvgate_routing_duration_seconds",

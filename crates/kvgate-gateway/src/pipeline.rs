@@ -8,8 +8,11 @@ use axum::body::Bytes;
 use axum::http::{header, HeaderMap};
 use kvgate_fleet::{RouteQuery, RoutingInput};
 use kvgate_router::RouteError;
-use kvgate_tokenize::ChatInput;
+use kvgate_tokenize::{ChatInput, InvalidField, TokenizeError};
+use parking_lot::Mutex;
 use serde_json::Value;
+
+use crate::metrics::{GatewayMetrics, RenderFailureLabels};
 
 use crate::tenancy::AuthError;
 use crate::Gateway;
@@ -63,6 +66,81 @@ impl PrepareError {
     }
 }
 
+/// Why a prompt's tokens are not known. The request is still served (routed
+/// by load alone), but never silently: see [`RenderFailures`].
+#[derive(Debug, thiserror::Error)]
+pub enum RenderFailure {
+    #[error("no tokenizer is configured for this model")]
+    NoTokenizer,
+    #[error("{0}")]
+    Input(#[from] InvalidField),
+    #[error("{0}")]
+    Tokenize(#[from] TokenizeError),
+    #[error("'prompt' is neither a string, a list of token ids nor a list of strings")]
+    UnsupportedPrompt,
+}
+
+impl RenderFailure {
+    /// A short, stable name (the metric's `reason` label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RenderFailure::NoTokenizer => "no_tokenizer",
+            RenderFailure::Input(_) => "invalid_chat_input",
+            RenderFailure::Tokenize(e) => e.reason(),
+            RenderFailure::UnsupportedPrompt => "unsupported_prompt",
+        }
+    }
+}
+
+/// Render failures per model and reason: counted
+/// (`kvgate_render_failures_total`), logged once each, listed on `/ready`.
+#[derive(Default)]
+pub struct RenderFailures {
+    seen: Mutex<std::collections::BTreeMap<(String, &'static str), SeenFailure>>,
+}
+
+struct SeenFailure {
+    count: u64,
+    last_error: String,
+}
+
+impl RenderFailures {
+    pub fn record(&self, metrics: &GatewayMetrics, model: &str, failure: &RenderFailure) {
+        let reason = failure.reason();
+        metrics
+            .render_failures
+            .get_or_create(&RenderFailureLabels {
+                model: model.to_string(),
+                reason,
+            })
+            .inc();
+        let mut seen = self.seen.lock();
+        let entry = seen
+            .entry((model.to_string(), reason))
+            .or_insert_with(|| {
+                tracing::warn!(model, reason, error = %failure,
+                    "prompt not rendered: routing this model's requests by load alone (logged once per model and reason)");
+                SeenFailure {
+                    count: 0,
+                    last_error: String::new(),
+                }
+            });
+        entry.count += 1;
+        entry.last_error = failure.to_string();
+    }
+
+    /// `[{model, reason, count, last_error}]`, for `/ready`.
+    pub fn report(&self) -> Vec<Value> {
+        self.seen
+            .lock()
+            .iter()
+            .map(|((model, reason), s)| {
+                serde_json::json!({"model": model, "reason": reason, "count": s.count, "last_error": s.last_error})
+            })
+            .collect()
+    }
+}
+
 /// A validated request: its body as it will be forwarded and everything
 /// routing needs.
 pub struct Prepared {
@@ -72,6 +150,8 @@ pub struct Prepared {
     /// The prompt's tokens as the engine will see them (empty: not needed or
     /// not known, and then routing goes by load).
     pub tokens: Vec<u32>,
+    /// Why `tokens` is empty although they were asked for.
+    pub render_failure: Option<RenderFailure>,
     pub cache_salt: Option<String>,
     pub tenant: Option<String>,
 }
@@ -149,48 +229,48 @@ pub fn prepare(
     } else {
         body
     };
-    let tokens = if tokenize {
-        prompt_tokens(gw, kind, &model, &json).unwrap_or_default()
-    } else {
-        Vec::new()
+    let (tokens, render_failure) = match tokenize.then(|| prompt_tokens(gw, kind, &model, &json)) {
+        None => (Vec::new(), None),
+        Some(Ok(t)) => (t, None),
+        Some(Err(f)) => {
+            gw.render_failures.record(&gw.metrics, &model, &f);
+            (Vec::new(), Some(f))
+        }
     };
     Ok(Prepared {
         model,
         body,
         tokens,
+        render_failure,
         cache_salt,
         tenant,
     })
 }
 
-/// Tokens of the request's prompt as the engine will see them (None when
-/// they cannot be known: no tokenizer, unsupported content).
-fn prompt_tokens(gw: &Gateway, kind: Kind, model: &str, body: &Value) -> Option<Vec<u32>> {
-    let tok = gw.tokenizers.get(model)?;
-    let result = match kind {
-        Kind::Chat => tok.chat_tokens(&ChatInput::from_openai(body).ok()?),
-        Kind::Completion => match body.get("prompt")? {
-            Value::String(s) => tok.completion_tokens(s),
+/// Tokens of the request's prompt as the engine will see them.
+fn prompt_tokens(
+    gw: &Gateway,
+    kind: Kind,
+    model: &str,
+    body: &Value,
+) -> Result<Vec<u32>, RenderFailure> {
+    let tok = gw.tokenizers.get(model).ok_or(RenderFailure::NoTokenizer)?;
+    Ok(match kind {
+        Kind::Chat => tok.chat_tokens(&ChatInput::from_openai(body)?)?,
+        Kind::Completion => match body.get("prompt") {
+            Some(Value::String(s)) => tok.completion_tokens(s)?,
             // Pre-tokenized prompts are used as they are.
-            Value::Array(a) if a.iter().all(Value::is_u64) => {
-                return a
-                    .iter()
-                    .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
-                    .collect()
-            }
+            Some(Value::Array(a)) if a.iter().all(Value::is_u64) => a
+                .iter()
+                .map(|v| v.as_u64().and_then(|t| u32::try_from(t).ok()))
+                .collect::<Option<Vec<u32>>>()
+                .ok_or(RenderFailure::UnsupportedPrompt)?,
             // A batch of prompts is routed by its first one.
-            Value::Array(a) => match a.first()? {
-                Value::String(s) => tok.completion_tokens(s),
-                _ => return None,
+            Some(Value::Array(a)) => match a.first() {
+                Some(Value::String(s)) => tok.completion_tokens(s)?,
+                _ => return Err(RenderFailure::UnsupportedPrompt),
             },
-            _ => return None,
+            _ => return Err(RenderFailure::UnsupportedPrompt),
         },
-    };
-    match result {
-        Ok(t) => Some(t),
-        Err(e) => {
-            tracing::debug!(error = %e, "prompt not tokenized; routing by load");
-            None
-        }
-    }
+    })
 }

@@ -602,3 +602,94 @@ async fn a_stream_broken_upstream_is_counted_failed() {
     );
     assert!(!metrics.contains("outcome=\"completed\""), "{metrics}");
 }
+
+/// A prompt the gateway cannot render is still served (by load), but loudly:
+/// counted per model and reason, listed on `/ready`, and the explain API
+/// answers it as an error naming the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn render_failures_are_counted_shown_and_explained() {
+    let (url, _u) = spawn_upstream().await;
+    let client = reqwest::Client::new();
+    let metric = |gw_url: String, reason: &'static str| {
+        let client = client.clone();
+        async move {
+            let m = client
+                .get(format!("{gw_url}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            m.lines()
+                .find(|l| {
+                    l.starts_with("kvgate_render_failures_total")
+                        && l.contains(&format!("reason=\"{reason}\""))
+                        && l.contains("model=\"m\"")
+                })
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        }
+    };
+
+    let (gw_url, _gw) = gateway(GatewayConfig {
+        endpoints: vec![endpoint(&url)],
+        ..Default::default()
+    })
+    .await;
+    let mut bad = chat_body("hi");
+    bad["tools"] = serde_json::json!("not a list");
+    for _ in 0..2 {
+        let resp = client
+            .post(format!("{gw_url}/v1/chat/completions"))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "still served, by load");
+        resp.text().await.unwrap();
+    }
+    assert_eq!(metric(gw_url.clone(), "invalid_chat_input").await, Some(2));
+    let resp = client
+        .post(format!("{gw_url}{}", kvgate_gateway::EXPLAIN_CHAT_PATH))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let err: serde_json::Value = resp.json().await.unwrap();
+    let msg = err["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("invalid_chat_input") && msg.contains("tools"),
+        "{err}"
+    );
+    let ready: serde_json::Value = client
+        .get(format!("{gw_url}/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = &ready["render_failures"][0];
+    assert_eq!(listed["model"], "m", "{ready}");
+    assert_eq!(listed["reason"], "invalid_chat_input", "{ready}");
+    assert_eq!(listed["count"], 3, "{ready}");
+
+    // No tokenizer for the model at all.
+    let (gw_url, _gw) = gateway(GatewayConfig {
+        endpoints: vec![endpoint(&url)],
+        embedded_tokenizer_fallback: false,
+        ..Default::default()
+    })
+    .await;
+    let resp = client
+        .post(format!("{gw_url}/v1/completions"))
+        .json(&serde_json::json!({"model": "m", "prompt": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap();
+    assert_eq!(metric(gw_url.clone(), "no_tokenizer").await, Some(1));
+    assert_eq!(metric(gw_url, "invalid_chat_input").await, None);
+}

@@ -58,6 +58,19 @@ pub enum TokenizeError {
     Encode(String),
 }
 
+impl TokenizeError {
+    /// A short, stable name for metrics labels and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenizeError::Load(_) => "tokenizer_load",
+            TokenizeError::NoChatTemplate => "no_chat_template",
+            TokenizeError::Template(_) => "template_error",
+            TokenizeError::InvalidMessages(_) => "invalid_messages",
+            TokenizeError::Encode(_) => "encode_error",
+        }
+    }
+}
+
 /// What a chat request contributes to the rendered prompt (from a request
 /// body: [`ChatInput::from_openai`]).
 #[derive(Debug, Clone, Default)]
