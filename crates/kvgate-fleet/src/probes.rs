@@ -5,7 +5,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::engine_metrics::parse_engine_load;
-use crate::fleet::Fleet;
+use crate::fleet::{Endpoint, Fleet};
 
 /// How often each endpoint's `/health` is checked (and expiry runs).
 pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 2_000;
@@ -53,40 +53,40 @@ async fn probe_loop(fleet: Weak<Fleet>, http: reqwest::Client, cfg: ProbeConfig)
             _ = health.tick() => {
                 let Some(fleet) = fleet.upgrade() else { return };
                 fleet.scheduler.expire();
-                let checks = fleet.snapshot().iter().map(|e| {
-                    let e = e.clone();
-                    let http = http.clone();
-                    async move {
-                        let ok = http
-                            .get(format!("{}/health", e.cfg.url))
-                            .timeout(PROBE_TIMEOUT)
-                            .send()
-                            .await
-                            .is_ok_and(|r| r.status().is_success());
-                        e.record_check(ok);
-                    }
-                }).collect::<Vec<_>>();
-                futures_util::future::join_all(checks).await;
+                probe_all(&fleet, &http, "/health", |e, resp| async move {
+                    e.record_check(resp.is_ok_and(|r| r.status().is_success()));
+                })
+                .await;
             }
             _ = scrape.tick() => {
                 let Some(fleet) = fleet.upgrade() else { return };
-                let scrapes = fleet.snapshot().iter().map(|e| {
-                    let e = e.clone();
-                    let http = http.clone();
-                    async move {
-                        let resp = http
-                            .get(format!("{}/metrics", e.cfg.url))
-                            .timeout(PROBE_TIMEOUT)
-                            .send()
-                            .await;
-                        if let Ok(text) = match resp { Ok(r) => r.text().await, Err(e) => Err(e) } {
-                            let l = parse_engine_load(&text);
-                            e.load.set_engine(l.waiting as u64, l.running as u64, l.kv_usage);
-                        }
+                probe_all(&fleet, &http, "/metrics", |e, resp| async move {
+                    if let Ok(text) = match resp { Ok(r) => r.text().await, Err(e) => Err(e) } {
+                        let l = parse_engine_load(&text);
+                        e.load.set_engine(l.waiting as u64, l.running as u64, l.kv_usage);
                     }
-                }).collect::<Vec<_>>();
-                futures_util::future::join_all(scrapes).await;
+                })
+                .await;
             }
         }
     }
+}
+
+/// GETs `path` on every endpoint at once and hands each answer to `then`.
+async fn probe_all<F, Fut>(fleet: &Fleet, http: &reqwest::Client, path: &str, then: F)
+where
+    F: Fn(Arc<Endpoint>, reqwest::Result<reqwest::Response>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let endpoints = fleet.snapshot();
+    let probes = endpoints.iter().map(|e| {
+        let req = http
+            .get(format!("{}{path}", e.cfg.url))
+            .timeout(PROBE_TIMEOUT)
+            .send();
+        let e = e.clone();
+        let then = &then;
+        async move { then(e, req.await).await }
+    });
+    futures_util::future::join_all(probes).await;
 }

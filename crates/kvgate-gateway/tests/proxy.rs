@@ -34,6 +34,26 @@ async fn upstream_chat(State(u): State<Upstream>, body: Bytes) -> axum::response
         .unwrap()
 }
 
+/// Serves `app` on a loopback port; its base URL.
+async fn serve(app: Router) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// The gateway's `/metrics` text.
+async fn metrics_text(client: &reqwest::Client, gw_url: &str) -> String {
+    client
+        .get(format!("{gw_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn spawn_upstream() -> (String, Upstream) {
     let u = Upstream::default();
     let app = Router::new()
@@ -45,10 +65,7 @@ async fn spawn_upstream() -> (String, Upstream) {
             get(|| async { "vllm:num_requests_waiting{engine=\"0\"} 0\n" }),
         )
         .with_state(u.clone());
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    (format!("http://{addr}"), u)
+    (serve(app).await, u)
 }
 
 fn endpoint(url: &str) -> EndpointConfig {
@@ -67,11 +84,7 @@ fn endpoint(url: &str) -> EndpointConfig {
 async fn gateway(cfg: GatewayConfig) -> (String, Arc<Gateway>) {
     let discovery = Arc::new(StaticDiscovery::new(cfg.endpoints.clone()).unwrap());
     let gw = Gateway::start(cfg, discovery).await.unwrap();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let app = gw.router();
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    (format!("http://{addr}"), gw)
+    (serve(gw.router()).await, gw)
 }
 
 fn chat_body(content: &str) -> serde_json::Value {
@@ -127,14 +140,7 @@ async fn streams_incrementally_and_releases_load_on_disconnect() {
     assert_eq!(load.snapshot().in_flight, 0);
 
     // Both are counted, each with how it ended.
-    let metrics = client
-        .get(format!("{gw_url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&client, &gw_url).await;
     for outcome in ["aborted", "completed"] {
         let line = metrics
             .lines()
@@ -463,9 +469,7 @@ async fn locality_api_and_gateway_agree_on_chat_fields() {
         tier_weights: DEFAULT_TIER_WEIGHTS,
         tokenizers: Arc::new(tokenizers),
     });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let index_url = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let index_url = serve(app).await;
     let client = reqwest::Client::new();
     let messages = serde_json::json!([
         {"role": "system", "content": "Be brief."},
@@ -562,9 +566,7 @@ async fn a_stream_broken_upstream_is_counted_failed() {
     let app = Router::new()
         .route("/v1/chat/completions", post(broken))
         .route("/health", get(|| async { "" }));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let url = serve(app).await;
     let (gw_url, gw) = gateway(GatewayConfig {
         endpoints: vec![endpoint(&url)],
         ..Default::default()
@@ -585,14 +587,7 @@ async fn a_stream_broken_upstream_is_counted_failed() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(load.snapshot().in_flight, 0);
-    let metrics = client
-        .get(format!("{gw_url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&client, &gw_url).await;
     let failed = metrics
         .lines()
         .find(|l| l.starts_with("kvgate_requests_total") && l.contains("outcome=\"failed\""));
@@ -613,14 +608,7 @@ async fn render_failures_are_counted_shown_and_explained() {
     let metric = |gw_url: String, reason: &'static str| {
         let client = client.clone();
         async move {
-            let m = client
-                .get(format!("{gw_url}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let m = metrics_text(&client, &gw_url).await;
             m.lines()
                 .find(|l| {
                     l.starts_with("kvgate_render_failures_total")
