@@ -23,12 +23,14 @@ mod conversation;
 mod fast;
 mod openai;
 mod pyjson;
+mod reject;
 mod segments;
 mod template;
 
 pub use content_format::ContentFormat;
 pub use fast::{MAX_CACHED_WORD_BYTES, WORD_CACHE_ENTRIES};
 pub use openai::InvalidField;
+pub use reject::{vllm_rejection, RejectedMessage};
 pub use segments::DEFAULT_SEGMENT_CACHE_ENTRIES;
 
 use std::collections::BTreeMap;

@@ -112,3 +112,16 @@ fn prompts_render_like_vllm() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn requests_vllm_rejects_are_rejected() {
+    let fx = fixture();
+    let mut wrong = Vec::new();
+    for case in fx["requests"].as_array().unwrap() {
+        let rejected = kvgate_tokenize::vllm_rejection(case["messages"].as_array().unwrap());
+        if rejected.is_some() != case.get("rejected").is_some() {
+            wrong.push(format!("{}: {rejected:?}", case["name"]));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
