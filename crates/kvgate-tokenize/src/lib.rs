@@ -2,9 +2,12 @@
 //!
 //! - Chat: the model's Hugging Face chat template rendered the way
 //!   `transformers.apply_chat_template` renders it (Jinja with `trim_blocks`,
-//!   `lstrip_blocks`, Python string methods, Python-style `tojson`), after the
-//!   message normalisation vLLM applies (text parts joined by newlines, tool-call
-//!   arguments parsed from JSON), then encoded without adding special tokens.
+//!   `lstrip_blocks`, Python string methods, Python-style `tojson`), on the
+//!   conversation vLLM builds (`conversation.rs`: content as a string or parts
+//!   per the template's content format, `content_format.rs`; unknown message
+//!   fields dropped; `developer` as `system` where the template lacks it),
+//!   then encoded without adding special tokens. [`vllm_rejection`] tells
+//!   which messages vLLM answers 400 for.
 //! - Completions: the prompt encoded with special tokens added (BOS where the
 //!   tokenizer's post-processor adds one).
 //!
