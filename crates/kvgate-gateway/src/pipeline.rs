@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::http::{header, HeaderMap};
 use kvgate_fleet::{RouteQuery, RoutingInput};
 use kvgate_router::RouteError;
-use kvgate_tokenize::{ChatInput, InvalidField, TokenizeError};
+use kvgate_tokenize::{ChatInput, InvalidField, RejectedMessage, TokenizeError};
 use parking_lot::Mutex;
 use serde_json::Value;
 
@@ -49,6 +49,9 @@ pub enum PrepareError {
         field: &'static str,
         must_be: &'static str,
     },
+    /// Messages vLLM itself answers 400 for (kvgate_tokenize::vllm_rejection).
+    #[error("{0}")]
+    Rejected(RejectedMessage),
     #[error("The model `{0}` does not exist.")]
     UnknownModel(String),
     #[error("re-encoding the request body: {0}")]
@@ -61,6 +64,7 @@ impl PrepareError {
         match self {
             PrepareError::Missing(field) | PrepareError::Invalid { field, .. } => Some(field),
             PrepareError::UnknownModel(_) => Some("model"),
+            PrepareError::Rejected(r) => Some(r.field()),
             _ => None,
         }
     }
@@ -209,6 +213,15 @@ pub fn prepare(
                 field: "messages",
                 must_be: "an array",
             })
+        }
+        Kind::Chat => {
+            if let Some(r) = obj
+                .get("messages")
+                .and_then(Value::as_array)
+                .and_then(|m| kvgate_tokenize::vllm_rejection(m))
+            {
+                return Err(PrepareError::Rejected(r));
+            }
         }
         Kind::Completion if !obj.contains_key("prompt") => {
             return Err(PrepareError::Missing("prompt"))

@@ -174,6 +174,17 @@ async fn bad_requests_get_openai_errors() {
         ),
         ("/v1/chat/completions", r#"{"model": "m"}"#.into(), 400),
         ("/v1/completions", r#"{"model": "m"}"#.into(), 400),
+        // Messages vLLM answers 400 for are answered so, not routed.
+        (
+            "/v1/chat/completions",
+            r#"{"model": "m", "messages": [{"role": "user", "content": ["a", "b"]}]}"#.into(),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model": "m", "messages": [{"role": "user", "content": null}]}"#.into(),
+            400,
+        ),
         (
             "/v1/chat/completions",
             r#"{"model": "other", "messages": []}"#.into(),

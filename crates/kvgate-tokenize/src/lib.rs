@@ -2,9 +2,12 @@
 //!
 //! - Chat: the model's Hugging Face chat template rendered the way
 //!   `transformers.apply_chat_template` renders it (Jinja with `trim_blocks`,
-//!   `lstrip_blocks`, Python string methods, Python-style `tojson`), after the
-//!   message normalisation vLLM applies (text parts joined by newlines, tool-call
-//!   arguments parsed from JSON), then encoded without adding special tokens.
+//!   `lstrip_blocks`, Python string methods, Python-style `tojson`), on the
+//!   conversation vLLM builds (`conversation.rs`: content as a string or parts
+//!   per the template's content format, `content_format.rs`; unknown message
+//!   fields dropped; `developer` as `system` where the template lacks it),
+//!   then encoded without adding special tokens. [`vllm_rejection`] tells
+//!   which messages vLLM answers 400 for.
 //! - Completions: the prompt encoded with special tokens added (BOS where the
 //!   tokenizer's post-processor adds one).
 //!
@@ -18,14 +21,19 @@
 //! chat template ([`ModelTokenizer::render_chat`], its Jinja environment,
 //! vLLM's message normalisation) is in `template.rs`.
 
+mod content_format;
+mod conversation;
 mod fast;
 mod openai;
 mod pyjson;
+mod reject;
 mod segments;
 mod template;
 
+pub use content_format::ContentFormat;
 pub use fast::{MAX_CACHED_WORD_BYTES, WORD_CACHE_ENTRIES};
 pub use openai::InvalidField;
+pub use reject::{vllm_rejection, RejectedMessage};
 pub use segments::DEFAULT_SEGMENT_CACHE_ENTRIES;
 
 use std::collections::BTreeMap;
@@ -88,6 +96,12 @@ pub struct ChatInput<'a> {
 pub struct ModelTokenizer {
     tokenizer: tokenizers::Tokenizer,
     env: Option<Environment<'static>>,
+    /// The content format vLLM detects for the template (once, at load).
+    detected_format: content_format::Resolved,
+    /// `Auto` (use `detected_format`) or an override.
+    content_format: ContentFormat,
+    /// Whether vLLM counts the template as handling the `developer` role.
+    handles_developer: bool,
     /// bos_token, eos_token, ... as strings, visible to templates.
     special_tokens: BTreeMap<String, String>,
     /// Piecewise cached encoding of chat prompts (None: not safe for this tokenizer).
@@ -154,12 +168,21 @@ impl ModelTokenizer {
             }
         }
         let template = chat_template.or_else(|| template_from_config(&config));
+        let detected_format = template
+            .as_deref()
+            .map_or(content_format::Resolved::String, content_format::detect);
+        let handles_developer = template
+            .as_deref()
+            .is_some_and(conversation::handles_developer);
         let env = template.map(build_env).transpose()?;
         let segments = segments::SegmentEncoder::new(&tokenizer, DEFAULT_SEGMENT_CACHE_ENTRIES);
         let fast = fast::FastEncoder::new(&tokenizer);
         Ok(Self {
             tokenizer,
             env,
+            detected_format,
+            content_format: ContentFormat::Auto,
+            handles_developer,
             special_tokens,
             segments,
             fast,
@@ -172,6 +195,21 @@ impl ModelTokenizer {
 
     pub fn has_chat_template(&self) -> bool {
         self.env.is_some()
+    }
+
+    /// Overrides how message content reaches the template (vLLM's
+    /// `--chat-template-content-format`; `Auto` detects it from the template).
+    pub fn set_content_format(&mut self, format: ContentFormat) {
+        self.content_format = format;
+    }
+
+    /// The content format rendering uses: the override, or what vLLM detects.
+    pub fn content_format(&self) -> ContentFormat {
+        match (self.content_format, self.detected_format) {
+            (ContentFormat::Auto, content_format::Resolved::String) => ContentFormat::String,
+            (ContentFormat::Auto, content_format::Resolved::OpenAi) => ContentFormat::OpenAi,
+            (f, _) => f,
+        }
     }
 
     /// The ids `tokenizers`' `encode_fast` gives, computed without building an

@@ -7,7 +7,8 @@ use minijinja::value::Kwargs;
 use minijinja::{Environment, ErrorKind, Value};
 use serde_json::Value as Json;
 
-use crate::{pyjson, ChatInput, ModelTokenizer, TokenizeError};
+use crate::content_format::{ContentFormat, Resolved};
+use crate::{conversation, pyjson, ChatInput, ModelTokenizer, TokenizeError};
 
 const TEMPLATE: &str = "chat_template";
 
@@ -15,7 +16,14 @@ impl ModelTokenizer {
     /// The prompt text the chat template produces for a request.
     pub fn render_chat(&self, input: &ChatInput<'_>) -> Result<String, TokenizeError> {
         let env = self.env.as_ref().ok_or(TokenizeError::NoChatTemplate)?;
-        let messages = normalize_messages(input.messages)?;
+        let format = match self.content_format() {
+            ContentFormat::OpenAi => Resolved::OpenAi,
+            ContentFormat::String | ContentFormat::Auto => Resolved::String,
+        };
+        let mut messages = conversation::conversation(input.messages, format)?;
+        if !self.handles_developer {
+            messages = conversation::developer_to_system(messages);
+        }
         let mut ctx = serde_json::Map::new();
         for (k, v) in &self.special_tokens {
             ctx.insert(k.clone(), Json::String(v.clone()));
@@ -25,7 +33,10 @@ impl ModelTokenizer {
                 ctx.insert(k.clone(), v.clone());
             }
         }
-        let last_content = messages.last().and_then(|m| m.get("content")).cloned();
+        let last_content = messages
+            .last()
+            .and_then(|m| m.get("content"))
+            .and_then(final_text);
         ctx.insert("messages".into(), Json::Array(messages));
         if let Some(tools) = input.tools {
             ctx.insert("tools".into(), Json::Array(normalize_tools(tools)?));
@@ -45,8 +56,8 @@ impl ModelTokenizer {
             .map_err(|e| TokenizeError::Template(template_error(&e)))?;
         if input.continue_final_message {
             let content = match last_content {
-                Some(Json::String(s)) => s,
-                _ => {
+                Some(s) => s,
+                None => {
                     return Err(TokenizeError::InvalidMessages(
                         "continue_final_message needs a final message with text content".into(),
                     ))
@@ -63,6 +74,19 @@ impl ModelTokenizer {
             rendered.truncate(end);
         }
         Ok(rendered)
+    }
+}
+
+/// The text `continue_final_message` continues, as transformers finds it: the
+/// content, or the last text part of a list of parts.
+fn final_text(content: &Json) -> Option<String> {
+    match content {
+        Json::String(s) => Some(s.clone()),
+        Json::Array(parts) => parts
+            .iter()
+            .rev()
+            .find_map(|p| p.get("text").and_then(Json::as_str).map(str::to_string)),
+        _ => None,
     }
 }
 
@@ -223,77 +247,6 @@ fn normalize_tools(tools: &[Json]) -> Result<Vec<Json>, TokenizeError> {
         .collect()
 }
 
-/// vLLM's message normalisation before templating: text parts are joined with
-/// newlines, tool-call arguments given as JSON strings become objects.
-fn normalize_messages(messages: &[Json]) -> Result<Vec<Json>, TokenizeError> {
-    if messages.is_empty() {
-        return Err(TokenizeError::InvalidMessages(
-            "messages must not be empty".into(),
-        ));
-    }
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let Json::Object(obj) = m else {
-                return Err(TokenizeError::InvalidMessages(format!("messages[{i}] is not an object")));
-            };
-            if !obj.get("role").is_some_and(Json::is_string) {
-                return Err(TokenizeError::InvalidMessages(format!("messages[{i}].role must be a string")));
-            }
-            let mut obj = obj.clone();
-            match obj.get("content") {
-                None | Some(Json::Null) | Some(Json::String(_)) => {}
-                Some(Json::Array(parts)) => {
-                    let mut texts = Vec::with_capacity(parts.len());
-                    for (j, p) in parts.iter().enumerate() {
-                        // vLLM takes bare strings as text parts and drops empty ones.
-                        if let Json::String(t) = p {
-                            if !t.is_empty() {
-                                texts.push(t.clone());
-                            }
-                            continue;
-                        }
-                        let kind = p.get("type").and_then(Json::as_str);
-                        match (kind, p.get("text").and_then(Json::as_str)) {
-                            (Some("text") | None, Some("")) => {}
-                            (Some("text") | None, Some(t)) => texts.push(t.to_string()),
-                            (Some(other), _) if other != "text" => {
-                                return Err(TokenizeError::InvalidMessages(format!(
-                                    "messages[{i}].content[{j}]: content part type {other:?} is not supported"
-                                )))
-                            }
-                            _ => {
-                                return Err(TokenizeError::InvalidMessages(format!(
-                                    "messages[{i}].content[{j}] has no text"
-                                )))
-                            }
-                        }
-                    }
-                    obj.insert("content".into(), Json::String(texts.join("\n")));
-                }
-                Some(_) => {
-                    return Err(TokenizeError::InvalidMessages(format!(
-                        "messages[{i}].content must be a string or a list of parts"
-                    )))
-                }
-            }
-            if let Some(Json::Array(calls)) = obj.get_mut("tool_calls") {
-                for call in calls.iter_mut() {
-                    if let Some(Json::String(args)) = call.pointer("/function/arguments") {
-                        if let Ok(parsed) = serde_json::from_str::<Json>(args) {
-                            if let Some(slot) = call.pointer_mut("/function/arguments") {
-                                *slot = parsed;
-                            }
-                        }
-                    }
-                }
-            }
-            Ok(Json::Object(obj))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,8 +266,11 @@ mod tests {
             )
         );
         assert!(normalize_tools(&[json!({"function": {}})]).is_err());
-        let m = normalize_messages(&[json!({"role": "user", "content": [
-            {"type": "text", "text": "a"}, {"type": "text", "text": ""}, "b", ""]})])
+        let m = conversation::conversation(
+            &[json!({"role": "critic", "content": [
+            {"type": "text", "text": "a"}, {"type": "text", "text": ""}, "b", ""]})],
+            Resolved::String,
+        )
         .unwrap();
         assert_eq!(
             m[0]["content"], "a\nb",
@@ -340,7 +296,7 @@ mod tests {
             json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}),
             json!({"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]}),
         ];
-        let out = normalize_messages(&msgs).unwrap();
+        let out = conversation::conversation(&msgs, Resolved::String).unwrap();
         assert_eq!(out[0]["content"], "a\nb");
         assert_eq!(
             out[1]["tool_calls"][0]["function"]["arguments"],
@@ -354,7 +310,7 @@ mod tests {
             json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
         ] {
             assert!(
-                normalize_messages(bad.as_array().unwrap()).is_err(),
+                conversation::conversation(bad.as_array().unwrap(), Resolved::String).is_err(),
                 "{bad}"
             );
         }
