@@ -87,18 +87,25 @@ async fn gateway(cfg: GatewayConfig) -> (String, Arc<Gateway>) {
     (serve(gw.router()).await, gw)
 }
 
+/// A default gateway in front of one recording upstream: (gateway url,
+/// gateway, upstream url, upstream).
+async fn gateway_over_one_upstream() -> (String, Arc<Gateway>, String, Upstream) {
+    let (url, u) = spawn_upstream().await;
+    let (gw_url, gw) = gateway(GatewayConfig {
+        endpoints: vec![endpoint(&url)],
+        ..Default::default()
+    })
+    .await;
+    (gw_url, gw, url, u)
+}
+
 fn chat_body(content: &str) -> serde_json::Value {
     serde_json::json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": content}]})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_incrementally_and_releases_load_on_disconnect() {
-    let (url, _u) = spawn_upstream().await;
-    let (gw_url, gw) = gateway(GatewayConfig {
-        endpoints: vec![endpoint(&url)],
-        ..Default::default()
-    })
-    .await;
+    let (gw_url, gw, url, _u) = gateway_over_one_upstream().await;
     let client = reqwest::Client::new();
     let t = Instant::now();
     let resp = client
@@ -465,12 +472,7 @@ async fn explain_shows_tokens_and_which_endpoint_holds_each_block() {
 async fn locality_api_and_gateway_agree_on_chat_fields() {
     use kvgate_indexer::api::{router, ApiState, DEFAULT_TIER_WEIGHTS};
     use kvgate_tokenize::{ModelTokenizer, TokenizerRegistry};
-    let (url, _u) = spawn_upstream().await;
-    let (gw_url, gw) = gateway(GatewayConfig {
-        endpoints: vec![endpoint(&url)],
-        ..Default::default()
-    })
-    .await;
+    let (gw_url, gw, _url, _u) = gateway_over_one_upstream().await;
     let mut tokenizers = TokenizerRegistry::default();
     tokenizers.set_fallback(Arc::new(ModelTokenizer::embedded_default().unwrap()));
     let app = router(ApiState {
