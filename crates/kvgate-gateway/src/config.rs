@@ -29,6 +29,10 @@ pub struct GatewayConfig {
     pub tokenizers: std::collections::BTreeMap<String, String>,
     /// Use the embedded tokenizer for models without one configured.
     pub embedded_tokenizer_fallback: bool,
+    /// Model name -> how message content reaches its chat template, as
+    /// vLLM's `--chat-template-content-format` (`auto`: detected from the
+    /// template, as vLLM detects it; `string`; `openai`). Unlisted: auto.
+    pub content_format: std::collections::BTreeMap<String, kvgate_tokenize::ContentFormat>,
     pub tenancy: TenancyConfig,
     pub max_body_bytes: usize,
     pub health_interval_ms: u64,
@@ -56,6 +60,7 @@ impl Default for GatewayConfig {
             key_secret: None,
             tokenizers: Default::default(),
             embedded_tokenizer_fallback: true,
+            content_format: Default::default(),
             tenancy: TenancyConfig::default(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             health_interval_ms: DEFAULT_HEALTH_INTERVAL_MS,
@@ -80,6 +85,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("session_header {0:?} is not a valid header name")]
     SessionHeader(String),
+    #[error("content_format for {0:?}: the model has no tokenizer (configure one, or the embedded fallback)")]
+    ContentFormatWithoutTokenizer(String),
 }
 
 impl GatewayConfig {
@@ -100,6 +107,13 @@ impl GatewayConfig {
             if v == 0 {
                 return Err(ConfigError::Zero(what));
             }
+        }
+        if let Some(m) = self
+            .content_format
+            .keys()
+            .find(|m| !self.tokenizers.contains_key(*m) && !self.embedded_tokenizer_fallback)
+        {
+            return Err(ConfigError::ContentFormatWithoutTokenizer(m.clone()));
         }
         if axum::http::HeaderName::from_bytes(self.session_header.as_bytes()).is_err() {
             return Err(ConfigError::SessionHeader(self.session_header.clone()));

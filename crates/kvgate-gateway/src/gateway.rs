@@ -104,22 +104,29 @@ impl Gateway {
 }
 
 fn load_tokenizers(cfg: &GatewayConfig) -> Result<TokenizerRegistry, GatewayError> {
+    let failed = |model: &str| {
+        let model = model.to_string();
+        move |source| GatewayError::Tokenizer { model, source }
+    };
     let mut tokenizers = TokenizerRegistry::default();
     for (model, dir) in &cfg.tokenizers {
-        let tok = ModelTokenizer::from_dir(std::path::Path::new(dir)).map_err(|source| {
-            GatewayError::Tokenizer {
-                model: model.clone(),
-                source,
-            }
-        })?;
+        let mut tok = ModelTokenizer::from_dir(std::path::Path::new(dir)).map_err(failed(model))?;
+        if let Some(f) = cfg.content_format.get(model) {
+            tok.set_content_format(*f);
+        }
         tokenizers.insert(model.clone(), Arc::new(tok));
     }
     if cfg.embedded_tokenizer_fallback {
-        let tok = ModelTokenizer::embedded_default().map_err(|source| GatewayError::Tokenizer {
-            model: "<embedded>".into(),
-            source,
-        })?;
+        let tok = ModelTokenizer::embedded_default().map_err(failed("<embedded>"))?;
         tokenizers.set_fallback(Arc::new(tok));
+        // A model on the fallback with its own content format gets its own copy.
+        for (model, f) in &cfg.content_format {
+            if !cfg.tokenizers.contains_key(model) {
+                let mut tok = ModelTokenizer::embedded_default().map_err(failed(model))?;
+                tok.set_content_format(*f);
+                tokenizers.insert(model.clone(), Arc::new(tok));
+            }
+        }
     }
     Ok(tokenizers)
 }

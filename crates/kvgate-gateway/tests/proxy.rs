@@ -694,3 +694,50 @@ async fn render_failures_are_counted_shown_and_explained() {
     assert_eq!(metric(gw_url.clone(), "no_tokenizer").await, Some(1));
     assert_eq!(metric(gw_url, "invalid_chat_input").await, None);
 }
+
+/// A model's content format can be set in config, as vLLM's
+/// `--chat-template-content-format`: the same content parts then reach the
+/// template as a list instead of a joined string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_format_is_configurable_per_model() {
+    let (url, _u) = spawn_upstream().await;
+    let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "first part"}, {"type": "text", "text": "second part"}]}]});
+    let client = reqwest::Client::new();
+    let mut answers = Vec::new();
+    for format in [None, Some("string"), Some("openai")] {
+        let mut cfg = GatewayConfig {
+            endpoints: vec![endpoint(&url)],
+            ..Default::default()
+        };
+        if let Some(f) = format {
+            cfg.content_format = serde_yaml::from_str(&format!("m: {f}")).unwrap();
+        }
+        let (gw_url, _gw) = gateway(cfg).await;
+        let resp = client
+            .post(format!("{gw_url}{}", kvgate_gateway::EXPLAIN_CHAT_PATH))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let v: serde_json::Value = resp.json().await.unwrap();
+        answers.push((status, v["prompt_tokens"].clone()));
+    }
+    assert_eq!(answers[0].0, 200);
+    assert_eq!(
+        answers[0], answers[1],
+        "the embedded template is detected as string"
+    );
+    assert_ne!(answers[0], answers[2], "openai hands the template a list");
+    let bad = GatewayConfig {
+        endpoints: vec![endpoint(&url)],
+        embedded_tokenizer_fallback: false,
+        content_format: serde_yaml::from_str("m: openai").unwrap(),
+        ..Default::default()
+    };
+    assert!(
+        bad.validate().is_err(),
+        "a content format for a model without a tokenizer"
+    );
+}

@@ -18,8 +18,10 @@
 
 use minijinja::machinery::ast::{CallArg, Expr, Stmt};
 
-/// How message content is handed to the chat template.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How message content is handed to the chat template (config values as
+/// vLLM's `--chat-template-content-format`: `auto`, `string`, `openai`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ContentFormat {
     /// As vLLM's `auto`: detected from the template.
     #[default]
