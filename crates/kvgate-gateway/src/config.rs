@@ -12,6 +12,10 @@ pub const DEFAULT_GATEWAY_LISTEN: &str = "0.0.0.0:8080";
 /// Largest accepted request body (a long multi-turn chat fits comfortably).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// Idle upstream connections are closed after this long: under vLLM's
+/// keep-alive timeout (uvicorn's 5 s), so the engine never closes one the
+/// gateway is about to reuse.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS: u64 = 4_000;
 /// Extra endpoints tried when connecting fails before the request was sent.
 pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
 pub const DEFAULT_RETRY_AFTER_SECS: u32 = 1;
@@ -40,6 +44,8 @@ pub struct GatewayConfig {
     pub eject_after_failures: u32,
     pub eject_cooldown_ms: u64,
     pub connect_timeout_ms: u64,
+    /// Idle upstream connections kept this long (below the engines' keep-alive timeout).
+    pub upstream_idle_timeout_ms: u64,
     pub connect_retries: u32,
     /// Adds `x-kvgate-endpoint` and `x-kvgate-decision` to responses.
     pub debug_headers: bool,
@@ -68,6 +74,7 @@ impl Default for GatewayConfig {
             eject_after_failures: DEFAULT_EJECT_AFTER_FAILURES,
             eject_cooldown_ms: DEFAULT_EJECT_COOLDOWN_MS,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            upstream_idle_timeout_ms: DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS,
             connect_retries: DEFAULT_CONNECT_RETRIES,
             debug_headers: true,
             debug_api: true,

@@ -66,6 +66,10 @@ impl Gateway {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
             .pool_max_idle_per_host(256)
+            // Drop idle connections before the engine does (vLLM's uvicorn
+            // closes them after 5 s): a request sent on a connection the
+            // server is closing fails with no response and is not retried.
+            .pool_idle_timeout(Duration::from_millis(cfg.upstream_idle_timeout_ms))
             .tcp_nodelay(true)
             .build()?;
         let metrics = GatewayMetrics::default();
