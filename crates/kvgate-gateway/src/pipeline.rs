@@ -175,6 +175,8 @@ impl Prepared {
                 cache_salt: self.cache_salt.as_deref(),
                 session_id,
             })
+            // `routing_input` checks only who serves the model (health is
+            // `route`'s concern), so either variant means an unknown model.
             .map_err(|e| match e {
                 RouteError::UnknownModel(m) | RouteError::NoHealthyEndpoint(m) => {
                     PrepareError::UnknownModel(m)

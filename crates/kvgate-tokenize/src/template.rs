@@ -1,7 +1,8 @@
 //! Chat-template rendering as `transformers.apply_chat_template` does it: the
 //! Jinja environment (with Python-style `tojson`, `raise_exception`,
-//! `strftime_now`), vLLM's message and tool normalisation, and
-//! [`ModelTokenizer::render_chat`].
+//! `strftime_now`), tool normalisation, and [`ModelTokenizer::render_chat`].
+//! Messages arrive already rebuilt the way vLLM rebuilds them
+//! (`conversation.rs`), in the template's content format (`content_format.rs`).
 
 use minijinja::value::Kwargs;
 use minijinja::{Environment, ErrorKind, Value};
