@@ -24,6 +24,7 @@
 mod content_format;
 mod conversation;
 mod fast;
+mod hf_class;
 mod openai;
 mod pyjson;
 mod reject;
@@ -32,6 +33,7 @@ mod template;
 
 pub use content_format::ContentFormat;
 pub use fast::{MAX_CACHED_WORD_BYTES, WORD_CACHE_ENTRIES};
+pub use hf_class::{resolve_class, Construction};
 pub use openai::InvalidField;
 pub use reject::{vllm_rejection, RejectedMessage};
 pub use segments::DEFAULT_SEGMENT_CACHE_ENTRIES;
@@ -108,6 +110,8 @@ pub struct ModelTokenizer {
     segments: Option<segments::SegmentEncoder>,
     /// Ids without building an `Encoding` (None: not for this tokenizer's configuration).
     fast: Option<fast::FastEncoder>,
+    /// Whether the tokenizer is the file as written or rebuilt by its class's rules.
+    construction: Construction,
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -126,8 +130,10 @@ impl ModelTokenizer {
         Self::from_parts(&json, Some(EMBEDDED_CONFIG), None)
     }
 
-    /// Loads `tokenizer.json` (or `tokenizer.json.gz`), `tokenizer_config.json`
-    /// and, if present, `chat_template.jinja` (newer models keep it separately).
+    /// Loads `tokenizer.json` (or `tokenizer.json.gz`), `tokenizer_config.json`,
+    /// and, if present, `chat_template.jinja` (newer models keep it separately)
+    /// and the model's `config.json` (its `model_type` decides, with
+    /// `tokenizer_class`, which tokenizer vLLM really builds: `hf_class.rs`).
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizeError> {
         let read = |name: &str| std::fs::read(dir.join(name));
         let json = match read("tokenizer.json") {
@@ -138,32 +144,42 @@ impl ModelTokenizer {
         };
         let config = read("tokenizer_config.json").ok();
         let template = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
-        Self::from_parts(&json, config.as_deref(), template)
+        let model_config = read("config.json").ok();
+        Self::from_parts_of_model(&json, config.as_deref(), template, model_config.as_deref())
     }
 
+    /// A tokenizer from its files, with no model config.
     pub fn from_parts(
         tokenizer_json: &[u8],
         tokenizer_config: Option<&[u8]>,
         chat_template: Option<String>,
     ) -> Result<Self, TokenizeError> {
-        let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json)
-            .map_err(|e| TokenizeError::Load(e.to_string()))?;
+        Self::from_parts_of_model(tokenizer_json, tokenizer_config, chat_template, None)
+    }
+
+    /// A tokenizer from its files and the model's `config.json`.
+    pub fn from_parts_of_model(
+        tokenizer_json: &[u8],
+        tokenizer_config: Option<&[u8]>,
+        chat_template: Option<String>,
+        model_config: Option<&[u8]>,
+    ) -> Result<Self, TokenizeError> {
         let config: Json = match tokenizer_config {
             Some(b) => serde_json::from_slice(b)
                 .map_err(|e| TokenizeError::Load(format!("tokenizer_config.json: {e}")))?,
             None => Json::Null,
         };
+        let model_config: Option<Json> = model_config
+            .map(|b| {
+                serde_json::from_slice(b)
+                    .map_err(|e| TokenizeError::Load(format!("config.json: {e}")))
+            })
+            .transpose()?;
+        let (tokenizer, construction) =
+            hf_class::construct(tokenizer_json, &config, model_config.as_ref())?;
         let mut special_tokens = BTreeMap::new();
-        for key in [
-            "bos_token",
-            "eos_token",
-            "unk_token",
-            "pad_token",
-            "sep_token",
-            "cls_token",
-            "mask_token",
-        ] {
-            if let Some(s) = token_string(config.get(key)) {
+        for key in SPECIAL_TOKEN_KEYS {
+            if let Some(s) = config.get(*key).and_then(token_string_of) {
                 special_tokens.insert(key.to_string(), s);
             }
         }
@@ -186,7 +202,13 @@ impl ModelTokenizer {
             special_tokens,
             segments,
             fast,
+            construction,
         })
+    }
+
+    /// How the tokenizer was built (as written, or rebuilt by its class).
+    pub fn construction(&self) -> &Construction {
+        &self.construction
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -306,9 +328,20 @@ fn gunzip(bytes: &[u8]) -> Result<Vec<u8>, TokenizeError> {
     Ok(out)
 }
 
+/// The named special tokens of tokenizer_config.json.
+const SPECIAL_TOKEN_KEYS: &[&str] = &[
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+];
+
 /// A special token in tokenizer_config.json is a string or an AddedToken object.
-fn token_string(v: Option<&Json>) -> Option<String> {
-    match v? {
+fn token_string_of(v: &Json) -> Option<String> {
+    match v {
         Json::String(s) => Some(s.clone()),
         Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
         _ => None,
