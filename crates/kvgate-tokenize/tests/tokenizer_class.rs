@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 //! The tokenizer vLLM builds (through transformers 5) for a tokenizer file
 //! under a `tokenizer_class` and a model's `model_type`, against the ids vLLM
 //! itself computed (`fixtures/tokenize/classes.json`, made by
