@@ -8,11 +8,11 @@ use kvgate_index::KvIndex;
 use kvgate_indexer::metrics::IndexerMetrics;
 use kvgate_indexer::subscriber::IngestManager;
 use kvgate_keys::BlockHasher;
-use kvgate_tokenize::{ModelTokenizer, TokenizerRegistry};
+use kvgate_tokenize::{Construction, ModelTokenizer, TokenizerRegistry};
 use prometheus_client::registry::Registry;
 
 use crate::config::{ConfigError, GatewayConfig};
-use crate::metrics::GatewayMetrics;
+use crate::metrics::{GatewayMetrics, TokenizerLabels};
 use crate::tenancy::Tenancy;
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +73,7 @@ impl Gateway {
             .tcp_nodelay(true)
             .build()?;
         let metrics = GatewayMetrics::default();
+        announce_tokenizers(&tokenizers, &metrics);
         let mut registry = Registry::default();
         metrics.register(&mut registry);
         index_metrics.register(&mut registry);
@@ -105,6 +106,53 @@ impl Gateway {
     pub fn fleet(&self) -> &Arc<Fleet> {
         &self.fleet
     }
+}
+
+/// Says, once at start-up, which tokenizers are rebuilt by their class's
+/// rules and which kvgate cannot reproduce (those route by load alone).
+fn announce_tokenizers(tokenizers: &TokenizerRegistry, metrics: &GatewayMetrics) {
+    for (model, tok) in tokenizers.models() {
+        match tok.construction() {
+            Construction::AsWritten => {}
+            Construction::Rebuilt { class } => tracing::info!(
+                model,
+                class = class.as_str(),
+                "tokenizer rebuilt by its class's rules, as vLLM (transformers) builds it"
+            ),
+            Construction::Unsupported { class } => {
+                tracing::warn!(
+                    model,
+                    class = class.as_str(),
+                    "vLLM builds this tokenizer by the rules of a class kvgate does not reproduce: \
+                     this model's requests are routed by load alone"
+                );
+                metrics
+                    .unsupported_tokenizers
+                    .get_or_create(&TokenizerLabels {
+                        model: model.to_string(),
+                        class: class.clone(),
+                    })
+                    .set(1);
+            }
+        }
+    }
+}
+
+/// `[{model, class, built}]` for `/ready`: how each model's tokenizer was built.
+pub(crate) fn tokenizer_report(tokenizers: &TokenizerRegistry) -> Vec<serde_json::Value> {
+    let mut out: Vec<_> = tokenizers
+        .models()
+        .map(|(model, tok)| {
+            let built = match tok.construction() {
+                Construction::AsWritten => "as_written",
+                Construction::Rebuilt { .. } => "rebuilt",
+                Construction::Unsupported { .. } => "unsupported",
+            };
+            serde_json::json!({"model": model, "class": tok.construction().class(), "built": built})
+        })
+        .collect();
+    out.sort_by(|a, b| a["model"].as_str().cmp(&b["model"].as_str()));
+    out
 }
 
 fn load_tokenizers(cfg: &GatewayConfig) -> Result<TokenizerRegistry, GatewayError> {

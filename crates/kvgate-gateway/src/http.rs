@@ -170,6 +170,7 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
         "status": "ready",
         "endpoints": {"available": available, "total": endpoints.len()},
         "render_failures": gw.render_failures.report(),
+        "tokenizers": crate::gateway::tokenizer_report(&gw.tokenizers),
     }))
     .into_response()
 }

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -33,6 +34,13 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenizerLabels {
+    pub model: String,
+    /// The transformers tokenizer class vLLM builds for the model.
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RenderFailureLabels {
     /// Only models the fleet serves get this far, so the label stays bounded.
     pub model: String,
@@ -54,6 +62,8 @@ pub struct GatewayMetrics {
     pub connect_retries: Counter,
     pub routing_duration: Histogram,
     pub render_failures: Family<RenderFailureLabels, Counter>,
+    /// 1 per model whose tokenizer class kvgate cannot reproduce.
+    pub unsupported_tokenizers: Family<TokenizerLabels, Gauge>,
 }
 
 impl Default for GatewayMetrics {
@@ -69,6 +79,7 @@ impl Default for GatewayMetrics {
             // 1 µs .. ~33 ms
             routing_duration: Histogram::new(exponential_buckets(1e-6, 2.0, 16)),
             render_failures: Family::default(),
+            unsupported_tokenizers: Family::default(),
         }
     }
 }
@@ -114,6 +125,11 @@ impl GatewayMetrics {
             "kvgate_render_failures",
             "Prompts the gateway could not render or tokenize (routed by load alone), by model and reason",
             self.render_failures.clone(),
+        );
+        r.register(
+            "kvgate_tokenizer_unsupported",
+            "1 for each model whose tokenizer class (as vLLM builds it) kvgate cannot reproduce: its requests route by load alone",
+            self.unsupported_tokenizers.clone(),
         );
         r.register(
             "kvgate_routing_duration_seconds",

@@ -52,6 +52,9 @@ pub enum PrepareError {
     /// Messages vLLM itself answers 400 for (kvgate_tokenize::vllm_rejection).
     #[error("{0}")]
     Rejected(RejectedMessage),
+    /// The chat template raised (`raise_exception`): vLLM answers 400 too.
+    #[error("{0}")]
+    TemplateRefused(String),
     #[error("The model `{0}` does not exist.")]
     UnknownModel(String),
     #[error("re-encoding the request body: {0}")]
@@ -65,6 +68,7 @@ impl PrepareError {
             PrepareError::Missing(field) | PrepareError::Invalid { field, .. } => Some(field),
             PrepareError::UnknownModel(_) => Some("model"),
             PrepareError::Rejected(r) => Some(r.field()),
+            PrepareError::TemplateRefused(_) => Some("messages"),
             _ => None,
         }
     }
@@ -82,6 +86,10 @@ pub enum RenderFailure {
     Tokenize(#[from] TokenizeError),
     #[error("'prompt' is neither a string, a list of token ids nor a list of strings")]
     UnsupportedPrompt,
+    /// vLLM builds this model's tokenizer as a class kvgate cannot reproduce:
+    /// its ids would not be the engine's.
+    #[error("vLLM builds this model's tokenizer as {0}, which kvgate does not reproduce")]
+    UnsupportedTokenizer(String),
 }
 
 impl RenderFailure {
@@ -92,6 +100,7 @@ impl RenderFailure {
             RenderFailure::Input(_) => "invalid_chat_input",
             RenderFailure::Tokenize(e) => e.reason(),
             RenderFailure::UnsupportedPrompt => "unsupported_prompt",
+            RenderFailure::UnsupportedTokenizer(_) => "unsupported_tokenizer",
         }
     }
 }
@@ -247,6 +256,9 @@ pub fn prepare(
     let (tokens, render_failure) = match tokenize.then(|| prompt_tokens(gw, kind, &model, &json)) {
         None => (Vec::new(), None),
         Some(Ok(t)) => (t, None),
+        Some(Err(RenderFailure::Tokenize(TokenizeError::TemplateRaised(msg)))) => {
+            return Err(PrepareError::TemplateRefused(msg))
+        }
         Some(Err(f)) => {
             gw.render_failures.record(&gw.metrics, &model, &f);
             (Vec::new(), Some(f))
@@ -270,6 +282,9 @@ fn prompt_tokens(
     body: &Value,
 ) -> Result<Vec<u32>, RenderFailure> {
     let tok = gw.tokenizers.get(model).ok_or(RenderFailure::NoTokenizer)?;
+    if let kvgate_tokenize::Construction::Unsupported { class } = tok.construction() {
+        return Err(RenderFailure::UnsupportedTokenizer(class.clone()));
+    }
     Ok(match kind {
         Kind::Chat => tok.chat_tokens(&ChatInput::from_openai(body)?)?,
         Kind::Completion => match body.get("prompt") {

@@ -62,6 +62,10 @@ pub enum TokenizeError {
     NoChatTemplate,
     #[error("chat template: {0}")]
     Template(String),
+    /// The template called `raise_exception`: it refuses these messages
+    /// (vLLM answers 400 with the message).
+    #[error("{0}")]
+    TemplateRaised(String),
     #[error("invalid messages: {0}")]
     InvalidMessages(String),
     #[error("tokenizing: {0}")]
@@ -75,6 +79,7 @@ impl TokenizeError {
             TokenizeError::Load(_) => "tokenizer_load",
             TokenizeError::NoChatTemplate => "no_chat_template",
             TokenizeError::Template(_) => "template_error",
+            TokenizeError::TemplateRaised(_) => "template_raised",
             TokenizeError::InvalidMessages(_) => "invalid_messages",
             TokenizeError::Encode(_) => "encode_error",
         }
@@ -389,5 +394,10 @@ impl TokenizerRegistry {
 
     pub fn get(&self, model: &str) -> Option<&std::sync::Arc<ModelTokenizer>> {
         self.by_model.get(model).or(self.fallback.as_ref())
+    }
+
+    /// The tokenizers configured per model (not the fallback), by model name.
+    pub fn models(&self) -> impl Iterator<Item = (&str, &std::sync::Arc<ModelTokenizer>)> {
+        self.by_model.iter().map(|(m, t)| (m.as_str(), t))
     }
 }

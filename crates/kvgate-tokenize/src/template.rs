@@ -54,7 +54,7 @@ impl ModelTokenizer {
             .map_err(|e| TokenizeError::Template(e.to_string()))?;
         let mut rendered = tmpl
             .render(Value::from(minijinja::value::Serde(&ctx)))
-            .map_err(|e| TokenizeError::Template(template_error(&e)))?;
+            .map_err(|e| render_error(&e))?;
         if input.continue_final_message {
             let content = match last_content {
                 Some(s) => s,
@@ -129,8 +129,30 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
     Ok(Value::from_safe_string(pyjson::dumps(&json, indent)))
 }
 
+/// What a template's `raise_exception(msg)` raised: the template itself
+/// refuses the request, as vLLM answers it (400), not a rendering failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TemplateRaised(String);
+
 fn raise_exception(msg: String) -> Result<Value, minijinja::Error> {
-    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+    Err(
+        minijinja::Error::new(ErrorKind::InvalidOperation, "raise_exception")
+            .with_source(TemplateRaised(msg)),
+    )
+}
+
+/// A render error as a [`TokenizeError`]: the template's own refusal, or a
+/// failure to render it.
+fn render_error(e: &minijinja::Error) -> TokenizeError {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(raised) = s.downcast_ref::<TemplateRaised>() {
+            return TokenizeError::TemplateRaised(raised.0.clone());
+        }
+        src = s.source();
+    }
+    TokenizeError::Template(template_error(e))
 }
 
 /// `strftime_now(fmt)` as transformers provides it (Llama 3 templates print the date).

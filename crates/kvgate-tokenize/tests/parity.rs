@@ -2,7 +2,7 @@
 //! Chat rendering and token ids against Hugging Face transformers' own output
 //! (fixtures/tokenize/*.json, made by scripts/gen_tokenize_fixtures.py).
 
-use kvgate_tokenize::{ChatInput, ModelTokenizer};
+use kvgate_tokenize::{ChatInput, ModelTokenizer, TokenizeError};
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -125,8 +125,29 @@ fn bad_input_is_an_error_not_a_panic() {
         add_generation_prompt: true,
         ..Default::default()
     };
-    let err = raising.render_chat(&inp).unwrap_err().to_string();
-    assert!(err.contains("no system role"), "{err}");
+    let err = raising.render_chat(&inp).unwrap_err();
+    assert!(
+        matches!(&err, TokenizeError::TemplateRaised(m) if m == "no system role"),
+        "{err:?}"
+    );
+    // Raised from inside a macro and a loop, it is still the template's refusal.
+    let nested = ModelTokenizer::from_parts(
+        &json,
+        None,
+        Some("{% macro check(m) %}{% if m.role == 'user' %}{{ raise_exception('roles must alternate') }}{% endif %}{% endmacro %}{% for m in messages %}{{ check(m) }}{% endfor %}".into()),
+    )
+    .unwrap();
+    assert!(matches!(
+        nested.render_chat(&inp).unwrap_err(),
+        TokenizeError::TemplateRaised(m) if m == "roles must alternate"
+    ));
+    // Any other failure to render is not.
+    let broken =
+        ModelTokenizer::from_parts(&json, None, Some("{{ 1 + messages }}".into())).unwrap();
+    assert!(matches!(
+        broken.render_chat(&inp).unwrap_err(),
+        TokenizeError::Template(_)
+    ));
     assert!(ModelTokenizer::from_parts(&json, None, Some("{% if %}".into())).is_err());
     let plain = ModelTokenizer::from_parts(&json, None, None).unwrap();
     assert!(!plain.has_chat_template());

@@ -1,0 +1,104 @@
+//! Helpers shared by the gateway's integration tests: recording upstreams,
+//! a gateway over them, request bodies.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::StreamExt;
+use kvgate_gateway::{EndpointConfig, Gateway, GatewayConfig, StaticDiscovery};
+use parking_lot::Mutex;
+
+/// Records the bodies it receives; streams `n` SSE chunks 100 ms apart.
+#[derive(Clone, Default)]
+pub struct Upstream {
+    pub bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+async fn upstream_chat(State(u): State<Upstream>, body: Bytes) -> axum::response::Response {
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    u.bodies.lock().push(v);
+    let chunks = futures_util::stream::iter(0..5).then(|i| async move {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok::<_, std::io::Error>(Bytes::from(format!("data: {{\"i\": {i}}}\n\n")))
+    });
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(chunks))
+        .unwrap()
+}
+
+/// Serves `app` on a loopback port; its base URL.
+pub async fn serve(app: Router) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// The gateway's `/metrics` text.
+pub async fn metrics_text(client: &reqwest::Client, gw_url: &str) -> String {
+    client
+        .get(format!("{gw_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+pub async fn spawn_upstream() -> (String, Upstream) {
+    let u = Upstream::default();
+    let app = Router::new()
+        .route("/v1/chat/completions", post(upstream_chat))
+        .route("/v1/completions", post(upstream_chat))
+        .route("/health", get(|| async { "" }))
+        .route(
+            "/metrics",
+            get(|| async { "vllm:num_requests_waiting{engine=\"0\"} 0\n" }),
+        )
+        .with_state(u.clone());
+    (serve(app).await, u)
+}
+
+pub fn endpoint(url: &str) -> EndpointConfig {
+    EndpointConfig {
+        url: url.to_string(),
+        models: vec!["m".into()],
+        adapters: vec![],
+        block_size: 16,
+        events: None,
+        replay: None,
+        topic: String::new(),
+        bind: false,
+    }
+}
+
+pub async fn gateway(cfg: GatewayConfig) -> (String, Arc<Gateway>) {
+    let discovery = Arc::new(StaticDiscovery::new(cfg.endpoints.clone()).unwrap());
+    let gw = Gateway::start(cfg, discovery).await.unwrap();
+    (serve(gw.router()).await, gw)
+}
+
+/// A default gateway in front of one recording upstream: (gateway url,
+/// gateway, upstream url, upstream).
+pub async fn gateway_over_one_upstream() -> (String, Arc<Gateway>, String, Upstream) {
+    let (url, u) = spawn_upstream().await;
+    let (gw_url, gw) = gateway(GatewayConfig {
+        endpoints: vec![endpoint(&url)],
+        ..Default::default()
+    })
+    .await;
+    (gw_url, gw, url, u)
+}
+
+pub fn chat_body(content: &str) -> serde_json::Value {
+    serde_json::json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": content}]})
+}
