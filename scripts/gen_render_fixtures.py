@@ -113,6 +113,58 @@ def requests():
     return r
 
 
+# continue_final_message: templates that keep, trim or restructure the final
+# message, and final messages with and without trailing spacing.
+CONTINUE_TEMPLATES = {
+    "keeps": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}",
+    "trims": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}<end>\n{% endfor %}",
+    "parts": "{% for m in messages %}<{{ m.role }}>{% for p in m.content %}{{ p.text }}|{% endfor %}\n{% endfor %}",
+    "no_content_word": "{% for m in messages %}{{ m.role }}\n{% endfor %}",
+}
+
+
+def continue_requests():
+    r = []
+    add = lambda name, messages, **kw: r.append(dict(name=name, messages=messages, **kw))
+    q = {"role": "user", "content": "q"}
+    for name, text in [("plain", "The answer is"), ("trailing_space", "The answer is "),
+                       ("trailing_newline", "Line one\n"), ("leading_space", "  indented"),
+                       ("empty", ""), ("only_spaces", "   ")]:
+        add(name, [q, {"role": "assistant", "content": text}])
+    add("parts", [q, {"role": "assistant", "content": [{"type": "text", "text": "a "}, {"type": "text", "text": "b "}]}])
+    add("null_content", [q, {"role": "assistant", "content": None}])
+    add("user_last", [{"role": "user", "content": "continue me "}])
+    add("with_generation_prompt", [q, {"role": "assistant", "content": "x"}], add_generation_prompt=True)
+    return r
+
+
+def continue_cases(tok):
+    cases = []
+    templates = dict(CONTINUE_TEMPLATES, qwen3=tok.chat_template)
+    for case in continue_requests():
+        out = dict(case)
+        body = {"model": "m", "messages": case["messages"], "continue_final_message": True,
+                "add_generation_prompt": case.get("add_generation_prompt", False)}
+        try:
+            req = ChatCompletionRequest.model_validate(body)
+        except Exception as e:
+            out["rejected"] = type(e).__name__
+            cases.append(out)
+            continue
+        out["rendered"] = {}
+        for name, t in templates.items():
+            fmt = vllm_hf._detect_content_format(t, default="string")
+            conv = conversation(req, fmt)
+            try:
+                out["rendered"][name] = {"text": tok.apply_chat_template(
+                    conv, chat_template=t, tokenize=False, add_generation_prompt=req.add_generation_prompt,
+                    continue_final_message=True)}
+            except Exception as e:
+                out["rendered"][name] = {"error": type(e).__name__}
+        cases.append(out)
+    return {"templates": CONTINUE_TEMPLATES, "requests": cases}
+
+
 def conversation(req, fmt):
     mc = types.SimpleNamespace(multimodal_config=None, enable_prompt_embeds=False)
     conv, _, _ = parse_chat_messages(req.messages, mc, fmt)
@@ -155,7 +207,8 @@ def main(src, dst):
     import vllm
     json.dump({"_origin": f"scripts/gen_render_fixtures.py with vllm {vllm.__version__}",
                "templates": {n: dict(tmpl_out[n], source=TEMPLATES[n]) if n in TEMPLATES else tmpl_out[n] for n in templates},
-               "requests": cases}, open(dst, "w"), ensure_ascii=False, indent=1)
+               "requests": cases, "continue_final_message": continue_cases(tok)},
+              open(dst, "w"), ensure_ascii=False, indent=1)
     print(f"wrote {len(templates)} templates and {len(cases)} requests to {dst}")
 
 

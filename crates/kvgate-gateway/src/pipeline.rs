@@ -256,7 +256,7 @@ pub fn prepare(
     let (tokens, render_failure) = match tokenize.then(|| prompt_tokens(gw, kind, &model, &json)) {
         None => (Vec::new(), None),
         Some(Ok(t)) => (t, None),
-        Some(Err(RenderFailure::Tokenize(TokenizeError::TemplateRaised(msg)))) => {
+        Some(Err(RenderFailure::Tokenize(TokenizeError::Refused(msg)))) => {
             return Err(PrepareError::TemplateRefused(msg))
         }
         Some(Err(f)) => {

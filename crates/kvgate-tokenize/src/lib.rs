@@ -62,10 +62,11 @@ pub enum TokenizeError {
     NoChatTemplate,
     #[error("chat template: {0}")]
     Template(String),
-    /// The template called `raise_exception`: it refuses these messages
-    /// (vLLM answers 400 with the message).
+    /// vLLM refuses this input when rendering (a 400 with this message): the
+    /// template called `raise_exception`, or transformers' own checks failed
+    /// (e.g. `continue_final_message` with nothing to continue).
     #[error("{0}")]
-    TemplateRaised(String),
+    Refused(String),
     #[error("invalid messages: {0}")]
     InvalidMessages(String),
     #[error("tokenizing: {0}")]
@@ -79,7 +80,7 @@ impl TokenizeError {
             TokenizeError::Load(_) => "tokenizer_load",
             TokenizeError::NoChatTemplate => "no_chat_template",
             TokenizeError::Template(_) => "template_error",
-            TokenizeError::TemplateRaised(_) => "template_raised",
+            TokenizeError::Refused(_) => "refused",
             TokenizeError::InvalidMessages(_) => "invalid_messages",
             TokenizeError::Encode(_) => "encode_error",
         }
@@ -109,6 +110,9 @@ pub struct ModelTokenizer {
     content_format: ContentFormat,
     /// Whether vLLM counts the template as handling the `developer` role.
     handles_developer: bool,
+    /// Whether the template's source says "content" anywhere (transformers
+    /// refuses `continue_final_message` otherwise).
+    template_source_mentions_content: bool,
     /// bos_token, eos_token, ... as strings, visible to templates.
     special_tokens: BTreeMap<String, String>,
     /// Piecewise cached encoding of chat prompts (None: not safe for this tokenizer).
@@ -192,6 +196,8 @@ impl ModelTokenizer {
         let detected_format = template
             .as_deref()
             .map_or(content_format::Resolved::String, content_format::detect);
+        let template_source_mentions_content =
+            template.as_deref().is_some_and(|t| t.contains("content"));
         let handles_developer = template
             .as_deref()
             .is_some_and(conversation::handles_developer);
@@ -204,6 +210,7 @@ impl ModelTokenizer {
             detected_format,
             content_format: ContentFormat::Auto,
             handles_developer,
+            template_source_mentions_content,
             special_tokens,
             segments,
             fast,

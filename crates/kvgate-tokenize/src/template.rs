@@ -34,20 +34,32 @@ impl ModelTokenizer {
                 ctx.insert(k.clone(), v.clone());
             }
         }
-        let last_content = messages
-            .last()
-            .and_then(|m| m.get("content"))
-            .and_then(final_text);
+        // With continue_final_message, transformers marks the end of the
+        // final message with a tag, renders, and cuts at the tag (keeping the
+        // spacing the template kept after the content, else trimming).
+        if input.continue_final_message {
+            if input.add_generation_prompt {
+                return Err(TokenizeError::Refused(
+                    "continue_final_message and add_generation_prompt are not compatible".into(),
+                ));
+            }
+            if !self.template_source_mentions_content {
+                return Err(TokenizeError::Refused(
+                    "continue_final_message is set but the chat template has no \"content\"".into(),
+                ));
+            }
+        }
+        let continued = match input.continue_final_message {
+            true => Some(tag_final_message(&mut messages)?),
+            false => None,
+        };
         ctx.insert("messages".into(), Json::Array(messages));
         if let Some(tools) = input.tools {
             ctx.insert("tools".into(), Json::Array(normalize_tools(tools)?));
         }
-        // With continue_final_message the last turn is left open: render it as a
-        // closed turn and cut after its content, as transformers does.
-        let add_generation_prompt = input.add_generation_prompt && !input.continue_final_message;
         ctx.insert(
             "add_generation_prompt".into(),
-            Json::Bool(add_generation_prompt),
+            Json::Bool(input.add_generation_prompt),
         );
         let tmpl = env
             .get_template(TEMPLATE)
@@ -55,40 +67,54 @@ impl ModelTokenizer {
         let mut rendered = tmpl
             .render(Value::from(minijinja::value::Serde(&ctx)))
             .map_err(|e| render_error(&e))?;
-        if input.continue_final_message {
-            let content = match last_content {
-                Some(s) => s,
-                None => {
-                    return Err(TokenizeError::InvalidMessages(
-                        "continue_final_message needs a final message with text content".into(),
+        if let Some(final_text) = continued {
+            let tag = CONTINUE_TAG.trim_end();
+            let at = match rendered.rfind(tag) {
+                Some(at) if rendered.contains(final_text.trim()) => at,
+                _ => {
+                    return Err(TokenizeError::Refused(
+                        "continue_final_message is set but the final message does not appear in the chat after applying the chat template".into(),
                     ))
                 }
             };
-            let end = rendered
-                .rfind(content.trim_end())
-                .map(|i| i + content.trim_end().len())
-                .ok_or_else(|| {
-                    TokenizeError::Template(
-                        "final message content not found in the rendered prompt".into(),
-                    )
-                })?;
-            rendered.truncate(end);
+            let spacing_kept = rendered[at..].starts_with(CONTINUE_TAG);
+            rendered.truncate(at);
+            if !spacing_kept {
+                rendered.truncate(rendered.trim_end().len());
+            }
         }
         Ok(rendered)
     }
 }
 
-/// The text `continue_final_message` continues, as transformers finds it: the
-/// content, or the last text part of a list of parts.
-fn final_text(content: &Json) -> Option<String> {
-    match content {
-        Json::String(s) => Some(s.clone()),
+/// What transformers appends to the final message's text to find where it
+/// ends in the rendered prompt.
+const CONTINUE_TAG: &str = "CONTINUE_FINAL_MESSAGE_TAG ";
+
+/// Appends [`CONTINUE_TAG`] to the final message's content (a string, or
+/// the last text part of a list); the text as it was.
+fn tag_final_message(messages: &mut [Json]) -> Result<String, TokenizeError> {
+    let refused = |m: &str| TokenizeError::Refused(m.to_string());
+    let content = messages
+        .last_mut()
+        .and_then(|m| m.get_mut("content"))
+        .filter(|c| !c.is_null())
+        .ok_or_else(|| refused("continue_final_message is set but the final message has no \"content\" to continue!"))?;
+    let text = match content {
+        Json::String(s) => s,
         Json::Array(parts) => parts
-            .iter()
+            .iter_mut()
             .rev()
-            .find_map(|p| p.get("text").and_then(Json::as_str).map(str::to_string)),
-        _ => None,
-    }
+            .find_map(|p| match p.get_mut("text") {
+                Some(Json::String(s)) => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| refused("continue_final_message is set but we could not find any text to continue in the final message!"))?,
+        _ => return Err(refused("continue_final_message is set but the final message's content is not text")),
+    };
+    let original = text.clone();
+    text.push_str(CONTINUE_TAG);
+    Ok(original)
 }
 
 pub(crate) fn build_env(template: String) -> Result<Environment<'static>, TokenizeError> {
@@ -148,7 +174,7 @@ fn render_error(e: &minijinja::Error) -> TokenizeError {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = src {
         if let Some(raised) = s.downcast_ref::<TemplateRaised>() {
-            return TokenizeError::TemplateRaised(raised.0.clone());
+            return TokenizeError::Refused(raised.0.clone());
         }
         src = s.source();
     }

@@ -127,7 +127,7 @@ fn bad_input_is_an_error_not_a_panic() {
     };
     let err = raising.render_chat(&inp).unwrap_err();
     assert!(
-        matches!(&err, TokenizeError::TemplateRaised(m) if m == "no system role"),
+        matches!(&err, TokenizeError::Refused(m) if m == "no system role"),
         "{err:?}"
     );
     // Raised from inside a macro and a loop, it is still the template's refusal.
@@ -139,7 +139,7 @@ fn bad_input_is_an_error_not_a_panic() {
     .unwrap();
     assert!(matches!(
         nested.render_chat(&inp).unwrap_err(),
-        TokenizeError::TemplateRaised(m) if m == "roles must alternate"
+        TokenizeError::Refused(m) if m == "roles must alternate"
     ));
     // Any other failure to render is not.
     let broken =

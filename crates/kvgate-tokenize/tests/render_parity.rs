@@ -125,3 +125,64 @@ fn requests_vllm_rejects_are_rejected() {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// `continue_final_message` as vLLM (transformers 5) applies it: the prompt
+/// ends where the final message's text ends, keeping the spacing a template
+/// kept after it and trimming where the template trimmed; refused (vLLM's
+/// 400) when there is nothing to continue, the template never mentions
+/// content, or `add_generation_prompt` is also set.
+#[test]
+fn continue_final_message_like_vllm() {
+    let fx = fixture();
+    let section = &fx["continue_final_message"];
+    let json = tokenizer_json();
+    let mut all: Vec<(String, ModelTokenizer)> = section["templates"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, src)| {
+            let src = src.as_str().unwrap().to_string();
+            (
+                name.clone(),
+                ModelTokenizer::from_parts(&json, None, Some(src)).unwrap(),
+            )
+        })
+        .collect();
+    all.push(("qwen3".into(), ModelTokenizer::embedded_default().unwrap()));
+    let (mut failures, mut compared, mut refusals) = (Vec::new(), 0, 0);
+    for case in section["requests"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let input = kvgate_tokenize::ChatInput {
+            messages: case["messages"].as_array().unwrap(),
+            add_generation_prompt: case
+                .get("add_generation_prompt")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            continue_final_message: true,
+            ..Default::default()
+        };
+        for (tname, tok) in &all {
+            let got = tok.render_chat(&input);
+            let want = case
+                .get("rendered")
+                .and_then(|r| r.get(tname.as_str()))
+                .and_then(|r| r.get("text"))
+                .and_then(Value::as_str);
+            compared += 1;
+            match (got, want) {
+                (Ok(got), Some(want)) if got == want => {}
+                (Err(kvgate_tokenize::TokenizeError::Refused(_)), None) => refusals += 1,
+                (got, want) => {
+                    failures.push(format!("{name} / {tname}: got {got:?}, vLLM {want:?}"))
+                }
+            }
+        }
+    }
+    assert!(refusals >= 10, "{refusals}");
+    assert!(
+        failures.is_empty(),
+        "{} of {compared} differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
