@@ -42,9 +42,8 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
-use minijinja::Environment;
 use serde_json::Value as Json;
-use template::build_env;
+use template::ChatTemplate;
 
 pub use pyjson::dumps as python_json_dumps;
 
@@ -103,16 +102,12 @@ pub struct ChatInput<'a> {
 
 pub struct ModelTokenizer {
     tokenizer: tokenizers::Tokenizer,
-    env: Option<Environment<'static>>,
-    /// The content format vLLM detects for the template (once, at load).
-    detected_format: content_format::Resolved,
-    /// `Auto` (use `detected_format`) or an override.
+    /// The chat template (the one named "default" where there are several).
+    template: Option<ChatTemplate>,
+    /// The one named "tool_use", which transformers picks for requests with tools.
+    tool_template: Option<ChatTemplate>,
+    /// `Auto` (each template's detected format) or an override.
     content_format: ContentFormat,
-    /// Whether vLLM counts the template as handling the `developer` role.
-    handles_developer: bool,
-    /// Whether the template's source says "content" anywhere (transformers
-    /// refuses `continue_final_message` otherwise).
-    template_source_mentions_content: bool,
     /// bos_token, eos_token, ... as strings, visible to templates.
     special_tokens: BTreeMap<String, String>,
     /// Piecewise cached encoding of chat prompts (None: not safe for this tokenizer).
@@ -127,7 +122,7 @@ impl std::fmt::Debug for ModelTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ModelTokenizer")
             .field("vocab_size", &self.vocab_size())
-            .field("has_chat_template", &self.env.is_some())
+            .field("has_chat_template", &self.template.is_some())
             .finish()
     }
 }
@@ -192,25 +187,19 @@ impl ModelTokenizer {
                 special_tokens.insert(key.to_string(), s);
             }
         }
-        let template = chat_template.or_else(|| template_from_config(&config));
-        let detected_format = template
-            .as_deref()
-            .map_or(content_format::Resolved::String, content_format::detect);
-        let template_source_mentions_content =
-            template.as_deref().is_some_and(|t| t.contains("content"));
-        let handles_developer = template
-            .as_deref()
-            .is_some_and(conversation::handles_developer);
-        let env = template.map(build_env).transpose()?;
+        let (default, tool_use) = templates_from_config(&config);
+        let template = chat_template
+            .or(default)
+            .map(ChatTemplate::new)
+            .transpose()?;
+        let tool_template = tool_use.map(ChatTemplate::new).transpose()?;
         let segments = segments::SegmentEncoder::new(&tokenizer, DEFAULT_SEGMENT_CACHE_ENTRIES);
         let fast = fast::FastEncoder::new(&tokenizer);
         Ok(Self {
             tokenizer,
-            env,
-            detected_format,
+            template,
+            tool_template,
             content_format: ContentFormat::Auto,
-            handles_developer,
-            template_source_mentions_content,
             special_tokens,
             segments,
             fast,
@@ -228,7 +217,7 @@ impl ModelTokenizer {
     }
 
     pub fn has_chat_template(&self) -> bool {
-        self.env.is_some()
+        self.template.is_some()
     }
 
     /// Overrides how message content reaches the template (vLLM's
@@ -237,11 +226,16 @@ impl ModelTokenizer {
         self.content_format = format;
     }
 
-    /// The content format rendering uses: the override, or what vLLM detects.
+    /// The content format rendering uses: the override, or what vLLM detects
+    /// (for the default template).
     pub fn content_format(&self) -> ContentFormat {
-        match (self.content_format, self.detected_format) {
-            (ContentFormat::Auto, content_format::Resolved::String) => ContentFormat::String,
-            (ContentFormat::Auto, content_format::Resolved::OpenAi) => ContentFormat::OpenAi,
+        self.content_format_of(self.template.as_ref())
+    }
+
+    fn content_format_of(&self, template: Option<&ChatTemplate>) -> ContentFormat {
+        match (self.content_format, template.map(|t| t.detected_format)) {
+            (ContentFormat::Auto, Some(content_format::Resolved::OpenAi)) => ContentFormat::OpenAi,
+            (ContentFormat::Auto, _) => ContentFormat::String,
             (f, _) => f,
         }
     }
@@ -360,11 +354,12 @@ fn token_string_of(v: &Json) -> Option<String> {
     }
 }
 
-/// `chat_template` is a string, or a list of named templates ("default" wins).
-fn template_from_config(config: &Json) -> Option<String> {
-    match config.get("chat_template")? {
-        Json::String(s) => Some(s.clone()),
-        Json::Array(list) => {
+/// `chat_template` is a string, or a list of named templates: ("default",
+/// else the first; "tool_use" if there is one).
+fn templates_from_config(config: &Json) -> (Option<String>, Option<String>) {
+    match config.get("chat_template") {
+        Some(Json::String(s)) => (Some(s.clone()), None),
+        Some(Json::Array(list)) => {
             let named = |name: &str| {
                 list.iter().find_map(|t| {
                     (t.get("name").and_then(Json::as_str) == Some(name))
@@ -372,14 +367,15 @@ fn template_from_config(config: &Json) -> Option<String> {
                         .flatten()
                 })
             };
-            named("default").or_else(|| {
+            let default = named("default").or_else(|| {
                 list.first()
                     .and_then(|t| t.get("template"))
                     .and_then(Json::as_str)
                     .map(str::to_string)
-            })
+            });
+            (default, named("tool_use"))
         }
-        _ => None,
+        _ => (None, None),
     }
 }
 

@@ -13,16 +13,45 @@ use crate::{conversation, pyjson, ChatInput, ModelTokenizer, TokenizeError};
 
 const TEMPLATE: &str = "chat_template";
 
+/// One chat template, compiled, with what vLLM reads from its source.
+pub(crate) struct ChatTemplate {
+    env: Environment<'static>,
+    /// The content format vLLM detects for it (once, at load).
+    pub(crate) detected_format: Resolved,
+    /// Whether vLLM counts it as handling the `developer` role.
+    handles_developer: bool,
+    /// Whether its source says "content" anywhere (transformers refuses
+    /// `continue_final_message` otherwise).
+    mentions_content: bool,
+}
+
+impl ChatTemplate {
+    pub(crate) fn new(source: String) -> Result<Self, TokenizeError> {
+        Ok(Self {
+            detected_format: crate::content_format::detect(&source),
+            handles_developer: conversation::handles_developer(&source),
+            mentions_content: source.contains("content"),
+            env: build_env(source)?,
+        })
+    }
+}
+
 impl ModelTokenizer {
-    /// The prompt text the chat template produces for a request.
+    /// The prompt text the chat template produces for a request (with tools,
+    /// the template named "tool_use" where the tokenizer has one).
     pub fn render_chat(&self, input: &ChatInput<'_>) -> Result<String, TokenizeError> {
-        let env = self.env.as_ref().ok_or(TokenizeError::NoChatTemplate)?;
-        let format = match self.content_format() {
+        let template = match (input.tools, &self.tool_template) {
+            (Some(_), Some(t)) => Some(t),
+            _ => self.template.as_ref(),
+        };
+        let template = template.ok_or(TokenizeError::NoChatTemplate)?;
+        let env = &template.env;
+        let format = match self.content_format_of(Some(template)) {
             ContentFormat::OpenAi => Resolved::OpenAi,
             ContentFormat::String | ContentFormat::Auto => Resolved::String,
         };
         let mut messages = conversation::conversation(input.messages, format)?;
-        if !self.handles_developer {
+        if !template.handles_developer {
             messages = conversation::developer_to_system(messages);
         }
         let mut ctx = serde_json::Map::new();
@@ -43,7 +72,7 @@ impl ModelTokenizer {
                     "continue_final_message and add_generation_prompt are not compatible".into(),
                 ));
             }
-            if !self.template_source_mentions_content {
+            if !template.mentions_content {
                 return Err(TokenizeError::Refused(
                     "continue_final_message is set but the chat template has no \"content\"".into(),
                 ));
@@ -117,7 +146,7 @@ fn tag_final_message(messages: &mut [Json]) -> Result<String, TokenizeError> {
     Ok(original)
 }
 
-pub(crate) fn build_env(template: String) -> Result<Environment<'static>, TokenizeError> {
+fn build_env(template: String) -> Result<Environment<'static>, TokenizeError> {
     let mut env = Environment::new();
     // transformers renders with trim_blocks and lstrip_blocks on.
     env.set_syntax(

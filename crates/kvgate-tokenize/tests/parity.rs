@@ -154,3 +154,34 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(plain.render_chat(&inp).is_err());
     assert!(ModelTokenizer::from_parts(b"not json", None, None).is_err());
 }
+
+/// A tokenizer with named templates (Command R's "default", "tool_use",
+/// "rag"): requests with tools render with "tool_use", as transformers picks.
+#[test]
+fn requests_with_tools_use_the_tool_use_template() {
+    let tokenizer_json = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/tokenize/byte_bpe/tokenizer.json"
+    ))
+    .unwrap();
+    let config = serde_json::json!({"chat_template": [
+        {"name": "default", "template": "D{% for m in messages %}:{{ m.content }}{% endfor %}"},
+        {"name": "tool_use", "template": "T{{ tools | length }}{% for m in messages %}:{{ m.content }}{% endfor %}"},
+        {"name": "rag", "template": "R"}]});
+    let tok = ModelTokenizer::from_parts(
+        &tokenizer_json,
+        Some(&serde_json::to_vec(&config).unwrap()),
+        None,
+    )
+    .unwrap();
+    let msgs = serde_json::json!([{"role": "user", "content": "hi"}]);
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+    let mut input = ChatInput {
+        messages: msgs.as_array().unwrap(),
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    assert_eq!(tok.render_chat(&input).unwrap(), "D:hi");
+    input.tools = Some(tools.as_array().unwrap());
+    assert_eq!(tok.render_chat(&input).unwrap(), "T1:hi");
+}
