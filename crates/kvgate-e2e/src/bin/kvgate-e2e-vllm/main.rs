@@ -8,11 +8,16 @@
 //! a forced event gap repaired by replay, a restart purging the index, and the
 //! simulator's fidelity against the restarted (fresh) instance.
 //!
+//! Phase 3 (real tokenizer families from package registries, each in its own
+//! vLLM): template parity, the same ids or the same rejection on a tricky
+//! corpus per family, and block parity on two of them.
+//!
 //! The driver: [`tier`] starts the processes (vLLM, gateways) and holds a
 //! phase's fleet, [`requests`] sends requests and checks their tokens and
-//! blocks, [`phase1`] and [`phase2`] run the phases, [`summary`] judges the
+//! blocks, [`phase1`], [`phase2`] and [`families`] run the phases, [`summary`] judges the
 //! results and prints the summary line.
 
+mod families;
 mod phase1;
 mod phase2;
 mod requests;
@@ -49,7 +54,23 @@ struct Args {
     /// Completion requests in each token-parity corpus.
     #[arg(long, default_value_t = 80)]
     completions: usize,
-    /// First of the loopback ports the tier uses (about 40 above it).
+    /// Tokenizer dirs of the template-parity families (default WORK/families);
+    /// their models are MODELS/fam-NAME.
+    #[arg(long)]
+    families_dir: Option<PathBuf>,
+    /// Only these families (comma-separated names).
+    #[arg(long)]
+    families: Option<String>,
+    /// Skip phases 1 and 2.
+    #[arg(long)]
+    only_families: bool,
+    /// Chat requests per family.
+    #[arg(long, default_value_t = 120)]
+    family_chat: usize,
+    /// Completion requests per family.
+    #[arg(long, default_value_t = 30)]
+    family_completions: usize,
+    /// First of the loopback ports the tier uses (about 75 above it).
     #[arg(long, default_value_t = 18100)]
     base_port: u16,
 }
@@ -64,19 +85,43 @@ async fn main() -> Result<()> {
             .build()?,
         args,
     };
-    let mut s = Summary::default();
-    let p1 = phase_qwen(&tier, &mut s).await;
-    let p2 = match &p1 {
-        Ok(()) => phase_llama(&tier, &mut s).await,
-        Err(_) => Ok(()),
+    let mut s = Summary {
+        only_families: tier.args.only_families,
+        ..Summary::default()
     };
-    for (name, r) in [("phase 1", p1), ("phase 2", p2)] {
+    let (p1, p2) = if tier.args.only_families {
+        (Ok(()), Ok(()))
+    } else {
+        let p1 = phase_qwen(&tier, &mut s).await;
+        let p2 = match &p1 {
+            Ok(()) => phase_llama(&tier, &mut s).await,
+            Err(_) => Ok(()),
+        };
+        (p1, p2)
+    };
+    let p3_started = Instant::now();
+    let p3 = match families::phase_families(&tier).await {
+        Ok(outcomes) => {
+            s.record_families(outcomes);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    eprintln!("  phase 3 took {:.0?}", p3_started.elapsed());
+    for (name, r) in [("phase 1", p1), ("phase 2", p2), ("phase 3", p3)] {
         if let Err(e) = r {
             s.failures.push(format!("{name} aborted: {e:#}"));
         }
     }
     s.verdict();
-    for m in s.tokens.mismatches.iter().chain(&s.blocks.mismatches) {
+    for m in s
+        .tokens
+        .mismatches
+        .iter()
+        .chain(&s.blocks.mismatches)
+        .chain(&s.template.mismatches)
+        .chain(&s.family_blocks.mismatches)
+    {
         eprintln!("  mismatch: {m}");
     }
     for f in &s.failures {

@@ -1,6 +1,9 @@
 //! The tier's results: the verdict on them and the one summary line.
 
+use anyhow::Result;
 use kvgate_e2e::checks::{BlockParity, CacheTrace, TokenParity};
+
+use crate::families::{FamilyOutcome, TemplateParity};
 
 #[derive(Debug, Default)]
 pub(crate) struct Summary {
@@ -23,6 +26,12 @@ pub(crate) struct Summary {
     pub(crate) fidelity_run: bool,
     /// vLLM's side of the fidelity script.
     pub(crate) fidelity_vllm: CacheTrace,
+    /// Phases 1 and 2 were skipped (`--only-families`).
+    pub(crate) only_families: bool,
+    /// Families whose template parity ran to the end.
+    pub(crate) families: usize,
+    pub(crate) template: TemplateParity,
+    pub(crate) family_blocks: BlockParity,
     pub(crate) failures: Vec<String>,
 }
 
@@ -59,11 +68,61 @@ impl Summary {
             self.fidelity_vllm.total_hits(),
             self.fidelity_vllm.stored_blocks,
             self.fidelity_vllm.removed_blocks
+        ) + &format!(
+            " families={} template_parity={}/{} family_block_parity={:.3} ({} blocks)",
+            self.families,
+            self.template.matched,
+            self.template.total,
+            self.family_blocks.ratio(),
+            self.family_blocks.checked
         )
+    }
+
+    /// Adds phase 3's per-family results; a family that aborted is a failure.
+    pub(crate) fn record_families(&mut self, outcomes: Vec<Result<FamilyOutcome>>) {
+        for o in outcomes {
+            match o {
+                Ok(o) => {
+                    self.families += 1;
+                    self.template.add(&o.parity);
+                    let room = 12usize.saturating_sub(self.template.mismatches.len());
+                    self.template
+                        .mismatches
+                        .extend(o.parity.mismatches.into_iter().take(room));
+                    if let Some(b) = o.blocks {
+                        self.family_blocks.found += b.found;
+                        self.family_blocks.checked += b.checked;
+                        self.family_blocks.generated += b.generated;
+                        self.family_blocks.mismatches.extend(b.mismatches);
+                    }
+                }
+                Err(e) => self.failures.push(format!("{e:#}")),
+            }
+        }
+    }
+
+    fn families_verdict(&self, f: &mut Vec<String>) {
+        if self.template.total == 0 || self.template.matched < self.template.total {
+            f.push(format!(
+                "template parity {}/{} over {} families",
+                self.template.matched, self.template.total, self.families
+            ));
+        }
+        if self.family_blocks.checked == 0 || self.family_blocks.ratio() < 1.0 {
+            f.push(format!(
+                "family block parity {}/{}",
+                self.family_blocks.found, self.family_blocks.checked
+            ));
+        }
     }
 
     pub(crate) fn verdict(&mut self) {
         let mut f = Vec::new();
+        self.families_verdict(&mut f);
+        if self.only_families {
+            self.failures.extend(f);
+            return;
+        }
         if self.tokens.total < 200 || self.tokens.ratio() < 1.0 {
             f.push(format!("token parity {:?}", self.tokens.mismatches));
         }

@@ -49,6 +49,18 @@ pub(crate) const LLAMA3: VllmSpec = VllmSpec {
     gpu_blocks: Some(128),
 };
 
+/// One vLLM instance's command line: model, tokenizer, cache shape.
+pub(crate) struct EngineSpec<'a> {
+    pub(crate) model_dir: PathBuf,
+    /// `--tokenizer` (the model dir's own tokenizer when None).
+    pub(crate) tokenizer_dir: Option<PathBuf>,
+    pub(crate) served: &'a str,
+    pub(crate) block_size: u32,
+    pub(crate) max_model_len: usize,
+    pub(crate) gpu_blocks: Option<usize>,
+    pub(crate) tool_parser: &'a str,
+}
+
 /// Engines of one phase, with the tier's own event capture.
 pub(crate) struct Fleet {
     pub(crate) engines: Vec<(EngineAddr, Option<Managed>)>,
@@ -82,21 +94,73 @@ impl Tier {
         ports: (u16, u16, u16),
         cpu: usize,
     ) -> Result<Managed> {
+        let engine = EngineSpec {
+            model_dir: self.args.models.join(spec.model),
+            tokenizer_dir: None,
+            served: spec.model,
+            block_size: spec.block_size,
+            max_model_len: spec.max_model_len,
+            gpu_blocks: spec.gpu_blocks,
+            // Requests that declare tools need a parser configured (it does
+            // not change how prompts render).
+            tool_parser: if spec.model.starts_with("llama") {
+                "llama3_json"
+            } else {
+                "hermes"
+            },
+        };
+        self.spawn_engine(name, &engine, ports, cpu)
+    }
+
+    /// Starts vLLM's GPU-less rendering server (`vllm launch render`: the
+    /// same chat/completion preprocessing as `vllm serve`, no engine) for
+    /// `spec`'s model and tokenizer on `port`; it answers the render endpoints.
+    pub(crate) fn spawn_renderer(
+        &self,
+        name: &str,
+        spec: &EngineSpec<'_>,
+        port: u16,
+    ) -> Result<Managed> {
+        let mut cmd = Command::new(self.args.venv.join("bin/vllm"));
+        cmd.args(["launch", "render"]).arg(&spec.model_dir);
+        if let Some(dir) = &spec.tokenizer_dir {
+            cmd.arg("--tokenizer").arg(dir);
+        }
+        cmd.args(["--served-model-name", spec.served, "--host", "127.0.0.1"])
+            .args(["--port", &port.to_string()])
+            .args(["--max-model-len", &spec.max_model_len.to_string()])
+            .args([
+                "--enable-auto-tool-choice",
+                "--tool-call-parser",
+                spec.tool_parser,
+            ])
+            .env("HF_HUB_OFFLINE", "1")
+            .env("TRANSFORMERS_OFFLINE", "1")
+            .env("VLLM_NO_USAGE_STATS", "1")
+            .env("DO_NOT_TRACK", "1")
+            .env("PYTHONHASHSEED", "0");
+        Managed::spawn(name, cmd, &self.logs())
+    }
+
+    /// Starts vLLM for `spec` (not waiting for it); see [`Tier::spawn_vllm`].
+    pub(crate) fn spawn_engine(
+        &self,
+        name: &str,
+        spec: &EngineSpec<'_>,
+        ports: (u16, u16, u16),
+        cpu: usize,
+    ) -> Result<Managed> {
         let (http, events, replay) = ports;
-        let VllmSpec {
-            model,
-            block_size,
-            max_model_len,
-            gpu_blocks,
-        } = *spec;
-        let model_dir = self.args.models.join(model);
         let mut cmd = Command::new(self.args.venv.join("bin/python"));
         cmd.args(["-m", "vllm.entrypoints.openai.api_server", "--model"])
-            .arg(&model_dir)
-            .args(["--served-model-name", model, "--host", "127.0.0.1"])
+            .arg(&spec.model_dir);
+        if let Some(dir) = &spec.tokenizer_dir {
+            cmd.arg("--tokenizer").arg(dir);
+        }
+        cmd.args(["--served-model-name", spec.served, "--host", "127.0.0.1"])
             .args(["--port", &http.to_string()])
-            .args(["--block-size", &block_size.to_string()])
-            .args(["--max-model-len", &max_model_len.to_string()])
+            .args(["--block-size", &spec.block_size.to_string()])
+            .args(["--max-model-len", &spec.max_model_len.to_string()])
             .args([
                 "--enable-prefix-caching",
                 "--enforce-eager",
@@ -122,15 +186,12 @@ impl Tier {
             .env("VLLM_SERVER_DEV_MODE", "1")
             .env("VLLM_CPU_OMP_THREADS_BIND", cpu.to_string())
             .env("PYTHONHASHSEED", "0");
-        // Requests that declare tools need a parser configured (it does not
-        // change how prompts render).
-        let parser = if model.starts_with("llama") {
-            "llama3_json"
-        } else {
-            "hermes"
-        };
-        cmd.args(["--enable-auto-tool-choice", "--tool-call-parser", parser]);
-        if let Some(n) = gpu_blocks {
+        cmd.args([
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            spec.tool_parser,
+        ]);
+        if let Some(n) = spec.gpu_blocks {
             cmd.args(["--num-gpu-blocks-override", &n.to_string()]);
         }
         Managed::spawn(name, cmd, &self.logs())
@@ -246,6 +307,24 @@ impl Tier {
 }
 
 impl Fleet {
+    /// A fleet of already started engines, `capture` subscribed to them.
+    pub(crate) fn new(
+        engines: Vec<(EngineAddr, Option<Managed>)>,
+        served: String,
+        block_size: u32,
+        capture: EventCapture,
+    ) -> Self {
+        let chains = engines.iter().map(|_| ChainTracker::default()).collect();
+        Fleet {
+            engines,
+            served,
+            block_size,
+            capture,
+            chains,
+            placed_upto: 0,
+        }
+    }
+
     pub(crate) fn url(&self, i: usize) -> &str {
         &self.engines[i].0.url
     }
