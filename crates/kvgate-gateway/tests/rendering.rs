@@ -37,22 +37,17 @@ async fn render_failures_are_counted_shown_and_explained() {
     let mut bad = chat_body("hi");
     bad["tools"] = serde_json::json!("not a list");
     for _ in 0..2 {
-        let resp = client
-            .post(format!("{gw_url}/v1/chat/completions"))
-            .json(&bad)
-            .send()
-            .await
-            .unwrap();
+        let resp = post_json(&client, &format!("{gw_url}/v1/chat/completions"), &bad).await;
         assert_eq!(resp.status(), 200, "still served, by load");
         resp.text().await.unwrap();
     }
     assert_eq!(metric(gw_url.clone(), "invalid_chat_input").await, Some(2));
-    let resp = client
-        .post(format!("{gw_url}{}", kvgate_gateway::EXPLAIN_CHAT_PATH))
-        .json(&bad)
-        .send()
-        .await
-        .unwrap();
+    let resp = post_json(
+        &client,
+        &format!("{gw_url}{}", kvgate_gateway::EXPLAIN_CHAT_PATH),
+        &bad,
+    )
+    .await;
     assert_eq!(resp.status(), 422);
     let err: serde_json::Value = resp.json().await.unwrap();
     let msg = err["error"]["message"].as_str().unwrap();
@@ -60,14 +55,7 @@ async fn render_failures_are_counted_shown_and_explained() {
         msg.contains("invalid_chat_input") && msg.contains("tools"),
         "{err}"
     );
-    let ready: serde_json::Value = client
-        .get(format!("{gw_url}/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = get_json(&client, &format!("{gw_url}/ready")).await;
     let listed = &ready["render_failures"][0];
     assert_eq!(listed["model"], "m", "{ready}");
     assert_eq!(listed["reason"], "invalid_chat_input", "{ready}");
@@ -111,12 +99,12 @@ async fn content_format_is_configurable_per_model() {
             cfg.content_format = serde_yaml::from_str(&format!("m: {f}")).unwrap();
         }
         let (gw_url, _gw) = gateway(cfg).await;
-        let resp = client
-            .post(format!("{gw_url}{}", kvgate_gateway::EXPLAIN_CHAT_PATH))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let resp = post_json(
+            &client,
+            &format!("{gw_url}{}", kvgate_gateway::EXPLAIN_CHAT_PATH),
+            &body,
+        )
+        .await;
         let status = resp.status().as_u16();
         let v: serde_json::Value = resp.json().await.unwrap();
         answers.push((status, v["prompt_tokens"].clone()));
@@ -191,12 +179,7 @@ async fn a_template_that_raises_is_answered_400_like_vllm() {
     let body = serde_json::json!({"model": "m", "messages": [
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]});
     for path in ["/v1/chat/completions", kvgate_gateway::EXPLAIN_CHAT_PATH] {
-        let resp = client
-            .post(format!("{gw_url}{path}"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let resp = post_json(&client, &format!("{gw_url}{path}"), &body).await;
         assert_eq!(resp.status(), 400, "{path}");
         let err: serde_json::Value = resp.json().await.unwrap();
         assert_eq!(
@@ -210,12 +193,12 @@ async fn a_template_that_raises_is_answered_400_like_vllm() {
         upstream.bodies.lock().is_empty(),
         "a refused request reached the engine"
     );
-    let resp = client
-        .post(format!("{gw_url}/v1/chat/completions"))
-        .json(&chat_body("hi"))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_json(
+        &client,
+        &format!("{gw_url}/v1/chat/completions"),
+        &chat_body("hi"),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     resp.text().await.unwrap();
     assert_eq!(upstream.bodies.lock().len(), 1);
@@ -241,25 +224,18 @@ async fn a_tokenizer_class_kvgate_cannot_reproduce_is_announced_and_routed_by_lo
                 && l.ends_with(" 1")),
         "{metrics}"
     );
-    let ready: serde_json::Value = client
-        .get(format!("{gw_url}/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = get_json(&client, &format!("{gw_url}/ready")).await;
     assert_eq!(
         ready["tokenizers"],
         serde_json::json!([{"model": "m", "class": "T5Tokenizer", "built": "unsupported"}]),
         "{ready}"
     );
-    let resp = client
-        .post(format!("{gw_url}/v1/chat/completions"))
-        .json(&chat_body("hi"))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_json(
+        &client,
+        &format!("{gw_url}/v1/chat/completions"),
+        &chat_body("hi"),
+    )
+    .await;
     assert_eq!(resp.status(), 200, "served, by load");
     resp.text().await.unwrap();
     assert_eq!(upstream.bodies.lock().len(), 1);
@@ -272,25 +248,18 @@ async fn a_tokenizer_class_kvgate_cannot_reproduce_is_announced_and_routed_by_lo
                 && l.ends_with(" 1")),
         "{metrics}"
     );
-    let resp = client
-        .post(format!("{gw_url}{}", kvgate_gateway::EXPLAIN_CHAT_PATH))
-        .json(&chat_body("hi"))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_json(
+        &client,
+        &format!("{gw_url}{}", kvgate_gateway::EXPLAIN_CHAT_PATH),
+        &chat_body("hi"),
+    )
+    .await;
     assert_eq!(resp.status(), 422);
     assert!(resp.text().await.unwrap().contains("T5Tokenizer"));
 
     let (gw_url, _gw, _u) =
         gateway_with_tokenizer(tokenizer_dir("llama", "LlamaTokenizerFast", template)).await;
-    let ready: serde_json::Value = client
-        .get(format!("{gw_url}/ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = get_json(&client, &format!("{gw_url}/ready")).await;
     assert_eq!(ready["tokenizers"][0]["built"], "rebuilt", "{ready}");
     assert_eq!(ready["tokenizers"][0]["class"], "LlamaTokenizer", "{ready}");
     assert!(!metrics_text(&client, &gw_url)

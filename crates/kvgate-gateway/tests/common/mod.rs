@@ -102,3 +102,17 @@ pub async fn gateway_over_one_upstream() -> (String, Arc<Gateway>, String, Upstr
 pub fn chat_body(content: &str) -> serde_json::Value {
     serde_json::json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": content}]})
 }
+
+/// `POST url` with a JSON body.
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> reqwest::Response {
+    client.post(url).json(body).send().await.unwrap()
+}
+
+/// `GET url` as JSON (e.g. `/ready`).
+pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
