@@ -136,6 +136,10 @@ proptest! {
 #[test]
 fn supported_configurations_use_the_fast_path() {
     assert!(TOK.has_fast_path());
+    // The embedded tokenizer as vLLM builds it (rebuilt as Qwen2Tokenizer) too.
+    let embedded = ModelTokenizer::embedded_default().unwrap();
+    assert_eq!(embedded.construction().class(), "Qwen2Tokenizer");
+    assert!(embedded.has_fast_path() && embedded.caches_segments());
     assert!(LLAMA3_SPLIT.has_fast_path());
     assert!(GPT2_STYLE.has_fast_path());
     // Not NFC: encoded by tokenizers.
