@@ -172,6 +172,13 @@ fn byte_level(add_prefix_space: bool, trim_offsets: bool, use_regex: bool) -> Js
     json!({"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": trim_offsets, "use_regex": use_regex})
 }
 
+/// "▁" back to spaces, byte-fallback tokens back to bytes (Llama's and Gemma's decoder).
+fn sentencepiece_decoder() -> Json {
+    json!({"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+        {"type": "ByteFallback"}, {"type": "Fuse"}]})
+}
+
 impl ClassRules {
     fn for_class(class: &str, config: &Json) -> Option<Self> {
         let flag =
@@ -193,9 +200,7 @@ impl ClassRules {
                     model: bpe(json!({"fuse_unk": true, "byte_fallback": true})),
                     normalizer: Json::Null,
                     pre_tokenizer: json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": prepend, "split": false}),
-                    decoder: json!({"type": "Sequence", "decoders": [
-                        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-                        {"type": "ByteFallback"}, {"type": "Fuse"}]}),
+                    decoder: sentencepiece_decoder(),
                     defaults: &[
                         ("unk_token", "<unk>"),
                         ("bos_token", "<s>"),
@@ -236,9 +241,7 @@ impl ClassRules {
                     model: bpe(json!({"fuse_unk": true, "byte_fallback": true, "unk_token": unk})),
                     normalizer: json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}),
                     pre_tokenizer: json!({"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false}),
-                    decoder: json!({"type": "Sequence", "decoders": [
-                        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-                        {"type": "ByteFallback"}, {"type": "Fuse"}]}),
+                    decoder: sentencepiece_decoder(),
                     defaults: &[
                         ("unk_token", "<unk>"),
                         ("bos_token", "<bos>"),
