@@ -9,22 +9,26 @@
 //! policy put these requests, and what TTFT would they see" exactly and in
 //! seconds, so routing changes can be compared on many seeds and rates.
 //!
+//! The scheduler's clock (approximate-index TTL, speculation grace) is the
+//! gateway's: simulated time over `time_scale`.
+//!
 //! What it leaves out: HTTP time (tokenizing time is a knob, off by
-//! default), the engines' pacing on a busy host, and the speculative index's
-//! TTL (its clock is the wall clock, which barely moves during a run, so
-//! routing decisions are remembered for the whole run rather than 5 s).
+//! default) and the engines' pacing on a busy host.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use kvgate_fleet::{Ejection, Endpoint, EndpointConfig, Fleet, IndexOnly, RouteQuery};
-use kvgate_index::{IndexConfig, IndexError, KvIndex};
+use kvgate_index::{Clock, IndexConfig, IndexError, KvIndex};
 use kvgate_keys::BlockHasher;
 use kvgate_router::{RequestGuard, RouteError, RouterConfig};
 use kvgate_sim::engine::{EngineConfig, EngineCore, RequestId, SimRequest, StepOutput, TokenEvent};
 use kvgate_tokenize::{ChatInput, ModelTokenizer, TokenizeError};
 use kvgate_wire::vllm::{EventBatch, KvEvent};
+
+use peer::PeerRouter;
+pub use peer::{CacheAwareConfig, PeerPolicy};
 
 use crate::runner::percentile;
 use crate::workload::{Body, RequestSpec};
@@ -66,6 +70,12 @@ pub struct FleetModelConfig {
     pub tokenize_secs: f64,
     /// Keep each decision's scores ([`RequestResult::explain`]).
     pub trace: bool,
+    /// Engine seconds per gateway second, as the sim's `--time-scale`: the
+    /// delays above are the gateway's (wall clock), so at 2 every signal is
+    /// twice as stale next to the engines' work (as next to faster GPUs).
+    pub time_scale: f64,
+    /// Place requests as this peer router would, instead of by `router`.
+    pub peer: Option<PeerPolicy>,
 }
 
 impl Default for FleetModelConfig {
@@ -79,6 +89,8 @@ impl Default for FleetModelConfig {
             proxy_delay_secs: 0.0005,
             tokenize_secs: 0.0,
             trace: false,
+            time_scale: 1.0,
+            peer: None,
         }
     }
 }
@@ -272,11 +284,13 @@ pub fn simulate(
     ));
     // The gateway's own fleet and routing transaction; events are applied
     // here, in simulated time, instead of by ZMQ subscribers.
-    let fleet = Fleet::new(
+    let clock = Clock::manual();
+    let fleet = Fleet::with_clock(
         cfg.router.clone(),
         Ejection::default(),
         index.clone(),
         Box::new(IndexOnly(index.clone())),
+        clock.clone(),
     );
     let mut engines = Vec::with_capacity(cfg.engines);
     let mut by_name = HashMap::new();
@@ -306,8 +320,21 @@ pub fn simulate(
         seq += 1;
         queue.push(Ev { t, seq, what });
     };
-    let routing_delay = if cfg.router.policy.uses_prompt_tokens() {
-        cfg.tokenize_secs.max(0.0)
+    // The gateway's delays, in the engines' (simulated) time.
+    let scale = if cfg.time_scale > 0.0 && cfg.time_scale.is_finite() {
+        cfg.time_scale
+    } else {
+        1.0
+    };
+    let (event_delay, scrape_interval, proxy_delay) = (
+        cfg.event_delay_secs * scale,
+        (cfg.scrape_interval_secs * scale).max(1e-3),
+        cfg.proxy_delay_secs * scale,
+    );
+    let mut peer = cfg.peer.map(|p| PeerRouter::new(p, cfg.engines));
+    let tokenizes = peer.is_none() && cfg.router.policy.uses_prompt_tokens();
+    let routing_delay = if tokenizes {
+        cfg.tokenize_secs.max(0.0) * scale
     } else {
         0.0
     };
@@ -317,32 +344,46 @@ pub fn simulate(
     push(&mut queue, 0.0, What::Scrape);
 
     while let Some(Ev { t, what, .. }) = queue.pop() {
+        clock.set_secs((t / scale) as u32);
         match what {
             What::Arrive(i) => {
                 let r = &workload.requests[i];
-                let input = fleet.routing_input(&RouteQuery {
-                    model: MODEL,
-                    tokens: &r.tokens,
-                    ..RouteQuery::default()
-                })?;
-                let routed = fleet.route(&input)?;
-                let d = routed.decision;
-                let chosen = by_name
-                    .get(routed.endpoint.name())
-                    .copied()
-                    .ok_or(FleetModelError::EmptyFleet)?;
-                guards[i] = Some(routed.guard);
-                results[i] = RequestResult {
-                    endpoint: Some(chosen),
-                    reason: d.reason,
-                    prompt_tokens: r.tokens.len(),
-                    expected_uncached_tokens: d.expected_uncached_tokens,
-                    explain: cfg.trace.then(|| d.explain()),
-                    ..Default::default()
+                let chosen = if let Some(p) = peer.as_mut() {
+                    let (chosen, reason) = p.place(&r.tokens);
+                    results[i] = RequestResult {
+                        endpoint: Some(chosen),
+                        reason,
+                        prompt_tokens: r.tokens.len(),
+                        expected_uncached_tokens: r.tokens.len() as u64,
+                        ..Default::default()
+                    };
+                    chosen
+                } else {
+                    let input = fleet.routing_input(&RouteQuery {
+                        model: MODEL,
+                        tokens: &r.tokens,
+                        ..RouteQuery::default()
+                    })?;
+                    let routed = fleet.route(&input)?;
+                    let d = routed.decision;
+                    let chosen = by_name
+                        .get(routed.endpoint.name())
+                        .copied()
+                        .ok_or(FleetModelError::EmptyFleet)?;
+                    guards[i] = Some(routed.guard);
+                    results[i] = RequestResult {
+                        endpoint: Some(chosen),
+                        reason: d.reason,
+                        prompt_tokens: r.tokens.len(),
+                        expected_uncached_tokens: d.expected_uncached_tokens,
+                        explain: cfg.trace.then(|| d.explain()),
+                        ..Default::default()
+                    };
+                    chosen
                 };
                 push(
                     &mut queue,
-                    t + cfg.proxy_delay_secs,
+                    t + proxy_delay,
                     What::Reach {
                         engine: chosen,
                         request: i,
@@ -361,7 +402,7 @@ pub fn simulate(
                         engine,
                     );
                     for f in failed {
-                        fail(&mut results[f], &mut guards[f], &mut done);
+                        fail(&mut results[f], &mut guards[f], &mut done, peer.as_mut());
                     }
                 }
             }
@@ -373,7 +414,7 @@ pub fn simulate(
                 if !out.kv_events.is_empty() {
                     push(
                         &mut queue,
-                        t + cfg.event_delay_secs,
+                        t + event_delay,
                         What::Events {
                             engine: ei,
                             events: out.kv_events,
@@ -399,6 +440,9 @@ pub fn simulate(
                             TokenEvent::Done { .. } => {
                                 results[i].e2e_secs = Some(t - arrival);
                                 guards[i] = None;
+                                if let Some(p) = peer.as_mut() {
+                                    p.release(ei);
+                                }
                                 done += 1;
                             }
                             TokenEvent::Token(_) => {}
@@ -410,7 +454,7 @@ pub fn simulate(
                 }
                 let failed = start_step(e, t, workload, &mut push, &mut queue, ei);
                 for f in failed {
-                    fail(&mut results[f], &mut guards[f], &mut done);
+                    fail(&mut results[f], &mut guards[f], &mut done, peer.as_mut());
                 }
             }
             What::Events { engine, events } => {
@@ -425,17 +469,14 @@ pub fn simulate(
                 }
             }
             What::Scrape => {
+                fleet.scheduler().expire();
                 for e in &engines {
                     let (waiting, running, usage) = e.published;
                     e.endpoint.load.set_engine(waiting, running, usage);
                 }
                 // Nothing else pending means nothing left to run.
                 if done < n && !queue.is_empty() {
-                    push(
-                        &mut queue,
-                        t + cfg.scrape_interval_secs.max(1e-3),
-                        What::Scrape,
-                    );
+                    push(&mut queue, t + scrape_interval, What::Scrape);
                 }
             }
         }
@@ -454,7 +495,15 @@ pub fn simulate(
 }
 
 /// A request the engine refused (too long for its cache): it ends now.
-fn fail(r: &mut RequestResult, guard: &mut Option<RequestGuard>, done: &mut usize) {
+fn fail(
+    r: &mut RequestResult,
+    guard: &mut Option<RequestGuard>,
+    done: &mut usize,
+    peer: Option<&mut PeerRouter>,
+) {
+    if let (Some(p), Some(e)) = (peer, r.endpoint) {
+        p.release(e);
+    }
     r.endpoint = None;
     *guard = None;
     *done += 1;
@@ -495,5 +544,6 @@ fn start_step(
     failed
 }
 
+mod peer;
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use kvgate_index::{EndpointId, KvIndex};
+use kvgate_index::{Clock, EndpointId, KvIndex};
 use kvgate_router::{LoadCounters, RouterConfig, Scheduler};
 use parking_lot::{Mutex, RwLock};
 
@@ -119,10 +119,21 @@ impl Fleet {
         index: Arc<KvIndex>,
         feeds: Box<dyn EventFeeds>,
     ) -> Self {
+        Self::with_clock(router, ejection, index, feeds, Clock::wall())
+    }
+
+    /// A fleet whose scheduler reads `clock` (models in simulated time).
+    pub fn with_clock(
+        router: RouterConfig,
+        ejection: Ejection,
+        index: Arc<KvIndex>,
+        feeds: Box<dyn EventFeeds>,
+        clock: Clock,
+    ) -> Self {
         Self {
             endpoints: RwLock::new(Arc::new(Vec::new())),
             index,
-            scheduler: Scheduler::new(router),
+            scheduler: Scheduler::with_clock(router, clock),
             feeds: Mutex::new(feeds),
             ejection,
             reconciling: tokio::sync::Mutex::new(()),

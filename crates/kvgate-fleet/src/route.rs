@@ -158,16 +158,19 @@ impl Fleet {
             }
             // Learned at decision time: requests that arrive before this
             // one's KV events do should still find its prefix here.
-            if let Some((bs, keys)) = input
+            let speculation = input
                 .keys
                 .iter()
                 .find(|(bs, _)| *bs == chosen.cfg.block_size)
-            {
-                let root = chosen.cfg.root_model().unwrap_or(input.model);
-                self.scheduler
-                    .observe_routed(chosen.name(), root, *bs, keys);
-            }
-            let guard = chosen.load.start(decision.expected_uncached_tokens);
+                .and_then(|(bs, keys)| {
+                    let root = chosen.cfg.root_model().unwrap_or(input.model);
+                    self.scheduler
+                        .observe_routed(chosen.name(), root, *bs, keys)
+                });
+            let guard = chosen
+                .load
+                .start(decision.expected_uncached_tokens)
+                .speculating(speculation);
             return Ok(Routed {
                 endpoint: chosen.clone(),
                 decision,

@@ -16,6 +16,8 @@
 mod state;
 pub mod tier;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use kvgate_keys::{BlockHasher, BlockKey, KeyError, RequestContext};
@@ -173,18 +175,48 @@ pub struct BlockHolder {
     pub tier: String,
 }
 
+/// Where an index reads the time of its TTLs and stale grace: the wall clock
+/// (seconds since the index started), or seconds set by hand, for models that
+/// run in simulated time. Clones share a hand-set clock.
+#[derive(Debug, Clone, Default)]
+pub struct Clock(Option<Arc<AtomicU32>>);
+
+impl Clock {
+    pub fn wall() -> Self {
+        Self(None)
+    }
+
+    /// Starts at 0; only [`Clock::set_secs`] moves it.
+    pub fn manual() -> Self {
+        Self(Some(Arc::new(AtomicU32::new(0))))
+    }
+
+    /// Sets a manual clock (a wall clock ignores it).
+    pub fn set_secs(&self, secs: u32) {
+        if let Some(c) = &self.0 {
+            c.store(secs, Ordering::Relaxed);
+        }
+    }
+}
+
 pub struct KvIndex {
     state: RwLock<state::State>,
     hasher: BlockHasher,
     started: Instant,
+    clock: Clock,
 }
 
 impl KvIndex {
     pub fn new(cfg: IndexConfig, hasher: BlockHasher) -> Self {
+        Self::with_clock(cfg, hasher, Clock::wall())
+    }
+
+    pub fn with_clock(cfg: IndexConfig, hasher: BlockHasher, clock: Clock) -> Self {
         Self {
             state: RwLock::new(state::State::new(cfg, hasher.clone())),
             hasher,
             started: Instant::now(),
+            clock,
         }
     }
 
@@ -194,7 +226,10 @@ impl KvIndex {
 
     /// Seconds since the index started: the clock of TTLs and stale grace.
     pub fn now_secs(&self) -> u32 {
-        u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
+        match &self.clock.0 {
+            Some(c) => c.load(Ordering::Relaxed),
+            None => u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX),
+        }
     }
 
     /// Registers an endpoint (idempotent for the same model and block size).
@@ -217,6 +252,11 @@ impl KvIndex {
     /// Drops an endpoint's entries but keeps it registered (engine restart).
     pub fn clear_endpoint(&self, id: EndpointId) -> usize {
         self.state.write().purge_endpoint(id, false)
+    }
+
+    /// Entries an endpoint holds (all tiers).
+    pub fn tracked_entries(&self, id: EndpointId) -> usize {
+        self.state.read().endpoint(id).map_or(0, |e| e.holders)
     }
 
     pub fn endpoint_id(&self, name: &str) -> Option<EndpointId> {
@@ -284,6 +324,12 @@ impl KvIndex {
             st.restore_entry(id, key, key, Tier::GPU, now);
         }
         Ok(st.enforce_bound_now())
+    }
+
+    /// Drops what [`Self::record_keys`] recorded for `keys` on `id`; returns
+    /// entries dropped.
+    pub fn forget_keys(&self, id: EndpointId, keys: &[BlockKey]) -> usize {
+        self.state.write().forget_recorded(id, keys)
     }
 
     /// Records the last sequence number applied for an endpoint.

@@ -498,6 +498,14 @@ impl State {
         });
     }
 
+    /// Drops what [`Self::restore_entry`] recorded for `keys` (each its own
+    /// engine hash) on endpoint `id`; returns holders removed.
+    pub fn forget_recorded(&mut self, id: EndpointId, keys: &[BlockKey]) -> usize {
+        keys.iter()
+            .map(|&k| self.remove_endpoint_holders(id, k, k, |_| true))
+            .sum()
+    }
+
     /// Restores one dumped entry (bootstrap from another replica).
     pub fn restore_entry(
         &mut self,

@@ -6,15 +6,17 @@ use kvgate_index::{EndpointId, EndpointMatch, KvIndex};
 use kvgate_keys::BlockKey;
 
 use crate::pick::rendezvous;
-use crate::{
-    Candidate, Choice, CostWeights, Decision, LoadSnapshot, Score, AFFINITY_PREFIX_TOKENS,
-};
+use crate::{Candidate, Choice, CostWeights, Decision, LoadSnapshot, Score};
 
 /// Work already on an endpoint, in prefill tokens (the cost's load terms).
 pub(crate) fn load_tokens(w: &CostWeights, l: &LoadSnapshot) -> f64 {
+    // The scraped queue is as old as the last scrape and holds the requests
+    // this gateway counts itself (fresh) as pending: only the rest (other
+    // clients' work) adds to what the gateway knows.
+    let others_waiting = l.engine_waiting.saturating_sub(l.pending_requests);
     w.queued_prefill_token * l.pending_prefill_tokens as f64
         + w.active_request * l.in_flight as f64
-        + w.engine_waiting * l.engine_waiting as f64
+        + w.engine_waiting * others_waiting as f64
         + w.kv_usage * l.engine_kv_usage
 }
 
@@ -79,16 +81,26 @@ pub(crate) fn by_cost(
     let n = ctx.next_turn();
     let mut scores = Vec::with_capacity(eligible.len());
     let mut best: Option<(f64, usize, usize)> = None; // (cost, rotation rank, candidate)
-    for (rank, &i) in eligible.iter().enumerate() {
+    let believed: Vec<(f64, Cached)> = eligible
+        .iter()
+        .map(|&i| {
+            let c = &candidates[i];
+            let cached = cached_on(c);
+            // The engine always computes the last prompt token.
+            let tokens = (cached.blocks * f64::from(c.block_size))
+                .min(req.prompt_tokens.saturating_sub(1) as f64);
+            (tokens, cached)
+        })
+        .collect();
+    let most_cached_anywhere = believed.iter().map(|(t, _)| *t).fold(0.0, f64::max);
+    for (rank, (&i, (cached, believed))) in eligible.iter().zip(&believed).enumerate() {
         let c = &candidates[i];
         let Cached {
-            blocks: cached_blocks,
             in_flight_blocks,
             source,
-        } = cached_on(c);
-        // The engine always computes the last prompt token.
-        let cached = (cached_blocks * f64::from(c.block_size))
-            .min(req.prompt_tokens.saturating_sub(1) as f64);
+            ..
+        } = *believed;
+        let cached = *cached;
         // That prefill is queued work here, but it is this prompt's own
         // prefix: joining it adds nothing, while going elsewhere computes
         // the prefix twice. So it does not count as load against us.
@@ -100,7 +112,15 @@ pub(crate) fn by_cost(
         } else {
             0.0
         };
-        let cost = w.prefill_token * (req.prompt_tokens as f64 - cached) + load - bonus;
+        // Computing here what another endpoint caches is work the fleet
+        // did not need. Requests waiting here say how busy it is: the
+        // busier, the more requests arrive behind this one before the queue
+        // empties, each delayed by that work. So it counts once more per
+        // request waiting; spilling to an idle endpoint stays cheap.
+        let waiting = c.load.pending_requests.max(c.load.engine_waiting) as f64;
+        let lost = (most_cached_anywhere - cached)
+            * (w.lost_prefix_token + w.lost_prefix_per_waiting_request * waiting);
+        let cost = w.prefill_token * (req.prompt_tokens as f64 - cached) + load + lost - bonus;
         let source = if cached > 0.0 { source } else { "none" };
         // Equal costs rotate (rank relative to a moving start).
         let rot = (rank + eligible.len() - n % eligible.len()) % eligible.len();
@@ -111,21 +131,14 @@ pub(crate) fn by_cost(
             endpoint: c.name.to_string(),
             cached_tokens: cached,
             cached_source: source,
-            load_tokens: load,
+            load_tokens: load + lost,
             cost,
         });
     }
     let mut chosen = best.map_or(eligible[0], |(_, _, i)| i);
-    // The prefix is named by its block at ~AFFINITY_PREFIX_TOKENS (or its
-    // last full block): past a chat template's fixed header, short enough
-    // that a group's requests agree on it.
-    let prefix_key = req.keys.first().and_then(|(bs, k)| {
-        let depth = (AFFINITY_PREFIX_TOKENS / (*bs).max(1) as usize).max(1);
-        k.get(depth.min(k.len()).checked_sub(1)?)
-    });
     // Near-ties (within the slack) keep prefixes together: the endpoint
-    // caching most of the prompt wins; a prefix cached nowhere goes home
-    // if that costs it no wait (`cold_pick`).
+    // caching most of the prompt wins; a prefix cached nowhere goes where it
+    // starts at once and fewest prefixes live (`cold_pick`).
     if let Some((best_cost, _, _)) = best {
         let near: Vec<(usize, &Score)> = eligible
             .iter()
@@ -146,8 +159,11 @@ pub(crate) fn by_cost(
                 chosen = *i;
             }
         } else if scores.iter().all(|s| s.cached_tokens == 0.0) {
-            chosen = cold_pick(&near, chosen, candidates, || {
-                prefix_key.map(|k| rendezvous(&k.to_le_bytes(), eligible, candidates))
+            chosen = cold_pick(&near, chosen, candidates, |i| {
+                let approx = ctx.approx;
+                approx
+                    .endpoint_id(candidates[i].name)
+                    .map_or(0, |id| approx.tracked_entries(id))
             });
         }
     }
@@ -178,26 +194,28 @@ pub(crate) fn by_cost(
 /// so near-ties with some queued are not equal: an endpoint with none starts
 /// the prompt at once, and among busy ones, the one given a request longest
 /// ago is likely the nearest to done (what round robin gets by construction).
-/// The prefix's home (`home()`) wins only when it starts at once too: a
-/// group's requests then meet there at no cost to this one.
+/// Among those that start at once, the one whose routed prefixes take the
+/// least room (`footprint`: blocks routed there lately) gets the new one: a
+/// prefix brings its group's later requests with it, so spreading prefixes
+/// evenly spreads the load that follows them (a hash would not: 44 groups
+/// hashed onto 8 engines leave one with twice another's).
 fn cold_pick(
     near: &[(usize, &Score)],
     best: usize,
     candidates: &[Candidate<'_>],
-    home: impl FnOnce() -> Option<usize>,
+    footprint: impl Fn(usize) -> usize,
 ) -> usize {
     let idle = |i: usize| candidates[i].load.pending_prefill_tokens == 0;
     if near.iter().any(|(i, _)| idle(*i)) {
-        if let Some(h) = home().filter(|h| idle(*h) && near.iter().any(|(i, _)| i == h)) {
-            return h;
-        }
-        if idle(best) {
-            return best;
-        }
         return near
             .iter()
             .filter(|(i, _)| idle(*i))
-            .min_by(|a, b| a.1.cost.total_cmp(&b.1.cost))
+            .min_by(|a, b| {
+                footprint(a.0)
+                    .cmp(&footprint(b.0))
+                    .then(a.1.cost.total_cmp(&b.1.cost))
+                    .then((a.0 != best).cmp(&(b.0 != best)))
+            })
             .map_or(best, |(i, _)| *i);
     }
     near.iter()

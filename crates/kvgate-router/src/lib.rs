@@ -10,6 +10,9 @@
 //!         + w.active_request       * (requests in flight on e)      // decode interference
 //!         + w.engine_waiting       * (e's own waiting queue, scraped)
 //!         + w.kv_usage             * (e's KV cache usage in [0, 1])
+//!         + w.lost_prefix_per_waiting_request
+//!             * (most cached tokens on any endpoint - cached tokens on e)
+//!             * (requests waiting on e)                 // work the fleet did not need
 //!         - w.session_bonus        * (e is the session's home)
 //! ```
 //!
@@ -28,16 +31,20 @@ mod cost;
 pub mod load;
 mod pick;
 mod policy;
+mod speculation;
 
 use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 
-use kvgate_index::{EndpointId, IndexConfig, KvIndex, MAX_TIERS};
+use kvgate_index::{Clock, EndpointId, IndexConfig, KvIndex, MAX_TIERS};
 use kvgate_keys::{BlockHasher, BlockKey};
 use serde::{Deserialize, Serialize};
 
 pub use load::{LoadCounters, LoadSnapshot, RequestGuard};
 pub use pick::Choice;
 pub use policy::{policy_names, Policy, PolicyContext, RoutingPolicy, UnknownPolicy};
+pub use speculation::Speculated;
+use speculation::Speculation;
 
 /// Weights of the cost function, in prefill-token units.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,13 +58,22 @@ pub struct CostWeights {
     pub engine_waiting: f64,
     pub kv_usage: f64,
     pub session_bonus: f64,
+    /// Per request waiting on an endpoint (routed, no first token yet, or
+    /// its scraped queue), what each prompt token it would compute there
+    /// though another endpoint caches it costs again: work the fleet did
+    /// not need delays the requests arriving behind it. Under load a prefix
+    /// stays where it is cached; an idle endpoint can still take it.
+    pub lost_prefix_per_waiting_request: f64,
+    /// The same, once whatever waits: a prefix copied to a second endpoint
+    /// splits its group's later requests between two caches.
+    pub lost_prefix_token: f64,
     /// Costs within this many tokens of the cheapest count as a tie. A tie
-    /// goes to the endpoint caching most of the prompt, or, for a prefix
-    /// cached nowhere, to its home endpoint (rendezvous hash of its block at
-    /// AFFINITY_PREFIX_TOKENS) when that has no prefill queued. A group's
-    /// requests then gather on one engine instead of copying the prefix into
-    /// several caches. When every tie has prefill queued, the one given a
-    /// request longest ago wins: its queue is likely the nearest to done.
+    /// goes to the endpoint caching most of the prompt, or, for a prompt
+    /// cached nowhere, to one with no prefill queued, the one whose routed
+    /// prefixes take the least room first: a group's later requests follow
+    /// their prefix, so new prefixes are spread evenly. When every tie has
+    /// prefill queued, the one given a request longest ago wins: its queue
+    /// is likely the nearest to done.
     pub prefix_affinity_slack: f64,
     /// Worth of a cached block per tier (GPU, CPU, DISK, others).
     pub tier: [f64; MAX_TIERS],
@@ -76,6 +92,8 @@ impl Default for CostWeights {
             engine_waiting: 256.0,
             kv_usage: 0.0,
             session_bonus: 0.0,
+            lost_prefix_per_waiting_request: 4.0,
+            lost_prefix_token: 1.0,
             prefix_affinity_slack: 256.0,
             tier: kvgate_index::DEFAULT_TIER_WEIGHTS,
         }
@@ -85,10 +103,9 @@ impl Default for CostWeights {
 /// Default bound of the approximate index (entries) and its TTL.
 pub const DEFAULT_APPROX_MAX_BLOCKS: usize = 1 << 18;
 pub const DEFAULT_APPROX_TTL_SECS: u32 = 120;
-/// Prompt depth (tokens) whose block names a prefix for affinity.
-pub const AFFINITY_PREFIX_TOKENS: usize = 128;
-/// A prefill of a long prompt under load takes seconds; its events follow.
-pub const DEFAULT_SPECULATIVE_TTL_SECS: u32 = 5;
+/// After a request's first token, its KV events follow within milliseconds;
+/// the index's clock counts whole seconds.
+pub const DEFAULT_SPECULATIVE_TTL_SECS: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -99,8 +116,9 @@ pub struct RouterConfig {
     pub weights: CostWeights,
     pub approx_max_blocks: usize,
     pub approx_ttl_secs: u32,
-    /// How long the precise policy trusts its own recent routing decisions
-    /// for prefixes whose KV events have not arrived yet (0: never).
+    /// The precise policy trusts its own routing decisions for prefixes
+    /// whose KV events have not arrived: while the request waits for its
+    /// first token, then this many seconds more (0: not at all).
     pub speculative_ttl_secs: u32,
 }
 
@@ -196,14 +214,20 @@ pub struct Scheduler {
     rr: AtomicUsize,
     /// Learns (keys -> endpoint) from routing decisions, for endpoints without events.
     approx: KvIndex,
-    /// The same, kept briefly: what the precise policy assumes is being cached
-    /// by requests in flight, until the engine's events say so.
-    speculative: KvIndex,
+    /// What the precise policy assumes requests in flight are computing,
+    /// until the engine's events say so.
+    speculation: Arc<Speculation>,
 }
 
 impl Scheduler {
     pub fn new(cfg: RouterConfig) -> Self {
-        let approx = KvIndex::new(
+        Self::with_clock(cfg, Clock::wall())
+    }
+
+    /// A scheduler whose TTLs and speculation grace read `clock` (models in
+    /// simulated time).
+    pub fn with_clock(cfg: RouterConfig, clock: Clock) -> Self {
+        let approx = KvIndex::with_clock(
             IndexConfig {
                 max_tracked_blocks: cfg.approx_max_blocks.max(1),
                 ttl_secs: Some(cfg.approx_ttl_secs),
@@ -211,21 +235,23 @@ impl Scheduler {
             },
             // Keys are computed by the caller; this secret only names the index.
             BlockHasher::from_secret(b"kvgate-approx-index"),
+            clock.clone(),
         );
-        let speculative = KvIndex::new(
+        let speculative = KvIndex::with_clock(
             IndexConfig {
                 max_tracked_blocks: cfg.approx_max_blocks.max(1),
-                ttl_secs: Some(cfg.speculative_ttl_secs),
+                ttl_secs: None,
                 ..Default::default()
             },
             BlockHasher::from_secret(b"kvgate-speculative-index"),
+            clock,
         );
         Self {
             policy: cfg.policy.build(),
+            speculation: Arc::new(Speculation::new(speculative, cfg.speculative_ttl_secs)),
             cfg,
             rr: AtomicUsize::new(0),
             approx,
-            speculative,
         }
     }
 
@@ -257,7 +283,7 @@ impl Scheduler {
             &self.cfg,
             precise,
             &self.approx,
-            self.speculating().then_some(&self.speculative),
+            self.speculating().then_some(&self.speculation.index),
             &self.rr,
         );
         Ok(self.policy.route(&Choice {
@@ -273,27 +299,35 @@ impl Scheduler {
         self.policy.speculates() && self.cfg.speculative_ttl_secs > 0
     }
 
-    /// Teaches the approximate index that `endpoint` now caches these keys.
-    pub fn observe_routed(&self, endpoint: &str, model: &str, block_size: u32, keys: &[BlockKey]) {
-        let learn = |index: &KvIndex| {
-            if let Ok(id) = index.add_endpoint(endpoint, model, block_size) {
-                let _ = index.record_keys(id, keys);
-            }
-        };
-        learn(&self.approx);
-        if self.speculating() {
-            learn(&self.speculative);
+    /// Teaches the approximate index that `endpoint` now caches these keys,
+    /// and when the policy speculates, expects the request to compute them
+    /// there: hold the returned handle until its first token
+    /// ([`RequestGuard::speculating`] does).
+    pub fn observe_routed(
+        &self,
+        endpoint: &str,
+        model: &str,
+        block_size: u32,
+        keys: &[BlockKey],
+    ) -> Option<Speculated> {
+        if let Ok(id) = self.approx.add_endpoint(endpoint, model, block_size) {
+            let _ = self.approx.record_keys(id, keys);
         }
+        if !self.speculating() {
+            return None;
+        }
+        self.speculation.expect(endpoint, model, block_size, keys)
     }
 
     /// Forgets what was learned about an endpoint (removed, restarted).
     pub fn forget_endpoint(&self, endpoint: &str) {
         self.approx.remove_endpoint(endpoint);
-        self.speculative.remove_endpoint(endpoint);
+        self.speculation.forget_endpoint(endpoint);
     }
 
-    /// Drops expired approximate entries (call periodically).
+    /// Drops expired approximate entries and speculation whose grace is over
+    /// (call periodically).
     pub fn expire(&self) -> usize {
-        self.approx.expire() + self.speculative.expire()
+        self.approx.expire() + self.speculation.forget_released()
     }
 }

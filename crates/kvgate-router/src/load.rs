@@ -4,12 +4,16 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::Speculated;
+
 /// Per-endpoint counters, shared by the proxy and the scheduler.
 #[derive(Debug, Default)]
 pub struct LoadCounters {
     in_flight: AtomicI64,
     /// Uncached prompt tokens of routed requests whose first token has not arrived.
     pending_prefill_tokens: AtomicI64,
+    /// Routed requests whose first token has not arrived.
+    pending_requests: AtomicI64,
     /// Scraped from the engine's /metrics (f64 bits for usage).
     engine_waiting: AtomicU64,
     engine_running: AtomicU64,
@@ -27,6 +31,8 @@ static ROUTED: AtomicU64 = AtomicU64::new(0);
 pub struct LoadSnapshot {
     pub in_flight: u64,
     pub pending_prefill_tokens: u64,
+    /// Requests routed here whose first token has not arrived.
+    pub pending_requests: u64,
     pub engine_waiting: u64,
     pub engine_running: u64,
     pub engine_kv_usage: f64,
@@ -41,6 +47,7 @@ impl LoadCounters {
             in_flight: self.in_flight.load(Ordering::Relaxed).max(0) as u64,
             pending_prefill_tokens: self.pending_prefill_tokens.load(Ordering::Relaxed).max(0)
                 as u64,
+            pending_requests: self.pending_requests.load(Ordering::Relaxed).max(0) as u64,
             engine_waiting: self.engine_waiting.load(Ordering::Relaxed),
             engine_running: self.engine_running.load(Ordering::Relaxed),
             engine_kv_usage: f64::from_bits(self.engine_kv_usage_bits.load(Ordering::Relaxed)),
@@ -58,9 +65,12 @@ impl LoadCounters {
         );
         self.pending_prefill_tokens
             .fetch_add(pending, Ordering::Relaxed);
+        self.pending_requests.fetch_add(1, Ordering::Relaxed);
         RequestGuard {
             counters: self.clone(),
             pending_prefill: pending,
+            started: false,
+            speculation: None,
         }
     }
 
@@ -78,11 +88,30 @@ impl LoadCounters {
 pub struct RequestGuard {
     counters: Arc<LoadCounters>,
     pending_prefill: i64,
+    /// The first token arrived (or the request ended).
+    started: bool,
+    /// What the scheduler expects this request to be computing: released
+    /// with the first token.
+    speculation: Option<Speculated>,
 }
 
 impl RequestGuard {
-    /// The first token arrived: the request's prefill is no longer queued work.
+    /// Holds the scheduler's speculation until the first token.
+    pub fn speculating(mut self, speculation: Option<Speculated>) -> Self {
+        self.speculation = speculation;
+        self
+    }
+
+    /// The first token arrived: the request's prefill is no longer queued
+    /// work, and its prefix is the engine's events' to report.
     pub fn first_token(&mut self) {
+        self.speculation = None;
+        if !self.started {
+            self.started = true;
+            self.counters
+                .pending_requests
+                .fetch_sub(1, Ordering::Relaxed);
+        }
         if self.pending_prefill != 0 {
             self.counters
                 .pending_prefill_tokens
@@ -110,9 +139,11 @@ mod tests {
         let h = c.start(10);
         assert_eq!(c.snapshot().in_flight, 2);
         assert_eq!(c.snapshot().pending_prefill_tokens, 1010);
+        assert_eq!(c.snapshot().pending_requests, 2);
         g.first_token();
         g.first_token();
         assert_eq!(c.snapshot().pending_prefill_tokens, 10);
+        assert_eq!(c.snapshot().pending_requests, 1);
         drop(h);
         assert_eq!(c.snapshot().pending_prefill_tokens, 0);
         assert_eq!(c.snapshot().in_flight, 1);

@@ -112,16 +112,74 @@ fn precise_prefers_the_longest_cached_prefix_unless_load_outweighs_it() {
     assert_eq!(d.reason, "prefix");
     assert_eq!(d.expected_cached_tokens, 768);
     assert!(d.explain().contains("b:256/768p"), "{}", d.explain());
-    // b has 512 more cached tokens than a; 2000 queued prefill tokens on b outweigh that.
+    // b has 512 more cached tokens than a (counted twice: a copy splits the
+    // group); 3000 queued prefill tokens on b outweigh that.
     let d = s
         .schedule(
             &req,
-            &candidates([idle(), busy(1, 2000), idle()], &index),
+            &candidates([idle(), busy(1, 3000), idle()], &index),
             Some(&index),
         )
         .unwrap();
     assert_eq!(NAMES[d.chosen], "a");
     assert_eq!(d.reason, "load_over_prefix");
+}
+
+/// Moving a prompt off the endpoint that caches it costs the recomputed
+/// tokens once more, and again per request waiting where it goes: spilling
+/// to an idle endpoint is cheap, spilling to a busy one deepens its queue.
+#[test]
+fn a_prefix_moves_to_an_idle_endpoint_but_not_to_a_busy_one() {
+    let tokens: Vec<u32> = (0..1024).collect();
+    let index = index_with_prefix([16, 48, 0], &tokens);
+    let k = keys(&index, &tokens);
+    let req = request(1024, &k);
+    let s = sched(Policy::PrecisePrefix);
+    let waiting = |in_flight, pending, pending_requests| LoadSnapshot {
+        pending_requests,
+        ..busy(in_flight, pending)
+    };
+    // b caches 512 tokens more than a but has 3000 queued; a is idle: 768
+    // to compute on a, + 512 for the copy, vs 256 + 1500 + 64 on b.
+    let d = s
+        .schedule(
+            &req,
+            &candidates([idle(), waiting(1, 3000, 1), idle()], &index),
+            Some(&index),
+        )
+        .unwrap();
+    assert_eq!(NAMES[d.chosen], "a");
+    // a and c have one request waiting too: what they would recompute
+    // counts four times more (a: 768 + 100 + 64 + 512 * (1 + 4) > 1820), so
+    // b keeps it.
+    let d = s
+        .schedule(
+            &req,
+            &candidates(
+                [waiting(1, 200, 1), waiting(1, 3000, 1), waiting(1, 200, 1)],
+                &index,
+            ),
+            Some(&index),
+        )
+        .unwrap();
+    assert_eq!(NAMES[d.chosen], "b", "{}", d.explain());
+    assert_eq!(d.reason, "prefix");
+    assert!(d.explain().contains("a:3492/256p"), "{}", d.explain());
+    // Without the terms (the router before them), a would have won.
+    let mut before = RouterConfig::default();
+    before.weights.lost_prefix_per_waiting_request = 0.0;
+    before.weights.lost_prefix_token = 0.0;
+    let d = Scheduler::new(before)
+        .schedule(
+            &req,
+            &candidates(
+                [waiting(1, 200, 1), waiting(1, 3000, 1), waiting(1, 200, 1)],
+                &index,
+            ),
+            Some(&index),
+        )
+        .unwrap();
+    assert_eq!(NAMES[d.chosen], "a");
 }
 
 #[test]
@@ -190,21 +248,28 @@ fn equal_costs_spread_distinct_prefixes_and_gather_a_repeated_one() {
     let index = index_with_prefix([0, 0, 0], &tokens);
     let s = sched(Policy::PrecisePrefix);
     let c = candidates([idle(), idle(), idle()], &index);
-    // Distinct cold prefixes on an idle fleet spread over it (by their home).
+    // Distinct cold prefixes on an idle fleet go where routed prefixes take
+    // the least room: evenly, as their groups' later requests will follow.
     let mut counts = [0; 3];
+    let mut held = Vec::new();
     for p in 0..60u32 {
         let t: Vec<u32> = (0..64).map(|i| p * 1000 + i).collect();
         let k = keys(&index, &t);
         let req = request(64, &k);
-        counts[s.schedule(&req, &c, Some(&index)).unwrap().chosen] += 1;
+        let chosen = s.schedule(&req, &c, Some(&index)).unwrap().chosen;
+        counts[chosen] += 1;
+        held.push(s.observe_routed(NAMES[chosen], "m", BS, &k[0].1));
     }
-    assert!(counts.iter().all(|n| *n >= 5), "{counts:?}");
-    // One cold prefix sent repeatedly goes to one home, so it is computed once.
+    assert_eq!(counts, [20, 20, 20]);
+    // One prefix sent repeatedly stays where its first request is computing it.
     let k = keys(&index, &tokens);
     let req = request(64, &k);
     let first = s.schedule(&req, &c, Some(&index)).unwrap().chosen;
+    held.push(s.observe_routed(NAMES[first], "m", BS, &k[0].1));
     for _ in 0..10 {
-        assert_eq!(s.schedule(&req, &c, Some(&index)).unwrap().chosen, first);
+        let d = s.schedule(&req, &c, Some(&index)).unwrap();
+        assert_eq!(d.chosen, first, "{}", d.explain());
+        assert_eq!(d.reason, "prefix");
     }
 }
 
@@ -300,4 +365,51 @@ fn a_cold_prompt_waits_behind_the_oldest_queue_not_its_home() {
         NAMES[s.schedule(&req, &c, Some(&index)).unwrap().chosen],
         "c"
     );
+}
+
+/// The scheduler's belief that a request is computing its prefix lasts
+/// while the request waits for its first token, however long, then a grace
+/// for its KV events; a prefix still expected by another request stays.
+#[test]
+fn speculation_lasts_until_the_first_token_and_its_grace() {
+    let tokens: Vec<u32> = (0..1024).collect();
+    let index = index_with_prefix([0, 0, 0], &tokens);
+    let k = keys(&index, &tokens);
+    let clock = kvgate_index::Clock::manual();
+    let s = Scheduler::with_clock(RouterConfig::default(), clock.clone());
+    let req = request(1024, &k);
+    let c = candidates([idle(), busy(1, 1024), idle()], &index);
+    let on_b = |s: &Scheduler| {
+        let d = s.schedule(&req, &c, Some(&index)).unwrap();
+        d.scores[1].cached_source == "speculative"
+    };
+    let first = s.observe_routed("b", "m", BS, &k[0].1);
+    let second = s.observe_routed("b", "m", BS, &k[0].1);
+    assert!(first.is_some() && on_b(&s));
+    // Queued for a minute: still expected (a TTL from routing would have lapsed).
+    clock.set_secs(60);
+    s.expire();
+    assert!(on_b(&s));
+    // The first one's first token: the second still expects the prefix.
+    drop(first);
+    clock.set_secs(62);
+    s.expire();
+    assert!(on_b(&s));
+    // Both started; after the grace only KV events count.
+    drop(second);
+    clock.set_secs(62 + kvgate_router::DEFAULT_SPECULATIVE_TTL_SECS - 1);
+    s.expire();
+    assert!(on_b(&s), "within the grace");
+    clock.set_secs(62 + kvgate_router::DEFAULT_SPECULATIVE_TTL_SECS);
+    s.expire();
+    assert!(!on_b(&s), "forgotten after the grace");
+    // Baselines do not speculate.
+    let rr = Scheduler::with_clock(
+        RouterConfig {
+            policy: Policy::RoundRobin,
+            ..RouterConfig::default()
+        },
+        clock,
+    );
+    assert!(rr.observe_routed("b", "m", BS, &k[0].1).is_none());
 }

@@ -24,7 +24,11 @@ pub struct BenchCli {
 pub enum BenchCommand {
     /// kvgate and the peer routers in front of the same simulated fleet, and
     /// their overhead over fixed-latency backends; one report.
-    Compare(crate::compare_cmd::CompareArgs),
+    Compare(Box<crate::compare_cmd::CompareArgs>),
+    /// The routing regime sweep in the fleet model: kvgate against models of
+    /// the peers' policies over fleet sizes, KV pressure, lengths, loads,
+    /// staleness, bursts and conversations (deterministic, minutes).
+    Sweep(crate::sweep_cmd::SweepArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]

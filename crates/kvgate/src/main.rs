@@ -6,6 +6,7 @@ mod config;
 mod demo;
 mod service;
 mod sim_cmd;
+mod sweep_cmd;
 
 use std::path::PathBuf;
 
@@ -161,7 +162,8 @@ async fn main() -> Result<()> {
             init_logs(if cli.log == "info" { "warn" } else { &cli.log }, true);
             let args = *args;
             match (args.cmd, args.run) {
-                (Some(bench_cmd::BenchCommand::Compare(c)), _) => compare_cmd::run(c).await,
+                (Some(bench_cmd::BenchCommand::Compare(c)), _) => compare_cmd::run(*c).await,
+                (Some(bench_cmd::BenchCommand::Sweep(s)), _) => sweep_cmd::run(s),
                 (None, Some(run)) => bench_cmd::run(run).await,
                 (None, None) => anyhow::bail!(
                     "kvgate bench: give --target and --out, or a subcommand (see --help)"
