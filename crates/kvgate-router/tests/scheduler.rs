@@ -152,16 +152,11 @@ fn a_prefix_moves_to_an_idle_endpoint_but_not_to_a_busy_one() {
     // a and c have one request waiting too: what they would recompute
     // counts four times more (a: 768 + 100 + 64 + 512 * (1 + 4) > 1820), so
     // b keeps it.
-    let d = s
-        .schedule(
-            &req,
-            &candidates(
-                [waiting(1, 200, 1), waiting(1, 3000, 1), waiting(1, 200, 1)],
-                &index,
-            ),
-            Some(&index),
-        )
-        .unwrap();
+    let all_waiting = candidates(
+        [waiting(1, 200, 1), waiting(1, 3000, 1), waiting(1, 200, 1)],
+        &index,
+    );
+    let d = s.schedule(&req, &all_waiting, Some(&index)).unwrap();
     assert_eq!(NAMES[d.chosen], "b", "{}", d.explain());
     assert_eq!(d.reason, "prefix");
     assert!(d.explain().contains("a:3492/256p"), "{}", d.explain());
@@ -170,14 +165,7 @@ fn a_prefix_moves_to_an_idle_endpoint_but_not_to_a_busy_one() {
     before.weights.lost_prefix_per_waiting_request = 0.0;
     before.weights.lost_prefix_token = 0.0;
     let d = Scheduler::new(before)
-        .schedule(
-            &req,
-            &candidates(
-                [waiting(1, 200, 1), waiting(1, 3000, 1), waiting(1, 200, 1)],
-                &index,
-            ),
-            Some(&index),
-        )
+        .schedule(&req, &all_waiting, Some(&index))
         .unwrap();
     assert_eq!(NAMES[d.chosen], "a");
 }
