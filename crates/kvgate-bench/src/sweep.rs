@@ -20,7 +20,6 @@ use crate::fleet_model::{
     simulate, CacheAwareConfig, FleetModelConfig, FleetModelError, ModelRun, ModelWorkload,
     PeerPolicy,
 };
-use crate::workload::Oracle;
 use kvgate_router::RouterConfig;
 
 /// Loads of each regime, as multiples of its knee.
@@ -176,9 +175,9 @@ pub fn knee_qps(regime: &Regime, w: &ModelWorkload) -> f64 {
 }
 
 fn oracle(regime: &Regime, w: &ModelWorkload) -> f64 {
-    let e = regime.engine();
-    let blocks = regime.engines * e.num_blocks.saturating_sub(1);
-    Oracle::bounded(e.block_size, Some(blocks)).hit_rate(w.requests.iter().map(|r| &r.tokens))
+    regime
+        .fleet_oracle()
+        .hit_rate(w.requests.iter().map(|r| &r.tokens))
 }
 
 /// Runs one contender on one workload.
@@ -241,7 +240,6 @@ pub fn cell(
     let qps = stage_qps(regime, load, opts);
     let mut pooled = vec![ModelRun::default(); contenders.len()];
     let (mut requests, mut oracle_hits, mut oracle_tokens) = (0, 0.0, 0.0);
-    let e = regime.engine();
     for seed in opts.seed..opts.seed + opts.seeds.max(1) {
         let w = stage_workload(regime, qps, opts, seed);
         let from = (w.requests.len() as f64 * opts.warmup_fraction) as usize;
@@ -250,10 +248,7 @@ pub fn cell(
             pool.requests
                 .extend(run.requests.get(from..).unwrap_or_default().iter().cloned());
         }
-        let mut oracle = Oracle::bounded(
-            e.block_size,
-            Some(regime.engines * e.num_blocks.saturating_sub(1)),
-        );
+        let mut oracle = regime.fleet_oracle();
         oracle.hit_rate(w.requests[..from].iter().map(|r| &r.tokens));
         let tail = &w.requests[from..];
         let tokens: usize = tail.iter().map(|r| r.tokens.len()).sum();

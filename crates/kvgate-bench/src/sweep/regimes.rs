@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::fleet_model::{ModelRequest, ModelWorkload};
+use crate::workload::Oracle;
 use kvgate_sim::engine::EngineConfig;
 
 /// What the requests of a regime look like.
@@ -80,6 +81,16 @@ impl Regime {
     pub fn fleet_kv_tokens(&self) -> usize {
         let e = self.engine();
         self.engines * e.num_blocks.saturating_sub(1) * e.block_size
+    }
+
+    /// One LRU cache as big as the whole fleet's KV: the best any routing
+    /// could do.
+    pub fn fleet_oracle(&self) -> Oracle {
+        let e = self.engine();
+        Oracle::bounded(
+            e.block_size,
+            Some(self.engines * e.num_blocks.saturating_sub(1)),
+        )
     }
 
     /// `n` requests at `rate` per second.
