@@ -37,7 +37,12 @@ pub struct GatewayConfig {
     /// vLLM's `--chat-template-content-format` (`auto`: detected from the
     /// template, as vLLM detects it; `string`; `openai`). Unlisted: auto.
     pub content_format: std::collections::BTreeMap<String, kvgate_tokenize::ContentFormat>,
-    pub tenancy: TenancyConfig,
+    /// Contracts: who may call, under which limits and cache isolation
+    /// (`kvgate_auth::AuthConfig`). No credentials configured: anonymous.
+    pub contracts: kvgate_auth::AuthConfig,
+    /// The admin API (`/kvgate/admin/v1/...`: contracts, suspension), by the
+    /// SHA-256 (hex) of its bearer token. Unset: no admin API.
+    pub admin_token_sha256: Option<String>,
     pub max_body_bytes: usize,
     pub health_interval_ms: u64,
     pub metrics_interval_ms: u64,
@@ -67,7 +72,8 @@ impl Default for GatewayConfig {
             tokenizers: Default::default(),
             embedded_tokenizer_fallback: true,
             content_format: Default::default(),
-            tenancy: TenancyConfig::default(),
+            contracts: kvgate_auth::AuthConfig::default(),
+            admin_token_sha256: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             health_interval_ms: DEFAULT_HEALTH_INTERVAL_MS,
             metrics_interval_ms: DEFAULT_METRICS_INTERVAL_MS,
@@ -94,6 +100,8 @@ pub enum ConfigError {
     SessionHeader(String),
     #[error("content_format for {0:?}: the model has no tokenizer (configure one, or the embedded fallback)")]
     ContentFormatWithoutTokenizer(String),
+    #[error("admin_token_sha256 must be 64 hex characters")]
+    AdminTokenHash,
 }
 
 impl GatewayConfig {
@@ -125,6 +133,13 @@ impl GatewayConfig {
         if axum::http::HeaderName::from_bytes(self.session_header.as_bytes()).is_err() {
             return Err(ConfigError::SessionHeader(self.session_header.clone()));
         }
+        if self
+            .admin_token_sha256
+            .as_ref()
+            .is_some_and(|h| h.len() != 64 || hex::decode(h).is_err())
+        {
+            return Err(ConfigError::AdminTokenHash);
+        }
         Ok(())
     }
 
@@ -143,15 +158,4 @@ impl GatewayConfig {
             cooldown: std::time::Duration::from_millis(self.eject_cooldown_ms),
         }
     }
-}
-
-/// Who a request is, and so which cache it may share.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TenancyConfig {
-    /// API key -> tenant. Empty: no authentication, one shared tenant.
-    pub api_keys: std::collections::BTreeMap<String, String>,
-    /// Secret from which each tenant's `cache_salt` is derived. Unset with
-    /// tenants configured: a random per-process secret.
-    pub salt_secret: Option<String>,
 }

@@ -1,4 +1,4 @@
-//! The gateway: its fleet, tokenizers, tenants and metrics, started together.
+//! The gateway: its fleet, tokenizers, contracts and metrics, started together.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,6 @@ use prometheus_client::registry::Registry;
 
 use crate::config::{ConfigError, GatewayConfig};
 use crate::metrics::{GatewayMetrics, TokenizerLabels};
-use crate::tenancy::Tenancy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -28,13 +27,15 @@ pub enum GatewayError {
     Entropy(#[from] kvgate_keys::KeyError),
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("contracts: {0}")]
+    Contracts(#[from] kvgate_auth::SetupError),
 }
 
 pub struct Gateway {
     pub(crate) cfg: GatewayConfig,
     pub(crate) fleet: Arc<Fleet>,
     pub(crate) tokenizers: TokenizerRegistry,
-    pub(crate) tenancy: Tenancy,
+    pub(crate) sentinel: kvgate_auth::Sentinel,
     pub(crate) http: reqwest::Client,
     pub metrics: GatewayMetrics,
     pub index_metrics: Arc<IndexerMetrics>,
@@ -58,11 +59,7 @@ impl Gateway {
         let index = Arc::new(KvIndex::new(cfg.index.clone(), hasher));
         let index_metrics = Arc::new(IndexerMetrics::default());
         let tokenizers = load_tokenizers(&cfg)?;
-        let mut salt_secret = [0u8; 32];
-        if cfg.tenancy.salt_secret.is_none() {
-            let random = BlockHasher::random()?;
-            salt_secret = blake3::derive_key("kvgate salt secret", random.fingerprint().as_bytes());
-        }
+        let sentinel = kvgate_auth::Sentinel::new(&cfg.contracts)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
             .pool_max_idle_per_host(256)
@@ -87,7 +84,7 @@ impl Gateway {
         fleet.follow(discovery.as_ref()).await;
         kvgate_fleet::spawn_probes(&fleet, http.clone(), cfg.probes());
         Ok(Arc::new(Self {
-            tenancy: Tenancy::new(&cfg.tenancy, salt_secret),
+            sentinel,
             fleet,
             tokenizers,
             http,
@@ -105,6 +102,11 @@ impl Gateway {
 
     pub fn fleet(&self) -> &Arc<Fleet> {
         &self.fleet
+    }
+
+    /// The contract layer (contracts, suspension, the audit log).
+    pub fn sentinel(&self) -> &kvgate_auth::Sentinel {
+        &self.sentinel
     }
 }
 

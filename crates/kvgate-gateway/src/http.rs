@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::config::DEFAULT_RETRY_AFTER_SECS;
 use crate::pipeline::{prepare, Kind, PrepareError};
-use crate::proxy::{forward, ProxyError};
+use crate::proxy::{forward, ProxyError, RequestFacts};
 use crate::Gateway;
 
 /// What routing sees for a chat request: same body and auth as
@@ -44,7 +44,8 @@ impl Gateway {
         } else {
             router
         };
-        router
+        crate::admin::routes(self, router)
+            .fallback(not_served)
             .layer(DefaultBodyLimit::max(self.cfg.max_body_bytes))
             .with_state(self.clone())
     }
@@ -65,18 +66,22 @@ async fn handle(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Body) ->
         Err(e) => return rejected(e),
     };
     let tokenize = gw.fleet.scheduler().config().policy.uses_prompt_tokens();
-    let prepared = match prepare(&gw, kind, &headers, body, tokenize) {
+    let mut prepared = match prepare(&gw, kind, &headers, body, tokenize) {
         Ok(p) => p,
         Err(e) => return prepare_error(e),
     };
     let session = headers
         .get(gw.cfg.session_header.as_str())
         .and_then(|v| v.to_str().ok());
+    let facts = RequestFacts {
+        received,
+        admission: prepared.admission.take(),
+    };
     let input = match prepared.routing_input(&gw, session) {
         Ok(i) => i,
         Err(e) => return prepare_error(e),
     };
-    forward(&gw, kind, &headers, prepared.body.clone(), input, received)
+    forward(&gw, kind, &headers, prepared.body.clone(), input, facts)
         .await
         .unwrap_or_else(proxy_error)
 }
@@ -95,7 +100,7 @@ async fn explain_completions(
 
 /// The prompt's token ids as the gateway computed them, and for every block
 /// key (per block size) which endpoints the index says hold it. Scoped to the
-/// caller's tenant like a real request: keys carry the tenant's salt.
+/// caller's contract like a real request: keys carry the contract's salt.
 fn explain(gw: &Arc<Gateway>, kind: Kind, headers: &HeaderMap, body: Body) -> Response {
     let body = match body {
         Ok(b) => b,
@@ -140,7 +145,7 @@ fn explain(gw: &Arc<Gateway>, kind: Kind, headers: &HeaderMap, body: Body) -> Re
     let endpoints: Vec<&str> = input.serving().iter().map(|e| e.name()).collect();
     Json(serde_json::json!({
         "model": p.model,
-        "tenant_isolated": p.tenant.is_some(),
+        "contract_isolated": p.admission.is_some(),
         "prompt_tokens": p.tokens,
         "endpoints": endpoints,
         "blocks": blocks,
@@ -187,11 +192,38 @@ fn rejected(e: BytesRejection) -> Response {
 fn prepare_error(e: PrepareError) -> Response {
     let msg = e.to_string();
     match e {
-        PrepareError::Auth(_) => OpenAiError::unauthorized(msg),
+        PrepareError::Denied(d) => denied(&d),
         PrepareError::UnknownModel(_) => OpenAiError::not_found(msg, e.param()),
         _ => OpenAiError::bad_request(msg, e.param()),
     }
     .into_response()
+}
+
+/// A contract-layer refusal: its status, a string `code`, and `Retry-After`
+/// for rate limits.
+pub(crate) fn denied(d: &kvgate_auth::Denied) -> OpenAiError {
+    let status = StatusCode::from_u16(d.status()).unwrap_or(StatusCode::FORBIDDEN);
+    let e = OpenAiError::new(status, d.to_string()).with_code(d.code());
+    match d.retry_after_secs() {
+        Some(secs) => e.with_retry_after(u32::try_from(secs).unwrap_or(u32::MAX)),
+        None => e,
+    }
+}
+
+/// Any path not served here: never forwarded (only the inference endpoints
+/// ever reach an engine), answered 404 and audited.
+async fn not_served(State(gw): State<Arc<Gateway>>, uri: axum::http::Uri) -> Response {
+    let reason = match kvgate_auth::paths::allowed_path(uri.path()) {
+        Err(kvgate_auth::paths::PathRefused::NotCanonical) => "not_canonical",
+        _ => "not_allowed",
+    };
+    gw.sentinel.audit().record(
+        kvgate_auth::audit::AuditRecord::new(kvgate_auth::audit::kind::PATH_REFUSED)
+            .status(404)
+            .reason(reason)
+            .detail(serde_json::json!({"path": uri.path().chars().take(256).collect::<String>()})),
+    );
+    OpenAiError::not_found(format!("no such endpoint ({reason})"), None).into_response()
 }
 
 fn proxy_error(e: ProxyError) -> Response {

@@ -1,16 +1,17 @@
 //! kvgate's OpenAI-compatible, KV-cache-aware gateway.
 //!
-//! Data flows one way: `http` (the edge) -> `pipeline` (tenant, validation,
+//! Data flows one way: `http` (the edge) -> `pipeline` (contract, validation,
 //! tokens) -> the fleet's routing transaction (`kvgate_fleet::Fleet::route`:
 //! keys, score, pick, load guard) -> `proxy` (upstream, retries, streaming).
 
+pub mod admin;
 pub mod config;
 mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod proxy;
-pub mod tenancy;
+mod usage;
 
 pub use config::{ConfigError, GatewayConfig};
 pub use gateway::{Gateway, GatewayError};

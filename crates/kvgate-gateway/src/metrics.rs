@@ -13,13 +13,15 @@ pub struct RequestLabels {
     pub model: String,
     pub status: u16,
     /// How the response ended: [`OUTCOME_COMPLETED`], [`OUTCOME_ABORTED`]
-    /// (the client went away) or [`OUTCOME_FAILED`] (upstream broke off).
+    /// (the client went away), [`OUTCOME_FAILED`] (upstream broke off) or
+    /// [`OUTCOME_REVOKED`] (cut: its contract was suspended).
     pub outcome: &'static str,
 }
 
 pub const OUTCOME_COMPLETED: &str = "completed";
 pub const OUTCOME_ABORTED: &str = "aborted";
 pub const OUTCOME_FAILED: &str = "failed";
+pub const OUTCOME_REVOKED: &str = "revoked";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {

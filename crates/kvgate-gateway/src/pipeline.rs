@@ -1,6 +1,7 @@
 //! The request pipeline before the proxy: authenticate, validate, apply the
-//! tenant's cache salt, render and tokenize, key. Errors are typed here and
-//! become HTTP responses only at the edge (`http.rs`).
+//! contract (its models, its cache salt, the fields only kvgate sets),
+//! render and tokenize, admit under the contract's limits. Errors are typed
+//! here and become HTTP responses only at the edge (`http.rs`).
 
 use std::sync::Arc;
 
@@ -14,8 +15,9 @@ use serde_json::Value;
 
 use crate::metrics::{GatewayMetrics, RenderFailureLabels};
 
-use crate::tenancy::AuthError;
 use crate::Gateway;
+use kvgate_auth::audit::AuditRecord;
+use kvgate_auth::{Admission, Denied};
 
 /// The kind of OpenAI request being proxied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +38,9 @@ impl Kind {
 /// Why a request was refused before routing.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
+    /// The contract layer's refusal (401, 403, 404, 429, 400).
     #[error("{0}")]
-    Auth(#[from] AuthError),
+    Denied(#[from] Denied),
     #[error("request body is not valid JSON: {0}")]
     Json(serde_json::Error),
     #[error("request body must be a JSON object")]
@@ -158,7 +161,7 @@ impl RenderFailures {
 /// routing needs.
 pub struct Prepared {
     pub model: String,
-    /// The body to forward (with the tenant's `cache_salt`, never the client's).
+    /// The body to forward (with the contract's `cache_salt`, never the client's).
     pub body: Bytes,
     /// The prompt's tokens as the engine will see them (empty: not needed or
     /// not known, and then routing goes by load).
@@ -166,7 +169,9 @@ pub struct Prepared {
     /// Why `tokens` is empty although they were asked for.
     pub render_failure: Option<RenderFailure>,
     pub cache_salt: Option<String>,
-    pub tenant: Option<String>,
+    /// The request's contract and its concurrency slot (None: no contracts
+    /// configured), held until the response ends.
+    pub admission: Option<Admission>,
 }
 
 impl Prepared {
@@ -202,11 +207,17 @@ pub fn prepare(
     body: Bytes,
     tokenize: bool,
 ) -> Result<Prepared, PrepareError> {
-    let tenant = gw.tenancy.authenticate(
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok()),
-    )?;
+    let sentinel = &gw.sentinel;
+    let principal = sentinel
+        .enabled()
+        .then(|| {
+            sentinel.authenticate(
+                headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok()),
+            )
+        })
+        .transpose()?;
     let mut json: Value = serde_json::from_slice(&body).map_err(PrepareError::Json)?;
     let obj = json.as_object_mut().ok_or(PrepareError::NotAnObject)?;
     let model = match obj.get("model") {
@@ -239,16 +250,45 @@ pub fn prepare(
         }
         _ => {}
     }
-    // The tenant, not the client, decides cache isolation.
-    let client_salt = obj.remove("cache_salt").is_some();
-    let cache_salt = tenant.as_deref().map(|t| gw.tenancy.cache_salt(t));
-    if let Some(s) = &cache_salt {
-        obj.insert("cache_salt".into(), Value::String(s.clone()));
+    let authorized = principal
+        .map(|p| sentinel.authorize(p, &model))
+        .transpose()?;
+    // Only kvgate sets what steers the engine's cache, KV transfer and
+    // scheduling; the contract decides cache isolation.
+    let who = |r: AuditRecord| match &authorized {
+        Some(a) => r.contract(a.contract.id()).subject(&a.principal.subject),
+        None => r,
+    };
+    let dropped = kvgate_auth::fields::strip_privileged(obj, sentinel.privileged_fields())
+        .map_err(|e| {
+            sentinel.audit().record(
+                who(AuditRecord::new(kvgate_auth::audit::kind::FIELD_REFUSED))
+                    .model(&model)
+                    .status(400)
+                    .reason(e.0),
+            );
+            Denied::from(e)
+        })?;
+    if !dropped.is_empty() {
+        sentinel.audit().record(
+            who(AuditRecord::new(kvgate_auth::audit::kind::FIELD_DROPPED))
+                .model(&model)
+                .reason(dropped.join(",")),
+        );
+    }
+    let cache_salt = authorized.as_ref().map(|a| sentinel.cache_salt(a));
+    if let (Some(a), Some(salt)) = (&authorized, &cache_salt) {
+        kvgate_auth::fields::set_contract_fields(
+            obj,
+            salt,
+            sentinel.lmcache_tag(),
+            a.contract.spec.priority,
+        );
     }
     if !gw.fleet.snapshot().iter().any(|e| e.serves(&model)) {
         return Err(PrepareError::UnknownModel(model));
     }
-    let body = if client_salt || cache_salt.is_some() {
+    let body = if !dropped.is_empty() || cache_salt.is_some() {
         Bytes::from(serde_json::to_vec(&json).map_err(PrepareError::Encode)?)
     } else {
         body
@@ -264,13 +304,23 @@ pub fn prepare(
             (Vec::new(), Some(f))
         }
     };
+    // Unrendered prompts are charged by size (about 4 bytes a token), so
+    // an untokenizable prompt does not escape the token limit.
+    let prompt_tokens = if tokens.is_empty() {
+        body.len() as u64 / 4
+    } else {
+        tokens.len() as u64
+    };
+    let admission = authorized
+        .map(|a| sentinel.admit(a, prompt_tokens))
+        .transpose()?;
     Ok(Prepared {
         model,
         body,
         tokens,
         render_failure,
         cache_salt,
-        tenant,
+        admission,
     })
 }
 

@@ -13,9 +13,18 @@ use kvgate_router::{Decision, RequestGuard};
 
 use crate::metrics::{
     LatencyLabels, ReasonLabels, RequestLabels, OUTCOME_ABORTED, OUTCOME_COMPLETED, OUTCOME_FAILED,
+    OUTCOME_REVOKED,
 };
 use crate::pipeline::Kind;
+use crate::usage::UsageScan;
 use crate::Gateway;
+
+/// What the response's end needs to know of its request: when it came, its
+/// contract (released, charged and audited at the end).
+pub struct RequestFacts {
+    pub received: Instant,
+    pub admission: Option<kvgate_auth::Admission>,
+}
 
 /// Why a request could not be proxied.
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +65,9 @@ pub async fn forward(
     headers: &HeaderMap,
     body: Bytes,
     mut input: RoutingInput<'_>,
-    received: Instant,
+    facts: RequestFacts,
 ) -> Result<Response, ProxyError> {
+    let received = facts.received;
     let mut attempt = 0;
     loop {
         let Routed {
@@ -87,9 +97,12 @@ pub async fn forward(
             .header(header::CONTENT_TYPE, "application/json")
             .body(body.clone());
         for (name, value) in headers {
+            // The client's credential is the contract layer's, never the
+            // engine's; engine identity and placement headers are kvgate's.
             let skip = is_hop_by_hop(name)
                 || *name == header::CONTENT_TYPE
-                || (*name == header::AUTHORIZATION && gw.tenancy.enabled());
+                || (*name == header::AUTHORIZATION && gw.sentinel.enabled())
+                || kvgate_auth::fields::PRIVILEGED_HEADERS.contains(&name.as_str());
             if !skip {
                 upstream = upstream.header(name, value);
             }
@@ -101,7 +114,13 @@ pub async fn forward(
                 } else {
                     endpoint.record_success();
                 }
-                return stream_back(gw, &endpoint, input.model, resp, guard, &decision, received);
+                let routed = RoutedTo {
+                    endpoint: &endpoint,
+                    model: input.model,
+                    prompt_tokens: input.prompt_tokens as u64,
+                    decision: &decision,
+                };
+                return stream_back(gw, routed, resp, guard, facts);
             }
             Err(e) if e.is_connect() && attempt < gw.cfg.connect_retries => {
                 tracing::warn!(endpoint = %endpoint.name(), error = %e, "connect failed; trying the next endpoint");
@@ -112,6 +131,15 @@ pub async fn forward(
             }
             Err(source) => {
                 endpoint.record_failure();
+                audit_request(
+                    gw,
+                    &facts,
+                    kvgate_auth::audit::AuditRecord::new(kvgate_auth::audit::kind::REQUEST)
+                        .model(input.model)
+                        .endpoint(endpoint.name())
+                        .status(502)
+                        .prompt_tokens(input.prompt_tokens as u64),
+                );
                 gw.metrics
                     .requests
                     .get_or_create(&RequestLabels {
@@ -139,9 +167,31 @@ struct Tracked {
     gw: Arc<Gateway>,
     labels: LatencyLabels,
     status: u16,
-    received: Instant,
+    facts: RequestFacts,
+    prompt_tokens: u64,
+    cached_tokens: u64,
+    usage: UsageScan,
     /// Set once the request has been counted (ended or broke off).
     counted: bool,
+}
+
+/// Where a request went.
+struct RoutedTo<'a> {
+    endpoint: &'a Endpoint,
+    model: &'a str,
+    prompt_tokens: u64,
+    decision: &'a Decision,
+}
+
+/// The audit record of a request, with its contract and subject.
+fn audit_request(gw: &Gateway, facts: &RequestFacts, rec: kvgate_auth::audit::AuditRecord) {
+    let rec = match &facts.admission {
+        Some(a) => rec.contract(a.contract.id()).subject(&a.principal.subject),
+        None => rec,
+    };
+    gw.sentinel
+        .audit()
+        .record(rec.latency_ms(facts.received.elapsed().as_secs_f64() * 1e3));
 }
 
 impl Tracked {
@@ -163,7 +213,23 @@ impl Tracked {
             .metrics
             .request_duration
             .get_or_create(&self.labels)
-            .observe(self.received.elapsed().as_secs_f64());
+            .observe(self.facts.received.elapsed().as_secs_f64());
+        let output_tokens = self.usage.output_tokens();
+        if let Some(a) = &self.facts.admission {
+            a.charge_output(output_tokens);
+        }
+        audit_request(
+            &self.gw,
+            &self.facts,
+            kvgate_auth::audit::AuditRecord::new(kvgate_auth::audit::kind::REQUEST)
+                .model(&self.labels.model)
+                .endpoint(&self.labels.endpoint)
+                .status(self.status)
+                .prompt_tokens(self.prompt_tokens)
+                .cached_tokens(self.cached_tokens)
+                .output_tokens(output_tokens)
+                .reason(outcome),
+        );
     }
 }
 
@@ -176,13 +242,17 @@ impl Drop for Tracked {
 
 fn stream_back(
     gw: &Arc<Gateway>,
-    endpoint: &Endpoint,
-    model: &str,
+    routed: RoutedTo<'_>,
     resp: reqwest::Response,
     guard: RequestGuard,
-    decision: &Decision,
-    received: Instant,
+    facts: RequestFacts,
 ) -> Result<Response, ProxyError> {
+    let RoutedTo {
+        endpoint,
+        model,
+        prompt_tokens,
+        decision,
+    } = routed;
     let status = resp.status();
     let mut builder = Response::builder().status(status.as_u16());
     for (name, value) in resp.headers() {
@@ -207,19 +277,27 @@ fn stream_back(
             model: model.to_string(),
         },
         status: status.as_u16(),
-        received,
+        facts,
+        prompt_tokens,
+        cached_tokens: decision.expected_cached_tokens,
+        usage: UsageScan::default(),
         counted: false,
     };
     let stream = futures_util::stream::unfold(tracked, |mut t| async move {
         match t.inner.next().await {
+            Some(Ok(_)) if t.facts.admission.as_ref().is_some_and(|a| a.cut()) => {
+                t.count(OUTCOME_REVOKED);
+                Some((Err(std::io::Error::other("contract suspended")), t))
+            }
             Some(Ok(chunk)) => {
+                t.usage.feed(&chunk);
                 if t.first {
                     t.first = false;
                     t.guard.first_token();
                     t.gw.metrics
                         .ttft
                         .get_or_create(&t.labels)
-                        .observe(t.received.elapsed().as_secs_f64());
+                        .observe(t.facts.received.elapsed().as_secs_f64());
                 }
                 Some((Ok::<Bytes, std::io::Error>(chunk), t))
             }

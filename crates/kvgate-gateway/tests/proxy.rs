@@ -216,66 +216,6 @@ async fn dead_endpoint_is_retried_and_ejected_without_failed_requests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tenant_sets_cache_salt_and_client_salt_is_dropped() {
-    let (url, u) = spawn_upstream().await;
-    let mut cfg = GatewayConfig {
-        endpoints: vec![endpoint(&url)],
-        ..Default::default()
-    };
-    cfg.tenancy.api_keys = [("key-a".to_string(), "acme".to_string())].into();
-    cfg.tenancy.salt_secret = Some("s".into());
-    let (gw_url, _gw) = gateway(cfg).await;
-    let client = reqwest::Client::new();
-    let mut body = chat_body("x");
-    body["cache_salt"] = "stolen-salt".into();
-    let resp = client
-        .post(format!("{gw_url}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 401);
-    let resp = client
-        .post(format!("{gw_url}/v1/chat/completions"))
-        .bearer_auth("wrong")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 401);
-    let resp = client
-        .post(format!("{gw_url}/v1/chat/completions"))
-        .bearer_auth("key-a")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.text().await.unwrap();
-    let seen = u.bodies.lock()[0].clone();
-    let salt = seen["cache_salt"].as_str().unwrap();
-    assert_ne!(salt, "stolen-salt");
-    assert_eq!(salt.len(), 32);
-    // Without tenancy, a client salt is still never forwarded.
-    let (url2, u2) = spawn_upstream().await;
-    let (gw2, _g) = gateway(GatewayConfig {
-        endpoints: vec![endpoint(&url2)],
-        ..Default::default()
-    })
-    .await;
-    client
-        .post(format!("{gw2}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(u2.bodies.lock()[0].get("cache_salt").is_none());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_shows_tokens_and_which_endpoint_holds_each_block() {
     use kvgate_wire::vllm::{BlockStored, EventBatch, KvEvent};
     let (url, u) = spawn_upstream().await;
@@ -283,11 +223,7 @@ async fn explain_shows_tokens_and_which_endpoint_holds_each_block() {
         endpoints: vec![endpoint(&url)],
         ..Default::default()
     };
-    cfg.tenancy.api_keys = [
-        ("key-a".to_string(), "acme".to_string()),
-        ("key-b".to_string(), "globex".to_string()),
-    ]
-    .into();
+    cfg.contracts = contracts(&[("key-a", "acme"), ("key-b", "globex")]);
     let (gw_url, gw) = gateway(cfg).await;
     let client = reqwest::Client::new();
     let body = serde_json::json!({"model": "m", "prompt": (0..40).collect::<Vec<u32>>()});
@@ -309,7 +245,7 @@ async fn explain_shows_tokens_and_which_endpoint_holds_each_block() {
     };
     let v = explain("key-a").await;
     assert_eq!(v["prompt_tokens"].as_array().unwrap().len(), 40);
-    assert_eq!(v["tenant_isolated"], true);
+    assert_eq!(v["contract_isolated"], true);
     let keys = v["blocks"][0]["keys"].as_array().unwrap().clone();
     assert_eq!(v["blocks"][0]["block_size"], 16);
     assert_eq!(keys.len(), 2, "two full 16-token blocks of 40 tokens");
@@ -317,7 +253,7 @@ async fn explain_shows_tokens_and_which_endpoint_holds_each_block() {
         .iter()
         .all(|k| k["held_by"].as_array().unwrap().is_empty()));
 
-    // The engine reports the first block stored, under tenant acme's salt.
+    // The engine reports the first block stored, under contract acme's salt.
     let salt = {
         let resp = client
             .post(format!("{gw_url}/v1/completions"))
@@ -356,7 +292,7 @@ async fn explain_shows_tokens_and_which_endpoint_holds_each_block() {
     assert_eq!(keys[0]["held_by"][0]["endpoint"], url.as_str());
     assert_eq!(keys[0]["held_by"][0]["tier"], "GPU");
     assert!(keys[1]["held_by"].as_array().unwrap().is_empty());
-    // Another tenant's keys carry another salt: nothing of acme's is visible.
+    // Another contract's keys carry another salt: nothing of acme's is visible.
     let v = explain("key-b").await;
     let keys = v["blocks"][0]["keys"].as_array().unwrap();
     assert!(keys

@@ -36,7 +36,10 @@
 //! | any other | `BadRequestError` |
 //!
 //! `code` is the status as an integer and `param` the request field at fault
-//! (or null), as in vLLM.
+//! (or null), as in vLLM. Refusals of the contract layer carry a string code
+//! instead, as OpenAI's own API does for its (`invalid_api_key`,
+//! `rate_limit_exceeded`): `contract_suspended`, `rate_limit_tokens`, ...
+//! ([`OpenAiError::with_code`]).
 
 use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -53,6 +56,8 @@ pub struct OpenAiError {
     param: Option<&'static str>,
     /// Seconds for a `Retry-After` header.
     retry_after: Option<u32>,
+    /// A string `code` in place of the status.
+    code: Option<&'static str>,
 }
 
 /// The `type` of an error with this status (see the crate docs for the table).
@@ -84,6 +89,7 @@ impl OpenAiError {
             message: message.into(),
             param: None,
             retry_after: None,
+            code: None,
         }
     }
 
@@ -126,6 +132,17 @@ impl OpenAiError {
     }
 
     /// The same error naming `param` as the field at fault.
+    /// A stable string `code` saying why (the contract layer's refusals).
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn with_retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
     pub fn with_param(mut self, param: Option<&'static str>) -> Self {
         self.param = param;
         self
@@ -174,7 +191,10 @@ impl Serialize for OpenAiError {
                 s.serialize_field("message", &self.0.message)?;
                 s.serialize_field("type", self.0.error_type())?;
                 s.serialize_field("param", &self.0.param)?;
-                s.serialize_field("code", &self.0.status.as_u16())?;
+                match self.0.code {
+                    Some(code) => s.serialize_field("code", code)?,
+                    None => s.serialize_field("code", &self.0.status.as_u16())?,
+                }
                 s.end()
             }
         }

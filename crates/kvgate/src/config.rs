@@ -143,9 +143,6 @@ impl LayeredConfig for GatewayConfig {
     const ENV: &'static [EnvOverride<Self>] = &[
         ("KVGATE_LISTEN", |c, v| set(&mut c.listen, v)),
         ("KVGATE_KEY_SECRET", |c, v| set_some(&mut c.key_secret, v)),
-        ("KVGATE_SALT_SECRET", |c, v| {
-            set_some(&mut c.tenancy.salt_secret, v)
-        }),
         ("KVGATE_POLICY", |c, v| {
             c.router.policy = parse_policy(v)?;
             Ok(())

@@ -1,5 +1,6 @@
 //! `kvgate`: one binary, one subcommand per role.
 
+mod audit_cmd;
 mod bench_cmd;
 mod compare_cmd;
 mod config;
@@ -77,6 +78,8 @@ enum Command {
     Bench(Box<bench_cmd::BenchCli>),
     /// Run the built-in demo on an embedded default (no arguments needed).
     Demo(demo::DemoArgs),
+    /// Audit log tools: `kvgate audit verify FILE...`.
+    Audit(audit_cmd::AuditArgs),
 }
 
 fn init_logs(filter: &str, pretty: bool) {
@@ -152,6 +155,8 @@ async fn main() -> Result<()> {
                     let _ = tokio::signal::ctrl_c().await;
                 })
                 .await?;
+            // Writes what is queued and the checkpoint of the audit chain.
+            gw.sentinel().audit().shutdown().await?;
             Ok(())
         }
         Command::Sim(args) => {
@@ -175,5 +180,6 @@ async fn main() -> Result<()> {
             init_logs(if cli.log == "info" { "error" } else { &cli.log }, true);
             demo::run(args).await
         }
+        Command::Audit(args) => audit_cmd::run(args),
     }
 }

@@ -17,11 +17,19 @@ use parking_lot::Mutex;
 #[derive(Clone, Default)]
 pub struct Upstream {
     pub bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    pub headers: Arc<Mutex<Vec<axum::http::HeaderMap>>>,
+    /// Requests to any other path.
+    pub other_paths: Arc<Mutex<Vec<String>>>,
 }
 
-async fn upstream_chat(State(u): State<Upstream>, body: Bytes) -> axum::response::Response {
+async fn upstream_chat(
+    State(u): State<Upstream>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     u.bodies.lock().push(v);
+    u.headers.lock().push(headers);
     let chunks = futures_util::stream::iter(0..5).then(|i| async move {
         if i > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -32,6 +40,11 @@ async fn upstream_chat(State(u): State<Upstream>, body: Bytes) -> axum::response
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(chunks))
         .unwrap()
+}
+
+async fn record_other_path(State(u): State<Upstream>, uri: axum::http::Uri) -> &'static str {
+    u.other_paths.lock().push(uri.to_string());
+    "reached"
 }
 
 /// Serves `app` on a loopback port; its base URL.
@@ -64,6 +77,7 @@ pub async fn spawn_upstream() -> (String, Upstream) {
             "/metrics",
             get(|| async { "vllm:num_requests_waiting{engine=\"0\"} 0\n" }),
         )
+        .fallback(record_other_path)
         .with_state(u.clone());
     (serve(app).await, u)
 }
@@ -97,6 +111,16 @@ pub async fn gateway_over_one_upstream() -> (String, Arc<Gateway>, String, Upstr
     })
     .await;
     (gw_url, gw, url, u)
+}
+
+/// Contracts for `(api key, contract)` pairs, their keys derived from a
+/// master key in a file of the test's own.
+pub fn contracts(keys: &[(&str, &str)]) -> kvgate_auth::AuthConfig {
+    let dir = std::env::temp_dir().join(format!("kvgate-gw-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("master.key");
+    std::fs::write(&path, "gateway test master key material").unwrap();
+    kvgate_auth::AuthConfig::for_api_keys(keys, kvgate_auth::KeyRef::File(path))
 }
 
 pub fn chat_body(content: &str) -> serde_json::Value {

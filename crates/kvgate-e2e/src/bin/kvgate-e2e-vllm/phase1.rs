@@ -3,10 +3,10 @@
 //! optimal hit rate, salt isolation.
 
 use anyhow::{bail, Result};
+use kvgate_auth::{AuthConfig, KeyRef};
 use kvgate_e2e::checks::BlockParity;
 use kvgate_e2e::corpus::{self, Kind};
 use kvgate_e2e::post_json;
-use kvgate_gateway::config::TenancyConfig;
 use kvgate_router::Policy;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -98,7 +98,7 @@ pub(crate) async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
     eprintln!("== phase 1: Qwen tokenizer, block size 64");
     let http = &t.http;
     let mut fleet = t.start_fleet(&QWEN, 0).await?;
-    let no_tenants = TenancyConfig::default();
+    let no_tenants = AuthConfig::default();
     let (_g_precise, precise) = t
         .start_gateway(
             "gateway-qwen-precise",
@@ -118,14 +118,12 @@ pub(crate) async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
             &t.gateway_config(&fleet, 21, Policy::RoundRobin, &[0, 1], None, no_tenants),
         )
         .await?;
-    let tenants = TenancyConfig {
-        api_keys: [
-            ("key-a".to_string(), "tenant-a".to_string()),
-            ("key-b".to_string(), "tenant-b".to_string()),
-        ]
-        .into(),
-        salt_secret: Some("kvgate-e2e-salt".into()),
-    };
+    let master_key = t.args.work.join("contracts-master.key");
+    std::fs::write(&master_key, "kvgate-e2e master key material")?;
+    let tenants = AuthConfig::for_api_keys(
+        &[("key-a", "tenant-a"), ("key-b", "tenant-b")],
+        KeyRef::File(master_key),
+    );
     let (_g_tenant, tenant) = t
         .start_gateway(
             "gateway-qwen-tenants",

@@ -13,7 +13,6 @@ use kvgate_e2e::corpus::{self, Kind};
 use kvgate_e2e::procs::Managed;
 use kvgate_e2e::proxy::PausableProxy;
 use kvgate_e2e::{metric_sum, EngineAddr};
-use kvgate_gateway::config::TenancyConfig;
 use kvgate_router::Policy;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -98,7 +97,7 @@ pub(crate) async fn phase_llama(t: &Tier, s: &mut Summary) -> Result<()> {
         Policy::PrecisePrefix,
         &[0, 1],
         Some((1, format!("tcp://127.0.0.1:{}", proxy.port))),
-        TenancyConfig::default(),
+        kvgate_auth::AuthConfig::default(),
     );
     let (_gw, gateway) = t.start_gateway("gateway-llama3", &cfg).await?;
 

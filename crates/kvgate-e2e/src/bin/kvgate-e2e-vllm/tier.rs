@@ -10,7 +10,7 @@ use kvgate_e2e::capture::EventCapture;
 use kvgate_e2e::checks::ChainTracker;
 use kvgate_e2e::procs::Managed;
 use kvgate_e2e::{cache_counters, post_json, EngineAddr};
-use kvgate_gateway::config::{GatewayConfig, TenancyConfig};
+use kvgate_gateway::config::GatewayConfig;
 use kvgate_gateway::EndpointConfig;
 use kvgate_router::{Policy, RouterConfig};
 use kvgate_wire::vllm::KvEvent;
@@ -270,7 +270,7 @@ impl Tier {
         policy: Policy,
         engines: &[usize],
         events_override: Option<(usize, String)>,
-        tenancy: TenancyConfig,
+        contracts: kvgate_auth::AuthConfig,
     ) -> GatewayConfig {
         let endpoints = engines
             .iter()
@@ -299,7 +299,7 @@ impl Tier {
             key_secret: Some("kvgate-e2e".into()),
             tokenizers: [(fleet.served.clone(), model_dir.display().to_string())].into(),
             embedded_tokenizer_fallback: false,
-            tenancy,
+            contracts,
             health_interval_ms: 500,
             ..GatewayConfig::default()
         }

@@ -1,0 +1,341 @@
+//! Contracts: their status and validity, the models they may use, their key
+//! material (held in zeroized buffers, never stored by kvgate) and the cache
+//! salts derived from it. A salt is a keyed, domain-separated,
+//! length-prefixed hash of (contract, salt epoch[, subject]); the epoch moves
+//! on suspension and reactivation, so nothing cached before can be hit again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hkdf::Hkdf;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::config::{AuthConfig, ContractSpec, ContractStatus, KeyRef};
+use crate::limits::ContractLimits;
+use crate::SetupError;
+
+/// Domain separation of every key kvgate derives from contract material.
+const CONTRACT_KEY_SALT: &[u8] = b"kvgate contract key v1";
+const CACHE_SALT_INFO: &[u8] = b"kvgate cache_salt v1";
+
+/// Why a principal's contract does not admit a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContractError {
+    #[error("unknown contract")]
+    Unknown,
+    #[error("contract is suspended")]
+    Suspended,
+    #[error("contract has expired")]
+    Expired,
+    #[error("contract is not valid yet")]
+    NotYetValid,
+    #[error("the contract does not cover model `{0}`")]
+    ModelNotAllowed(String),
+}
+
+impl ContractError {
+    /// OpenAI's error `code` for it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ContractError::Unknown => "contract_unknown",
+            ContractError::Suspended => "contract_suspended",
+            ContractError::Expired => "contract_expired",
+            ContractError::NotYetValid => "contract_not_yet_valid",
+            ContractError::ModelNotAllowed(_) => "model_not_allowed",
+        }
+    }
+}
+
+/// One contract as the gateway holds it.
+pub struct Contract {
+    pub spec: ContractSpec,
+    key: Zeroizing<[u8; 32]>,
+    epoch: AtomicU64,
+    suspended: AtomicBool,
+    pub(crate) limits: ContractLimits,
+}
+
+impl Contract {
+    pub fn id(&self) -> &str {
+        &self.spec.id
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    pub fn is_suspended(&self) -> bool {
+        self.suspended.load(Ordering::Acquire)
+    }
+
+    /// The vLLM `cache_salt` (and LMCache tag) of this contract's current
+    /// epoch, for one subject under per-user isolation: 32 hex chars.
+    pub fn cache_salt(&self, subject: Option<&str>) -> String {
+        let mut info = Zeroizing::new(Vec::with_capacity(96));
+        info.extend_from_slice(CACHE_SALT_INFO);
+        push_prefixed(&mut info, self.spec.id.as_bytes());
+        info.extend_from_slice(&self.epoch().to_be_bytes());
+        match subject {
+            Some(s) => {
+                info.push(1);
+                push_prefixed(&mut info, s.as_bytes());
+            }
+            None => info.push(0),
+        }
+        let mut out = [0u8; 16];
+        self.expand(&info, &mut out);
+        hex::encode(out)
+    }
+
+    /// A 32-byte key for `purpose` (e.g. the chunk store's `kvcache` data
+    /// key), from the contract's key material; never stored.
+    pub fn derive_key(&self, purpose: &str) -> Zeroizing<[u8; 32]> {
+        let mut out = Zeroizing::new([0u8; 32]);
+        let mut info = Vec::with_capacity(purpose.len() + 8);
+        push_prefixed(&mut info, purpose.as_bytes());
+        self.expand(&info, out.as_mut());
+        out
+    }
+
+    fn expand(&self, info: &[u8], out: &mut [u8]) {
+        // The contract key is a full-entropy PRK; output lengths here are far
+        // below HKDF's limit, so expansion cannot fail.
+        if let Ok(hk) = Hkdf::<Sha256>::from_prk(self.key.as_ref()) {
+            let _ = hk.expand(info, out);
+        }
+    }
+
+    fn check(&self, model: &str, now_unix: u64) -> Result<(), ContractError> {
+        if self.is_suspended() {
+            return Err(ContractError::Suspended);
+        }
+        if self.spec.not_before.is_some_and(|t| now_unix < t) {
+            return Err(ContractError::NotYetValid);
+        }
+        if self.spec.not_after.is_some_and(|t| now_unix >= t) {
+            return Err(ContractError::Expired);
+        }
+        let open = self.spec.models.is_empty() && self.spec.loras.is_empty();
+        let listed = self
+            .spec
+            .models
+            .iter()
+            .chain(&self.spec.loras)
+            .any(|m| m == model);
+        if open || listed {
+            Ok(())
+        } else {
+            Err(ContractError::ModelNotAllowed(model.to_string()))
+        }
+    }
+}
+
+/// A length-prefixed field: no two field lists hash alike.
+fn push_prefixed(buf: &mut Vec<u8>, field: &[u8]) {
+    buf.extend_from_slice(&(field.len() as u64).to_be_bytes());
+    buf.extend_from_slice(field);
+}
+
+/// What a suspension or reactivation did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusChange {
+    pub contract: String,
+    pub status: ContractStatus,
+    pub epoch: u64,
+    /// False when the contract already had that status (nothing changed).
+    pub changed: bool,
+}
+
+/// Every contract, by id.
+pub struct ContractRegistry {
+    contracts: BTreeMap<String, Arc<Contract>>,
+    state_file: Option<PathBuf>,
+    /// Serializes status changes and their persistence.
+    changes: Mutex<()>,
+}
+
+/// What survives a restart (the state file).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PersistedState {
+    contracts: BTreeMap<String, PersistedContract>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PersistedContract {
+    epoch: u64,
+    suspended: bool,
+}
+
+impl ContractRegistry {
+    pub fn new(cfg: &AuthConfig) -> Result<Self, SetupError> {
+        let master = cfg.master_key.as_ref().map(read_key).transpose()?;
+        let persisted = match &cfg.state_file {
+            Some(p) if p.exists() => read_state(p)?,
+            _ => PersistedState::default(),
+        };
+        let mut contracts = BTreeMap::new();
+        for spec in &cfg.contracts {
+            if spec.id.is_empty() || contracts.contains_key(&spec.id) {
+                return Err(SetupError::ContractId(spec.id.clone()));
+            }
+            let key = match (&spec.key, &master) {
+                (Some(k), _) => contract_key(&read_key(k)?, ""),
+                (None, Some(m)) => contract_key(m, &spec.id),
+                (None, None) => return Err(SetupError::NoKey(spec.id.clone())),
+            };
+            let saved = persisted.contracts.get(&spec.id);
+            // A persisted epoch never goes back below the configured one.
+            let epoch = saved.map_or(spec.salt_epoch, |s| s.epoch.max(spec.salt_epoch));
+            let suspended = saved.map_or(spec.status == ContractStatus::Suspended, |s| s.suspended);
+            contracts.insert(
+                spec.id.clone(),
+                Arc::new(Contract {
+                    limits: ContractLimits::new(&spec.limits)?,
+                    spec: spec.clone(),
+                    key,
+                    epoch: AtomicU64::new(epoch),
+                    suspended: AtomicBool::new(suspended),
+                }),
+            );
+        }
+        if cfg.state_file.is_none() && !contracts.is_empty() {
+            tracing::warn!("contracts.state_file is not set: suspensions and salt epochs last only as long as this process");
+        }
+        Ok(Self {
+            contracts,
+            state_file: cfg.state_file.clone(),
+            changes: Mutex::new(()),
+        })
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<Contract>> {
+        self.contracts.get(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Contract>> {
+        self.contracts.values()
+    }
+
+    /// The contract `id`, if it admits a request for `model` now.
+    pub fn admit(
+        &self,
+        id: &str,
+        model: &str,
+        now_unix: u64,
+    ) -> Result<&Arc<Contract>, ContractError> {
+        let c = self.contracts.get(id).ok_or(ContractError::Unknown)?;
+        c.check(model, now_unix)?;
+        Ok(c)
+    }
+
+    /// Suspends (`true`) or reactivates a contract. Either moves its salt
+    /// epoch: blocks cached before can never be hit again, by anyone.
+    pub fn set_suspended(&self, id: &str, suspended: bool) -> Result<StatusChange, SetupError> {
+        let c = self
+            .contracts
+            .get(id)
+            .ok_or_else(|| SetupError::ContractId(id.to_string()))?;
+        let _serial = self.changes.lock();
+        let changed = c.suspended.swap(suspended, Ordering::AcqRel) != suspended;
+        if changed {
+            c.epoch.fetch_add(1, Ordering::AcqRel);
+            self.persist()?;
+        }
+        Ok(StatusChange {
+            contract: id.to_string(),
+            status: if suspended {
+                ContractStatus::Suspended
+            } else {
+                ContractStatus::Active
+            },
+            epoch: c.epoch(),
+            changed,
+        })
+    }
+
+    fn persist(&self) -> Result<(), SetupError> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let state = PersistedState {
+            contracts: self
+                .contracts
+                .iter()
+                .map(|(id, c)| {
+                    (
+                        id.clone(),
+                        PersistedContract {
+                            epoch: c.epoch(),
+                            suspended: c.is_suspended(),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        let io = |e: std::io::Error| SetupError::StateFile {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_vec_pretty(&state).map_err(|e| SetupError::StateFile {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+}
+
+/// The contract key: HKDF-Extract of its material (and, from a master key,
+/// the contract id).
+fn contract_key(material: &[u8], id: &str) -> Zeroizing<[u8; 32]> {
+    let mut ikm = Zeroizing::new(Vec::with_capacity(material.len() + id.len() + 16));
+    push_prefixed(&mut ikm, material);
+    push_prefixed(&mut ikm, id.as_bytes());
+    let (prk, _) = Hkdf::<Sha256>::extract(Some(CONTRACT_KEY_SALT), &ikm);
+    let mut key = Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(&prk);
+    key
+}
+
+fn read_key(r: &KeyRef) -> Result<Zeroizing<Vec<u8>>, SetupError> {
+    let bytes = match r {
+        KeyRef::File(p) => Zeroizing::new(std::fs::read(p).map_err(|e| SetupError::Key {
+            source_name: p.display().to_string(),
+            reason: e.to_string(),
+        })?),
+        KeyRef::Env(name) => Zeroizing::new(
+            std::env::var(name)
+                .map_err(|e| SetupError::Key {
+                    source_name: format!("${name}"),
+                    reason: e.to_string(),
+                })?
+                .into_bytes(),
+        ),
+    };
+    let trimmed = bytes.trim_ascii_end();
+    if trimmed.len() < 16 {
+        return Err(SetupError::Key {
+            source_name: match r {
+                KeyRef::File(p) => p.display().to_string(),
+                KeyRef::Env(n) => format!("${n}"),
+            },
+            reason: "key material must be at least 16 bytes".into(),
+        });
+    }
+    Ok(Zeroizing::new(trimmed.to_vec()))
+}
+
+fn read_state(path: &Path) -> Result<PersistedState, SetupError> {
+    let err = |reason: String| SetupError::StateFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    serde_json::from_slice(&text).map_err(|e| err(e.to_string()))
+}

@@ -1,0 +1,389 @@
+//! Who is asking: an `Authorization: Bearer` API key (matched by SHA-256 in
+//! constant time) or a JWT (verified against a JWKS file, re-read when it
+//! changes). Either names a contract and a subject within it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use parking_lot::RwLock;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::{ApiKeySpec, JwtConfig};
+use crate::SetupError;
+
+/// Longer bearer values are refused before any parsing.
+pub const MAX_BEARER_BYTES: usize = 8 * 1024;
+/// How often a JWKS file's modification time is checked.
+const JWKS_RECHECK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub contract: String,
+    pub subject: String,
+    pub method: AuthMethod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ApiKey,
+    Jwt,
+}
+
+impl AuthMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMethod::ApiKey => "api_key",
+            AuthMethod::Jwt => "jwt",
+        }
+    }
+}
+
+/// Why a request has no principal. Messages never echo the credential.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing credentials (Authorization: Bearer ...)")]
+    Missing,
+    #[error("the Authorization header must be 'Bearer <token>'")]
+    NotBearer,
+    #[error("bearer token is longer than {MAX_BEARER_BYTES} bytes")]
+    Oversized,
+    #[error("invalid API key")]
+    InvalidApiKey,
+    #[error("invalid token: {0}")]
+    InvalidToken(&'static str),
+    #[error("token algorithm is not accepted")]
+    DisallowedAlgorithm,
+    #[error("token signed with a key of another type than its algorithm")]
+    KeyConfusion,
+    #[error("token signed by an unknown key")]
+    UnknownKey,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("token issuer is not accepted")]
+    WrongIssuer,
+    #[error("token audience is not accepted")]
+    WrongAudience,
+    #[error("token has no string claim '{0}'")]
+    MissingClaim(String),
+}
+
+impl AuthError {
+    /// A short, stable name (audit records, metrics labels).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::NotBearer => "not_bearer",
+            AuthError::Oversized => "oversized",
+            AuthError::InvalidApiKey => "invalid_api_key",
+            AuthError::InvalidToken(_) => "invalid_token",
+            AuthError::DisallowedAlgorithm => "disallowed_algorithm",
+            AuthError::KeyConfusion => "key_confusion",
+            AuthError::UnknownKey => "unknown_key",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::WrongIssuer => "wrong_issuer",
+            AuthError::WrongAudience => "wrong_audience",
+            AuthError::MissingClaim(_) => "missing_claim",
+        }
+    }
+}
+
+pub struct Authenticator {
+    api_keys: Vec<KeyEntry>,
+    jwt: Option<JwtVerifier>,
+}
+
+struct KeyEntry {
+    sha256: [u8; 32],
+    contract: String,
+    subject: String,
+}
+
+impl Authenticator {
+    pub fn new(api_keys: &[ApiKeySpec], jwt: Option<&JwtConfig>) -> Result<Self, SetupError> {
+        let api_keys = api_keys
+            .iter()
+            .map(|k| {
+                let mut sha256 = [0u8; 32];
+                hex::decode_to_slice(k.sha256.trim(), &mut sha256)
+                    .map_err(|_| SetupError::ApiKeyHash(k.contract.clone()))?;
+                Ok(KeyEntry {
+                    sha256,
+                    contract: k.contract.clone(),
+                    subject: k
+                        .subject
+                        .clone()
+                        .unwrap_or_else(|| format!("key-{}", &k.sha256.trim()[..8])),
+                })
+            })
+            .collect::<Result<Vec<_>, SetupError>>()?;
+        let jwt = jwt.map(JwtVerifier::new).transpose()?;
+        Ok(Self { api_keys, jwt })
+    }
+
+    /// Whether any credential is configured (else requests are anonymous).
+    pub fn enabled(&self) -> bool {
+        !self.api_keys.is_empty() || self.jwt.is_some()
+    }
+
+    /// The principal of an `Authorization` header value.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthError> {
+        let value = authorization.ok_or(AuthError::Missing)?;
+        if value.len() > MAX_BEARER_BYTES + 7 {
+            return Err(AuthError::Oversized);
+        }
+        let (scheme, token) = value.split_once(' ').ok_or(AuthError::NotBearer)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::NotBearer);
+        }
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        if token.len() > MAX_BEARER_BYTES {
+            return Err(AuthError::Oversized);
+        }
+        match &self.jwt {
+            Some(jwt) if looks_like_jwt(token) => jwt.verify(token),
+            _ => self.api_key(token),
+        }
+    }
+
+    fn api_key(&self, key: &str) -> Result<Principal, AuthError> {
+        let presented: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        // Every entry is compared, so timing says nothing of which matched.
+        let mut found: Option<&KeyEntry> = None;
+        for entry in &self.api_keys {
+            if bool::from(entry.sha256.ct_eq(&presented)) {
+                found = Some(entry);
+            }
+        }
+        found
+            .map(|e| Principal {
+                contract: e.contract.clone(),
+                subject: e.subject.clone(),
+                method: AuthMethod::ApiKey,
+            })
+            .ok_or(AuthError::InvalidApiKey)
+    }
+}
+
+/// What the config holds for an API key: its SHA-256, hex.
+pub fn api_key_sha256(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Three base64url segments, the first a JSON object (`eyJ` = `{"`).
+fn looks_like_jwt(token: &str) -> bool {
+    token.starts_with("eyJ") && token.split('.').count() == 3
+}
+
+struct JwtVerifier {
+    cfg: JwtConfig,
+    algorithms: Vec<Algorithm>,
+    jwks: JwksFile,
+}
+
+impl JwtVerifier {
+    fn new(cfg: &JwtConfig) -> Result<Self, SetupError> {
+        let algorithms = cfg
+            .algorithms
+            .iter()
+            .map(|a| {
+                a.parse::<Algorithm>()
+                    .map_err(|_| SetupError::Algorithm(a.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if algorithms.is_empty() {
+            return Err(SetupError::Algorithm("(none listed)".into()));
+        }
+        Ok(Self {
+            jwks: JwksFile::load(cfg.jwks_file.clone())?,
+            algorithms,
+            cfg: cfg.clone(),
+        })
+    }
+
+    fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        // `alg: none` and unknown algorithms fail to parse here.
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::InvalidToken("malformed header"))?;
+        if !self.algorithms.contains(&header.alg) {
+            return Err(AuthError::DisallowedAlgorithm);
+        }
+        let mut set = self.jwks.current(false);
+        if let Err(AuthError::UnknownKey) = pick_key(&set, header.kid.as_deref(), header.alg) {
+            set = self.jwks.current(true);
+        }
+        let jwk = pick_key(&set, header.kid.as_deref(), header.alg)?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|_| AuthError::UnknownKey)?;
+        let mut v = Validation::new(header.alg);
+        v.algorithms = vec![header.alg];
+        v.leeway = self.cfg.leeway_secs;
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp"]);
+        match &self.cfg.audience {
+            Some(a) => v.set_audience(&[a]),
+            None => v.validate_aud = false,
+        }
+        if let Some(i) = &self.cfg.issuer {
+            v.set_issuer(&[i]);
+        }
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
+            .map_err(|e| jwt_error(e.kind()))?;
+        let claim = |name: &str| {
+            data.claims
+                .get(name)
+                .and_then(serde_json::Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| AuthError::MissingClaim(name.to_string()))
+        };
+        Ok(Principal {
+            contract: claim(&self.cfg.contract_claim)?,
+            subject: claim(&self.cfg.subject_claim)?,
+            method: AuthMethod::Jwt,
+        })
+    }
+}
+
+/// The key a token names: by `kid`, or the only key of its algorithm's type.
+/// A key's type (and its `alg`, when stated) must match the token's
+/// algorithm: an RSA public key is never used as an HMAC secret.
+fn pick_key<'a>(set: &'a JwkSet, kid: Option<&str>, alg: Algorithm) -> Result<&'a Jwk, AuthError> {
+    let fits = |k: &Jwk| {
+        let type_fits = matches!(
+            (&k.algorithm, alg),
+            (
+                AlgorithmParameters::RSA(_),
+                Algorithm::RS256
+                    | Algorithm::RS384
+                    | Algorithm::RS512
+                    | Algorithm::PS256
+                    | Algorithm::PS384
+                    | Algorithm::PS512
+            ) | (
+                AlgorithmParameters::EllipticCurve(_),
+                Algorithm::ES256 | Algorithm::ES384
+            ) | (AlgorithmParameters::OctetKeyPair(_), Algorithm::EdDSA)
+                | (
+                    AlgorithmParameters::OctetKey(_),
+                    Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+                )
+        );
+        let alg_fits = k
+            .common
+            .key_algorithm
+            .is_none_or(|ka| format!("{ka:?}") == format!("{alg:?}"));
+        type_fits && alg_fits
+    };
+    match kid {
+        Some(kid) => {
+            let k = set
+                .keys
+                .iter()
+                .find(|k| k.common.key_id.as_deref() == Some(kid))
+                .ok_or(AuthError::UnknownKey)?;
+            if fits(k) {
+                Ok(k)
+            } else {
+                Err(AuthError::KeyConfusion)
+            }
+        }
+        None => {
+            let mut matching = set.keys.iter().filter(|k| fits(k));
+            match (matching.next(), matching.next()) {
+                (Some(k), None) => Ok(k),
+                _ => Err(AuthError::UnknownKey),
+            }
+        }
+    }
+}
+
+fn jwt_error(kind: &jsonwebtoken::errors::ErrorKind) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match kind {
+        K::ExpiredSignature => AuthError::Expired,
+        K::ImmatureSignature => AuthError::NotYetValid,
+        K::InvalidIssuer => AuthError::WrongIssuer,
+        K::InvalidAudience => AuthError::WrongAudience,
+        K::InvalidAlgorithm | K::InvalidAlgorithmName => AuthError::DisallowedAlgorithm,
+        K::InvalidSignature => AuthError::InvalidToken("bad signature"),
+        K::MissingRequiredClaim(_) => AuthError::InvalidToken("missing exp"),
+        _ => AuthError::InvalidToken("malformed"),
+    }
+}
+
+/// A JWKS file, re-read when its modification time changes (checked at most
+/// once a second, and at once for an unknown `kid`: a rotated key works as
+/// soon as the file has it). A file that stops parsing keeps the last good
+/// set, with a warning.
+struct JwksFile {
+    path: PathBuf,
+    state: RwLock<JwksState>,
+}
+
+struct JwksState {
+    set: Arc<JwkSet>,
+    modified: Option<SystemTime>,
+    checked: Instant,
+}
+
+impl JwksFile {
+    fn load(path: PathBuf) -> Result<Self, SetupError> {
+        let (set, modified) = read_jwks(&path).map_err(|e| SetupError::Jwks {
+            path: path.clone(),
+            reason: e,
+        })?;
+        Ok(Self {
+            path,
+            state: RwLock::new(JwksState {
+                set: Arc::new(set),
+                modified,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    /// The current set; `now`: check the file whatever the last check's age.
+    fn current(&self, now: bool) -> Arc<JwkSet> {
+        {
+            let s = self.state.read();
+            if !now && s.checked.elapsed() < JWKS_RECHECK {
+                return s.set.clone();
+            }
+        }
+        let mut s = self.state.write();
+        s.checked = Instant::now();
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        if modified != s.modified {
+            match read_jwks(&self.path) {
+                Ok((set, m)) => {
+                    tracing::info!(path = %self.path.display(), keys = set.keys.len(), "JWKS reloaded");
+                    s.set = Arc::new(set);
+                    s.modified = m;
+                }
+                Err(reason) => {
+                    tracing::warn!(path = %self.path.display(), %reason, "JWKS not reloaded; keeping the last good one");
+                    s.modified = modified;
+                }
+            }
+        }
+        s.set.clone()
+    }
+}
+
+fn read_jwks(path: &std::path::Path) -> Result<(JwkSet, Option<SystemTime>), String> {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let set: JwkSet = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    Ok((set, modified))
+}

@@ -1,0 +1,115 @@
+//! The admin API (`/kvgate/admin/v1/...`), behind its own bearer token
+//! (config holds only its SHA-256): list contracts, suspend and reactivate.
+//! A suspension takes effect for the next request (the contract's status is
+//! an atomic flag read at authorization), moves the salt epoch, and cuts the
+//! contract's streams in flight at their next chunk.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kvgate_openai::OpenAiError;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::Gateway;
+
+pub const ADMIN_CONTRACTS_PATH: &str = "/kvgate/admin/v1/contracts";
+
+/// Adds the admin routes when an admin token is configured.
+pub(crate) fn routes(gw: &Arc<Gateway>, router: Router<Arc<Gateway>>) -> Router<Arc<Gateway>> {
+    if gw.cfg.admin_token_sha256.is_none() {
+        return router;
+    }
+    router
+        .route(ADMIN_CONTRACTS_PATH, get(list))
+        .route(
+            &format!("{ADMIN_CONTRACTS_PATH}/{{id}}/suspend"),
+            post(suspend),
+        )
+        .route(
+            &format!("{ADMIN_CONTRACTS_PATH}/{{id}}/activate"),
+            post(activate),
+        )
+}
+
+/// The admin token's check, in constant time; refusals are audited.
+fn admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), OpenAiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
+    let expected = gw
+        .cfg
+        .admin_token_sha256
+        .as_deref()
+        .and_then(|h| hex::decode(h).ok());
+    let ok = match (presented, expected) {
+        (Some(p), Some(e)) => bool::from(p[..].ct_eq(&e[..])),
+        _ => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    gw.sentinel.audit().record(
+        kvgate_auth::audit::AuditRecord::new(kvgate_auth::audit::kind::AUTH_FAILURE)
+            .status(401)
+            .reason("admin_token"),
+    );
+    Err(OpenAiError::unauthorized("invalid admin token"))
+}
+
+async fn list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if let Err(e) = admin(&gw, &headers) {
+        return e.into_response();
+    }
+    // Status and epoch only: never key material or salts.
+    let data: Vec<serde_json::Value> = gw
+        .sentinel
+        .contracts()
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "id": c.id(),
+                "status": if c.is_suspended() { "suspended" } else { "active" },
+                "salt_epoch": c.epoch(),
+                "models": c.spec.models,
+                "loras": c.spec.loras,
+                "not_before": c.spec.not_before,
+                "not_after": c.spec.not_after,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+async fn suspend(gw: State<Arc<Gateway>>, id: Path<String>, headers: HeaderMap) -> Response {
+    set_status(gw, id, headers, true)
+}
+
+async fn activate(gw: State<Arc<Gateway>>, id: Path<String>, headers: HeaderMap) -> Response {
+    set_status(gw, id, headers, false)
+}
+
+fn set_status(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    suspended: bool,
+) -> Response {
+    if let Err(e) = admin(&gw, &headers) {
+        return e.into_response();
+    }
+    if gw.sentinel.contracts().get(&id).is_none() {
+        return OpenAiError::not_found("unknown contract", None).into_response();
+    }
+    match gw.sentinel.set_suspended(&id, suspended, "admin") {
+        Ok(change) => Json(change).into_response(),
+        Err(e) => OpenAiError::internal(e.to_string()).into_response(),
+    }
+}
