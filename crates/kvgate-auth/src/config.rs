@@ -15,6 +15,12 @@ pub struct AuthConfig {
     pub api_keys: Vec<ApiKeySpec>,
     pub jwt: Option<JwtConfig>,
     pub contracts: Vec<ContractSpec>,
+    /// The one contract this kvgate serves (the sidecar layout, `TB_CONTRACT_ID`):
+    /// without credentials configured every request is under it; with them,
+    /// a principal naming another contract is refused.
+    pub pod_contract: Option<String>,
+    /// Where contract status comes from besides this file and the admin API.
+    pub control_plane: Option<ControlPlaneConfig>,
     /// Key material of contracts that name none of their own: each contract's
     /// is derived from it and the contract id (HKDF).
     pub master_key: Option<KeyRef>,
@@ -40,6 +46,8 @@ impl Default for AuthConfig {
             api_keys: Vec::new(),
             jwt: None,
             contracts: Vec::new(),
+            pod_contract: None,
+            control_plane: None,
             master_key: None,
             state_file: None,
             isolation: Isolation::default(),
@@ -233,4 +241,26 @@ pub enum InFlightPolicy {
     Cut,
     /// Left to finish.
     Drain,
+}
+
+/// An HTTP control plane polled for each contract's status (a dataspace
+/// connector such as EDC plugs in here): `GET {url}/contracts/{id}` answers
+/// `{"id": "...", "status": "active" | "suspended" | "expired" | "terminated"}`
+/// (other fields ignored); anything but `active` suspends the contract.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    pub url: String,
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    /// A bearer token for the control plane, from a file.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Twice a second: a suspension at the control plane takes effect within 1 s.
+pub const DEFAULT_CONTROL_PLANE_POLL_MS: u64 = 500;
+
+fn default_poll_ms() -> u64 {
+    DEFAULT_CONTROL_PLANE_POLL_MS
 }

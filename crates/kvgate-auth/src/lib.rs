@@ -10,7 +10,7 @@
 //! yields the [`Admission`] held until the response ends.
 
 pub mod audit;
-mod config;
+pub mod config;
 pub mod contract;
 pub mod fields;
 pub mod limits;
@@ -21,8 +21,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use config::{
-    ApiKeySpec, AuthConfig, ContractSpec, ContractStatus, FieldPolicy, InFlightPolicy, Isolation,
-    JwtConfig, KeyRef, Limits,
+    ApiKeySpec, AuthConfig, ContractSpec, ContractStatus, ControlPlaneConfig, FieldPolicy,
+    InFlightPolicy, Isolation, JwtConfig, KeyRef, Limits,
 };
 pub use contract::{Contract, ContractError, ContractRegistry, StatusChange};
 pub use fields::FieldRefused;
@@ -108,8 +108,12 @@ pub struct Sentinel {
     privileged_fields: FieldPolicy,
     lmcache_tag: bool,
     on_suspend: InFlightPolicy,
+    pod_contract: Option<String>,
     audit: AuditLog,
 }
+
+/// The subject of requests under the pod's contract without credentials.
+pub const POD_SUBJECT: &str = "pod";
 
 /// A request whose contract admits it, before its rate limits.
 pub struct Authorized {
@@ -158,6 +162,7 @@ impl Sentinel {
             privileged_fields: cfg.privileged_fields,
             lmcache_tag: cfg.lmcache_tag,
             on_suspend: cfg.on_suspend,
+            pod_contract: cfg.pod_contract.clone(),
             audit: AuditLog::start(&cfg.audit)?,
         })
     }
@@ -165,7 +170,7 @@ impl Sentinel {
     /// Without credentials configured every request is anonymous: no
     /// contract, no salt, no limits (privileged fields are still dropped).
     pub fn enabled(&self) -> bool {
-        self.auth.enabled()
+        self.auth.enabled() || self.pod_contract.is_some()
     }
 
     pub fn contracts(&self) -> &ContractRegistry {
@@ -187,6 +192,13 @@ impl Sentinel {
     /// The principal behind an `Authorization` header value. Failures are
     /// audited here.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, Denied> {
+        if let (false, Some(c)) = (self.auth.enabled(), &self.pod_contract) {
+            return Ok(Principal {
+                contract: c.clone(),
+                subject: POD_SUBJECT.into(),
+                method: AuthMethod::PodContract,
+            });
+        }
         self.auth.authenticate(authorization).map_err(|e| {
             self.audit.record(
                 AuditRecord::new(kind::AUTH_FAILURE)
@@ -200,7 +212,11 @@ impl Sentinel {
     /// The principal's contract, if it admits `model` now. Refusals are
     /// audited here.
     pub fn authorize(&self, principal: Principal, model: &str) -> Result<Authorized, Denied> {
-        match self.contracts.admit(&principal.contract, model, now_unix()) {
+        let admitted = match &self.pod_contract {
+            Some(c) if *c != principal.contract => Err(ContractError::Unknown),
+            _ => self.contracts.admit(&principal.contract, model, now_unix()),
+        };
+        match admitted {
             Ok(c) => Ok(Authorized {
                 contract: c.clone(),
                 principal,

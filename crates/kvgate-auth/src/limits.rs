@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -100,11 +100,10 @@ impl ContractLimits {
             ),
             None => None,
         };
-        let clock = DefaultClock::default();
         // A request refused for its tokens still counts as a request.
         if let Some(bucket) = &self.requests {
             bucket.check().map_err(|not_until| LimitError::Requests {
-                retry_after: not_until.wait_time_from(clock.now()),
+                retry_after: not_until.wait_time_from(bucket.clock().now()),
             })?;
         }
         if let Some((bucket, limit)) = &self.tokens {
@@ -130,7 +129,7 @@ impl ContractLimits {
                     }
                     Ok(Err(not_until)) => {
                         return Err(LimitError::Tokens {
-                            retry_after: not_until.wait_time_from(clock.now()),
+                            retry_after: not_until.wait_time_from(bucket.clock().now()),
                         })
                     }
                     Err(_) => {

@@ -31,6 +31,8 @@ pub struct Principal {
 pub enum AuthMethod {
     ApiKey,
     Jwt,
+    /// No credential: the pod's one contract (sidecar layout).
+    PodContract,
 }
 
 impl AuthMethod {
@@ -38,6 +40,7 @@ impl AuthMethod {
         match self {
             AuthMethod::ApiKey => "api_key",
             AuthMethod::Jwt => "jwt",
+            AuthMethod::PodContract => "pod_contract",
         }
     }
 }

@@ -54,7 +54,7 @@ pub fn router(cfg: FakeBackendConfig) -> Router {
 
 /// Serves `cfg` on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, cfg: FakeBackendConfig) {
-    if let Err(e) = axum::serve(listener, router(cfg)).await {
+    if let Err(e) = axum::serve(kvgate_openai::streaming_listener(listener), router(cfg)).await {
         tracing::warn!(error = %e, "fake backend stopped");
     }
 }

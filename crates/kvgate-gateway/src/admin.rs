@@ -1,8 +1,9 @@
 //! The admin API (`/kvgate/admin/v1/...`), behind its own bearer token
 //! (config holds only its SHA-256): list contracts, suspend and reactivate.
 //! A suspension takes effect for the next request (the contract's status is
-//! an atomic flag read at authorization), moves the salt epoch, and cuts the
-//! contract's streams in flight at their next chunk.
+//! an atomic flag read at authorization), moves the salt epoch, drops the
+//! index entries of the contract's prompts, and cuts its streams in flight at
+//! their next chunk.
 
 use std::sync::Arc;
 
@@ -108,8 +109,15 @@ fn set_status(
     if gw.sentinel.contracts().get(&id).is_none() {
         return OpenAiError::not_found("unknown contract", None).into_response();
     }
-    match gw.sentinel.set_suspended(&id, suspended, "admin") {
-        Ok(change) => Json(change).into_response(),
+    match gw.set_suspended(&id, suspended, "admin") {
+        Ok((change, dropped)) => Json(serde_json::json!({
+            "contract": change.contract,
+            "status": change.status,
+            "salt_epoch": change.epoch,
+            "changed": change.changed,
+            "index_entries_dropped": dropped,
+        }))
+        .into_response(),
         Err(e) => OpenAiError::internal(e.to_string()).into_response(),
     }
 }

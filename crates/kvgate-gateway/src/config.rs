@@ -19,6 +19,7 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS: u64 = 4_000;
 /// Extra endpoints tried when connecting fails before the request was sent.
 pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
 pub const DEFAULT_RETRY_AFTER_SECS: u32 = 1;
+pub const DEFAULT_SERVICE: &str = "kvgate";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -59,6 +60,8 @@ pub struct GatewayConfig {
     pub debug_api: bool,
     /// Header carrying a session id for session affinity.
     pub session_header: String,
+    /// The `service` label of the `sentinel_*` metrics.
+    pub service: String,
 }
 
 impl Default for GatewayConfig {
@@ -85,6 +88,7 @@ impl Default for GatewayConfig {
             debug_headers: true,
             debug_api: true,
             session_header: "x-session-id".to_string(),
+            service: DEFAULT_SERVICE.to_string(),
         }
     }
 }

@@ -36,6 +36,7 @@ pub struct Gateway {
     pub(crate) fleet: Arc<Fleet>,
     pub(crate) tokenizers: TokenizerRegistry,
     pub(crate) sentinel: kvgate_auth::Sentinel,
+    pub(crate) contract_keys: crate::contract_keys::ContractKeys,
     pub(crate) http: reqwest::Client,
     pub metrics: GatewayMetrics,
     pub index_metrics: Arc<IndexerMetrics>,
@@ -83,8 +84,9 @@ impl Gateway {
         ));
         fleet.follow(discovery.as_ref()).await;
         kvgate_fleet::spawn_probes(&fleet, http.clone(), cfg.probes());
-        Ok(Arc::new(Self {
+        let gw = Arc::new(Self {
             sentinel,
+            contract_keys: Default::default(),
             fleet,
             tokenizers,
             http,
@@ -93,7 +95,9 @@ impl Gateway {
             registry,
             render_failures: Default::default(),
             cfg,
-        }))
+        });
+        crate::control_plane::spawn(&gw);
+        Ok(gw)
     }
 
     pub fn index(&self) -> &Arc<KvIndex> {
@@ -102,6 +106,21 @@ impl Gateway {
 
     pub fn fleet(&self) -> &Arc<Fleet> {
         &self.fleet
+    }
+
+    /// Suspends or reactivates a contract: new requests refused (or
+    /// admitted) at once, its salt epoch moved, and the index entries of its
+    /// prompts dropped (nothing will look them up again).
+    pub fn set_suspended(
+        &self,
+        contract: &str,
+        suspended: bool,
+        actor: &str,
+    ) -> Result<(kvgate_auth::StatusChange, usize), kvgate_auth::SetupError> {
+        let change = self.sentinel.set_suspended(contract, suspended, actor)?;
+        let keys = self.contract_keys.take(contract);
+        let dropped = self.index().drop_keys(&keys) + self.fleet.scheduler().forget_keys(&keys);
+        Ok((change, dropped))
     }
 
     /// The contract layer (contracts, suspension, the audit log).

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::config::DEFAULT_RETRY_AFTER_SECS;
 use crate::pipeline::{prepare, Kind, PrepareError};
-use crate::proxy::{forward, ProxyError, RequestFacts};
+use crate::proxy::{forward, PendingRequest, ProxyError, RequestFacts};
 use crate::Gateway;
 
 /// What routing sees for a chat request: same body and auth as
@@ -61,6 +61,7 @@ async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: B
 
 async fn handle(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Body) -> Response {
     let received = Instant::now();
+    let pending = PendingRequest::new(&gw);
     let body = match body {
         Ok(b) => b,
         Err(e) => return rejected(e),
@@ -68,19 +69,39 @@ async fn handle(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Body) ->
     let tokenize = gw.fleet.scheduler().config().policy.uses_prompt_tokens();
     let mut prepared = match prepare(&gw, kind, &headers, body, tokenize) {
         Ok(p) => p,
-        Err(e) => return prepare_error(e),
+        Err(e) => return refused(&gw, e),
     };
     let session = headers
         .get(gw.cfg.session_header.as_str())
         .and_then(|v| v.to_str().ok());
+    if let Some(a) = &prepared.admission {
+        let contract = a.contract.id().to_string();
+        gw.metrics
+            .contract_requests
+            .get_or_create(&crate::metrics::ContractLabels {
+                contract: contract.clone(),
+            })
+            .inc();
+        gw.metrics
+            .contract_tokens
+            .get_or_create(&crate::metrics::ContractTokenLabels {
+                contract,
+                kind: "prompt",
+            })
+            .inc_by(prepared.tokens.len() as u64);
+    }
     let facts = RequestFacts {
         received,
         admission: prepared.admission.take(),
+        pending,
     };
     let input = match prepared.routing_input(&gw, session) {
         Ok(i) => i,
         Err(e) => return prepare_error(e),
     };
+    if let Some(a) = &facts.admission {
+        gw.contract_keys.record(a.contract.id(), input.keys());
+    }
     forward(&gw, kind, &headers, prepared.body.clone(), input, facts)
         .await
         .unwrap_or_else(proxy_error)
@@ -182,11 +203,31 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     gw.index_metrics.refresh_gauges(gw.index());
+    let routed = gw.metrics.prompt_tokens.get();
+    if routed > 0 {
+        gw.metrics
+            .kv_cache_hit_rate
+            .get_or_create(&crate::metrics::ServiceLabels {
+                service: gw.cfg.service.clone(),
+            })
+            .set(gw.metrics.predicted_hit_tokens.get() as f64 / routed as f64);
+    }
     kvgate_indexer::metrics::render(&gw.registry)
 }
 
 fn rejected(e: BytesRejection) -> Response {
     OpenAiError::from(e).into_response()
+}
+
+/// A refused request: counted by code when the contract layer refused it.
+fn refused(gw: &Gateway, e: PrepareError) -> Response {
+    if let PrepareError::Denied(d) = &e {
+        gw.metrics
+            .denied
+            .get_or_create(&crate::metrics::DenyLabels { code: d.code() })
+            .inc();
+    }
+    prepare_error(e)
 }
 
 fn prepare_error(e: PrepareError) -> Response {

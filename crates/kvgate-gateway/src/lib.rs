@@ -6,6 +6,8 @@
 
 pub mod admin;
 pub mod config;
+mod contract_keys;
+mod control_plane;
 mod gateway;
 pub mod http;
 pub mod metrics;

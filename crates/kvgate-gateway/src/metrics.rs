@@ -49,6 +49,32 @@ pub struct RenderFailureLabels {
     pub reason: &'static str,
 }
 
+/// The deployment's service name (config `service`), as our users' KEDA
+/// triggers select it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+/// Only configured contracts get here, so the label stays bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ContractLabels {
+    pub contract: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ContractTokenLabels {
+    pub contract: String,
+    /// `prompt` or `output`.
+    pub kind: &'static str,
+}
+
+/// A refusal's code (`kvgate_auth::Denied::code`): a fixed set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenyLabels {
+    pub code: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~65 s
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
@@ -66,6 +92,14 @@ pub struct GatewayMetrics {
     pub render_failures: Family<RenderFailureLabels, Counter>,
     /// 1 per model whose tokenizer class kvgate cannot reproduce.
     pub unsupported_tokenizers: Family<TokenizerLabels, Gauge>,
+    /// Requests received and not yet answered to the end.
+    pub pending_requests: Family<ServiceLabels, Gauge>,
+    /// Routed prompt tokens expected cached, over all routed (set at scrape).
+    pub kv_cache_hit_rate: Family<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub contract_requests: Family<ContractLabels, Counter>,
+    pub contract_tokens: Family<ContractTokenLabels, Counter>,
+    pub denied: Family<DenyLabels, Counter>,
+    pub control_plane_errors: Counter,
 }
 
 impl Default for GatewayMetrics {
@@ -82,6 +116,12 @@ impl Default for GatewayMetrics {
             routing_duration: Histogram::new(exponential_buckets(1e-6, 2.0, 16)),
             render_failures: Family::default(),
             unsupported_tokenizers: Family::default(),
+            pending_requests: Family::default(),
+            kv_cache_hit_rate: Family::default(),
+            contract_requests: Family::default(),
+            contract_tokens: Family::default(),
+            denied: Family::default(),
+            control_plane_errors: Counter::default(),
         }
     }
 }
@@ -132,6 +172,37 @@ impl GatewayMetrics {
             "kvgate_tokenizer_unsupported",
             "1 for each model whose tokenizer class (as vLLM builds it) kvgate cannot reproduce: its requests route by load alone",
             self.unsupported_tokenizers.clone(),
+        );
+        // Our users' KEDA triggers query these names as they are.
+        r.register(
+            "sentinel_pending_requests",
+            "Requests received and not yet answered to the end",
+            self.pending_requests.clone(),
+        );
+        r.register(
+            "sentinel_kv_cache_hit_rate",
+            "Share of routed prompt tokens the router expected cached on the chosen endpoint",
+            self.kv_cache_hit_rate.clone(),
+        );
+        r.register(
+            "kvgate_contract_requests",
+            "Requests admitted per contract",
+            self.contract_requests.clone(),
+        );
+        r.register(
+            "kvgate_contract_tokens",
+            "Tokens per contract: prompt (at admission) and output (from usage)",
+            self.contract_tokens.clone(),
+        );
+        r.register(
+            "kvgate_contract_denied",
+            "Requests refused by the contract layer, by code",
+            self.denied.clone(),
+        );
+        r.register(
+            "kvgate_control_plane_errors",
+            "Control plane polls that failed (the last known statuses stand)",
+            self.control_plane_errors.clone(),
         );
         r.register(
             "kvgate_routing_duration_seconds",

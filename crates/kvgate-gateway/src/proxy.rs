@@ -24,6 +24,31 @@ use crate::Gateway;
 pub struct RequestFacts {
     pub received: Instant,
     pub admission: Option<kvgate_auth::Admission>,
+    pub pending: PendingRequest,
+}
+
+/// Counts a request in `sentinel_pending_requests` until it is dropped
+/// (with the response body, or with the error answered instead).
+pub struct PendingRequest(prometheus_client::metrics::gauge::Gauge);
+
+impl PendingRequest {
+    pub fn new(gw: &Gateway) -> Self {
+        let g = gw
+            .metrics
+            .pending_requests
+            .get_or_create(&crate::metrics::ServiceLabels {
+                service: gw.cfg.service.clone(),
+            })
+            .clone();
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for PendingRequest {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Why a request could not be proxied.
@@ -217,6 +242,14 @@ impl Tracked {
         let output_tokens = self.usage.output_tokens();
         if let Some(a) = &self.facts.admission {
             a.charge_output(output_tokens);
+            self.gw
+                .metrics
+                .contract_tokens
+                .get_or_create(&crate::metrics::ContractTokenLabels {
+                    contract: a.contract.id().to_string(),
+                    kind: "output",
+                })
+                .inc_by(output_tokens);
         }
         audit_request(
             &self.gw,

@@ -289,11 +289,12 @@ async fn suspension_refuses_at_once_cuts_streams_and_starts_a_new_epoch() {
     let (url, u) = spawn_upstream().await;
     let (gw_url, _gw) = gateway(config(&url, &audit)).await;
     let client = reqwest::Client::new();
+    let long = "a prompt long enough to fill a few blocks ".repeat(8);
     let chat = |key: &'static str| {
         client
             .post(format!("{gw_url}/v1/chat/completions"))
             .bearer_auth(key)
-            .json(&chat_body("x"))
+            .json(&chat_body(&long))
             .send()
     };
     let admin = |action: &str, token: &str| {
@@ -376,4 +377,127 @@ async fn suspension_refuses_at_once_cuts_streams_and_starts_a_new_epoch() {
         !list.to_string().contains(last),
         "no salts in the admin API"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_suspends_within_a_second_and_reactivates() {
+    use axum::extract::{Path, State};
+    use std::sync::Arc;
+    // acme's status at the control plane; every other contract is active.
+    type Acme = Arc<parking_lot::Mutex<String>>;
+    let status: Acme = Arc::new(parking_lot::Mutex::new("active".to_string()));
+    let cp = axum::Router::new()
+        .route(
+            "/edc/contracts/{id}",
+            axum::routing::get(|State(s): State<Acme>, Path(id): Path<String>| async move {
+                let st = if id == "acme" {
+                    s.lock().clone()
+                } else {
+                    "active".into()
+                };
+                axum::Json(json!({"id": id, "status": st, "asset": "model-x"}))
+            }),
+        )
+        .with_state(status.clone());
+    let cp_url = serve(cp).await;
+    let audit = tempfile::tempdir().unwrap();
+    let (url, u) = spawn_upstream().await;
+    let mut cfg = config(&url, &audit);
+    cfg.contracts.control_plane = Some(kvgate_auth::ControlPlaneConfig {
+        url: format!("{cp_url}/edc"),
+        poll_ms: 100,
+        token_file: None,
+    });
+    let (gw_url, _gw) = gateway(cfg).await;
+    let client = reqwest::Client::new();
+    let status_of = |key: &'static str| {
+        let client = client.clone();
+        let url = format!("{gw_url}/v1/chat/completions");
+        async move {
+            let r = client
+                .post(url)
+                .bearer_auth(key)
+                .json(&chat_body("x"))
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            // A stream in flight when the contract is suspended is cut.
+            let _ = r.text().await;
+            s
+        }
+    };
+    assert_eq!(status_of("key-a").await, 200);
+    *status.lock() = "suspended".into();
+    let t = Instant::now();
+    while status_of("key-a").await != 403 {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "not suspended within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status_of("key-b").await, 200, "only that contract");
+    *status.lock() = "active".into();
+    let t = Instant::now();
+    while status_of("key-a").await != 200 {
+        assert!(t.elapsed() < Duration::from_secs(2), "not reactivated");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bodies = u.bodies.lock().clone();
+    let acme: Vec<&str> = bodies
+        .iter()
+        .filter(|b| b["priority"] == 7)
+        .map(|b| b["cache_salt"].as_str().unwrap())
+        .collect();
+    assert_ne!(
+        acme.first(),
+        acme.last(),
+        "a fresh epoch after reactivation"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_contract_covers_every_request_and_no_other() {
+    let audit = tempfile::tempdir().unwrap();
+    let (url, u) = spawn_upstream().await;
+    // Without credentials: every request is the pod's contract.
+    let mut cfg = config(&url, &audit);
+    cfg.contracts.api_keys.clear();
+    cfg.contracts.pod_contract = Some("globex".into());
+    let (gw_url, _gw) = gateway(cfg).await;
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{gw_url}/v1/chat/completions"))
+        .json(&hostile_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap();
+    let salt = u.bodies.lock()[0]["cache_salt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(salt.len(), 32);
+    assert_ne!(salt, "stolen-salt");
+    // With credentials: a key of another contract is refused.
+    let (url2, _u2) = spawn_upstream().await;
+    let mut cfg = config(&url2, &audit);
+    cfg.contracts.pod_contract = Some("globex".into());
+    cfg.contracts.audit.path = None;
+    let (gw2, _g) = gateway(cfg).await;
+    let send = |key: &'static str| {
+        client
+            .post(format!("{gw2}/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body("x"))
+            .send()
+    };
+    let (s, e, _) = error_of(send("key-a").await.unwrap()).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str().unwrap()),
+        (403, "contract_unknown")
+    );
+    assert_eq!(send("key-b").await.unwrap().status(), 200);
 }

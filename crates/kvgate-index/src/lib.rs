@@ -332,6 +332,13 @@ impl KvIndex {
         self.state.write().forget_recorded(id, keys)
     }
 
+    /// Drops every endpoint's entries for `keys` (e.g. a suspended
+    /// contract's: its salt changed, so nothing will look them up again);
+    /// returns entries dropped. A later `BlockRemoved` for one is a no-op.
+    pub fn drop_keys(&self, keys: &[BlockKey]) -> usize {
+        self.state.write().drop_keys(keys)
+    }
+
     /// Records the last sequence number applied for an endpoint.
     pub fn set_last_seq(&self, id: EndpointId, seq: i64) {
         if let Some(Some(ep)) = self.state.write().endpoints.get_mut(id as usize) {

@@ -506,6 +506,19 @@ impl State {
             .sum()
     }
 
+    /// Removes every holder of `keys`, on every endpoint and tier.
+    pub fn drop_keys(&mut self, keys: &[BlockKey]) -> usize {
+        let mut removed = 0;
+        for &key in keys {
+            let holders: Holders = self.blocks.get(&key).cloned().unwrap_or_default();
+            for h in holders {
+                removed += self
+                    .remove_endpoint_holders(h.endpoint, key, h.engine_hash, |x| x.tier == h.tier);
+            }
+        }
+        removed
+    }
+
     /// Restores one dumped entry (bootstrap from another replica).
     pub fn restore_entry(
         &mut self,

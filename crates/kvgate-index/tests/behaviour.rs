@@ -328,3 +328,47 @@ fn remove_endpoint_purges_and_frees_its_id() {
     assert!(index.add_endpoint("b", "m", 8).is_err());
     assert!(index.add_endpoint("z", "m", 0).is_err());
 }
+
+#[test]
+fn dropped_keys_leave_every_endpoint_and_later_removals_are_no_ops() {
+    use kvgate_wire::vllm::BlockRemoved;
+    let index = new_index(IndexConfig::default());
+    let tokens: Vec<u32> = (0..8).collect();
+    let salted = RequestContext {
+        model: "m",
+        cache_salt: Some("contract-a"),
+        ..Default::default()
+    };
+    let mut ids = Vec::new();
+    for (name, base) in [("e1", 10u64), ("e2", 20)] {
+        let ep = index.add_endpoint(name, "m", 4).unwrap();
+        let mut ev = stored(vec![base + 1, base + 2], None, tokens.clone(), 4);
+        ev.extra_keys = Some(vec![Some(vec![ExtraKey::Str("contract-a".into())]), None]);
+        let plain = stored(vec![base + 3, base + 4], None, tokens.clone(), 4);
+        index
+            .apply_batch(
+                ep,
+                &batch(vec![KvEvent::BlockStored(ev), KvEvent::BlockStored(plain)]),
+            )
+            .unwrap();
+        ids.push(ep);
+    }
+    let keys = index.hasher().request_keys(&tokens, 4, &salted).unwrap();
+    assert_eq!(index.drop_keys(&keys), 4, "2 blocks on 2 endpoints");
+    let loc = index.locality(&tokens, &salted).unwrap();
+    assert!(loc.endpoints.iter().all(|e| e.matched_blocks == 0));
+    let plain = index.locality(&tokens, &ctx("m")).unwrap();
+    assert!(
+        plain.endpoints.iter().all(|e| e.matched_blocks == 2),
+        "unsalted entries stay"
+    );
+    // The engine later evicts a dropped block: nothing left to remove.
+    let removed = KvEvent::BlockRemoved(BlockRemoved {
+        block_hashes: vec![11],
+        medium: Some("GPU".into()),
+        group_idx: 0,
+    });
+    index.apply_batch(ids[0], &batch(vec![removed])).unwrap();
+    index.check_invariants().unwrap();
+    assert_eq!(index.stats().tracked_entries, 4);
+}

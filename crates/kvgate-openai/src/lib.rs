@@ -235,3 +235,20 @@ impl From<QueryRejection> for OpenAiError {
 
 #[cfg(test)]
 mod tests;
+
+/// A listener for an HTTP surface that streams (SSE): every accepted socket
+/// gets `TCP_NODELAY`. Otherwise a response's first chunk, written after its
+/// headers, waits for the client's delayed ACK (~40 ms on Linux) under
+/// Nagle's algorithm, and time to first token with it.
+pub fn streaming_listener(
+    listener: tokio::net::TcpListener,
+) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(set_nodelay as fn(&mut tokio::net::TcpStream))
+}
+
+fn set_nodelay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::warn!(error = %e, "TCP_NODELAY not set on an accepted connection");
+    }
+}

@@ -325,6 +325,12 @@ impl Scheduler {
         self.speculation.forget_endpoint(endpoint);
     }
 
+    /// Forgets what was learned about these keys on every endpoint (a
+    /// suspended contract's); returns entries dropped.
+    pub fn forget_keys(&self, keys: &[BlockKey]) -> usize {
+        self.approx.drop_keys(keys)
+    }
+
     /// Drops expired approximate entries and speculation whose grace is over
     /// (call periodically).
     pub fn expire(&self) -> usize {

@@ -216,7 +216,7 @@ impl RunningSim {
 }
 
 async fn serve(listener: tokio::net::TcpListener, state: SimState) {
-    if let Err(e) = axum::serve(listener, router(state)).await {
+    if let Err(e) = axum::serve(kvgate_openai::streaming_listener(listener), router(state)).await {
         tracing::warn!(error = %e, "sim HTTP server stopped");
     }
 }

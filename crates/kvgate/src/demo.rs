@@ -244,7 +244,9 @@ async fn run_one(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let gw_url = format!("http://{}", listener.local_addr()?);
     let router = gw.router();
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let server = tokio::spawn(async move {
+        axum::serve(kvgate_openai::streaming_listener(listener), router).await
+    });
     // Let the subscribers connect before the first request.
     tokio::time::sleep(Duration::from_millis(300)).await;
 

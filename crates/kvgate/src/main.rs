@@ -5,6 +5,7 @@ mod bench_cmd;
 mod compare_cmd;
 mod config;
 mod demo;
+mod sentinel_cmd;
 mod service;
 mod sim_cmd;
 mod sweep_cmd;
@@ -80,6 +81,27 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Audit log tools: `kvgate audit verify FILE...`.
     Audit(audit_cmd::AuditArgs),
+    /// The contract sidecar of one pod: the gateway in front of one local
+    /// runtime, for one contract (TB_CONTRACT_ID, TB_ASSET_ID,
+    /// TB_EDC_ENDPOINT, TB_RUNTIME_URL).
+    Sentinel(Box<sentinel_cmd::SentinelArgs>),
+}
+
+/// Serves a gateway until Ctrl-C, then writes the audit chain's checkpoint.
+async fn serve_gateway(cfg: kvgate_gateway::GatewayConfig) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
+    let discovery =
+        std::sync::Arc::new(kvgate_gateway::StaticDiscovery::new(cfg.endpoints.clone())?);
+    let gw = kvgate_gateway::Gateway::start(cfg, discovery).await?;
+    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    axum::serve(kvgate_openai::streaming_listener(listener), gw.router())
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    // Writes what is queued and the checkpoint of the audit chain.
+    gw.sentinel().audit().shutdown().await?;
+    Ok(())
 }
 
 fn init_logs(filter: &str, pretty: bool) {
@@ -145,19 +167,7 @@ async fn main() -> Result<()> {
                     endpoint_flags(&mut c.endpoints, &endpoints)
                 },
             )?;
-            let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
-            let discovery =
-                std::sync::Arc::new(kvgate_gateway::StaticDiscovery::new(cfg.endpoints.clone())?);
-            let gw = kvgate_gateway::Gateway::start(cfg, discovery).await?;
-            tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-            axum::serve(listener, gw.router())
-                .with_graceful_shutdown(async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await?;
-            // Writes what is queued and the checkpoint of the audit chain.
-            gw.sentinel().audit().shutdown().await?;
-            Ok(())
+            serve_gateway(cfg).await
         }
         Command::Sim(args) => {
             init_logs(&cli.log, cli.pretty_logs);
@@ -181,5 +191,9 @@ async fn main() -> Result<()> {
             demo::run(args).await
         }
         Command::Audit(args) => audit_cmd::run(args),
+        Command::Sentinel(args) => {
+            init_logs(&cli.log, cli.pretty_logs);
+            serve_gateway(sentinel_cmd::config(*args)?).await
+        }
     }
 }

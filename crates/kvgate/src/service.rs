@@ -69,7 +69,7 @@ impl IndexService {
             tokenizers: Arc::new(load_tokenizers(cfg)?),
         });
         let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            if let Err(e) = axum::serve(kvgate_openai::streaming_listener(listener), app).await {
                 tracing::error!(error = %e, "index API server stopped");
             }
         });

@@ -17,6 +17,7 @@
 //! blocks, [`phase1`], [`phase2`] and [`families`] run the phases, [`summary`] judges the
 //! results and prints the summary line.
 
+mod contracts;
 mod families;
 mod phase1;
 mod phase2;

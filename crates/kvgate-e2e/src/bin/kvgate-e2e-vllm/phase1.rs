@@ -3,7 +3,7 @@
 //! optimal hit rate, salt isolation.
 
 use anyhow::{bail, Result};
-use kvgate_auth::{AuthConfig, KeyRef};
+use kvgate_auth::AuthConfig;
 use kvgate_e2e::checks::BlockParity;
 use kvgate_e2e::corpus::{self, Kind};
 use kvgate_e2e::post_json;
@@ -12,6 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
+use crate::contracts;
 use crate::requests::{corpus_block_parity, explain, hits_on, send_checked, token_parity};
 use crate::summary::Summary;
 use crate::tier::{Fleet, Tier, EVENTS_MAX, EVENTS_QUIET, QWEN};
@@ -118,18 +119,13 @@ pub(crate) async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
             &t.gateway_config(&fleet, 21, Policy::RoundRobin, &[0, 1], None, no_tenants),
         )
         .await?;
-    let master_key = t.args.work.join("contracts-master.key");
-    std::fs::write(&master_key, "kvgate-e2e master key material")?;
-    let tenants = AuthConfig::for_api_keys(
-        &[("key-a", "tenant-a"), ("key-b", "tenant-b")],
-        KeyRef::File(master_key),
-    );
-    let (_g_tenant, tenant) = t
-        .start_gateway(
-            "gateway-qwen-tenants",
-            &t.gateway_config(&fleet, 22, Policy::PrecisePrefix, &[0], None, tenants),
-        )
-        .await?;
+    let (tenants, creds) = contracts::config(&t.args.work)?;
+    let (jwt_a, jwt_b) = (creds.jwt_a.as_str(), creds.jwt_b.as_str());
+    let mut tenant_cfg = t.gateway_config(&fleet, 22, Policy::PrecisePrefix, &[0], None, tenants);
+    tenant_cfg.admin_token_sha256 = Some(kvgate_auth::principal::api_key_sha256(
+        contracts::ADMIN_TOKEN,
+    ));
+    let (_g_tenant, tenant) = t.start_gateway("gateway-qwen-tenants", &tenant_cfg).await?;
 
     let items = corpus::corpus(1, t.args.chat, t.args.completions, 1500);
     token_parity(http, &fleet, &precise, &items, &mut s.tokens).await?;
@@ -167,7 +163,7 @@ pub(crate) async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
             &tenant,
             item.kind,
             &body,
-            Some("key-a"),
+            Some(jwt_a),
             &format!("salted-{}", item.name),
             &mut s.blocks,
         )
@@ -181,9 +177,10 @@ pub(crate) async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
     let other_body = fleet.body(&docs[1], 1);
     // vLLM's hits are read on engine 0, the tenants' gateway's only endpoint.
     let tenant_chat = format!("{tenant}/v1/chat/completions");
-    let explain_as = |key: &'static str, body: Value| {
+    let explain_as = |key: &str, body: Value| {
         let tenant = tenant.clone();
-        async move { explain(http, &tenant, Kind::Chat, &body, Some(key)).await }
+        let key = key.to_string();
+        async move { explain(http, &tenant, Kind::Chat, &body, Some(&key)).await }
     };
     send_checked(
         http,
@@ -191,7 +188,7 @@ pub(crate) async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
         &tenant,
         Kind::Chat,
         &body,
-        Some("key-a"),
+        Some(jwt_a),
         "salt-first",
         &mut s.blocks,
     )
@@ -202,24 +199,24 @@ pub(crate) async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
         &tenant,
         Kind::Chat,
         &other_body,
-        Some("key-a"),
+        Some(jwt_a),
         "salt-second",
         &mut s.blocks,
     )
     .await?;
     let engine0 = fleet.url(0).to_string();
-    let same_index = explain_as("key-a", body.clone())
+    let same_index = explain_as(jwt_a, body.clone())
         .await?
         .leading_held(64, &engine0);
-    let same_vllm = hits_on(http, &fleet, 0, &tenant_chat, &body, Some("key-a")).await?;
+    let same_vllm = hits_on(http, &fleet, 0, &tenant_chat, &body, Some(jwt_a)).await?;
     s.salt_same_hits = same_index > 0 && same_vllm > 0;
-    let cross_index = explain_as("key-b", body.clone()).await?.held_anywhere();
-    let cross_vllm = hits_on(http, &fleet, 0, &tenant_chat, &body, Some("key-b")).await?;
+    let cross_index = explain_as(jwt_b, body.clone()).await?.held_anywhere();
+    let cross_vllm = hits_on(http, &fleet, 0, &tenant_chat, &body, Some(jwt_b)).await?;
     // A client-chosen salt is replaced by the tenant's: no way into A's cache.
     let mut spoofed = other_body.clone();
     spoofed["cache_salt"] = json!("tenant-a");
-    let spoof_index = explain_as("key-b", spoofed.clone()).await?.held_anywhere();
-    let spoof_vllm = hits_on(http, &fleet, 0, &tenant_chat, &spoofed, Some("key-b")).await?;
+    let spoof_index = explain_as(jwt_b, spoofed.clone()).await?.held_anywhere();
+    let spoof_vllm = hits_on(http, &fleet, 0, &tenant_chat, &spoofed, Some(jwt_b)).await?;
     s.salt_cross_hits = [
         cross_index,
         cross_vllm as usize,
@@ -231,6 +228,35 @@ pub(crate) async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
     .count();
     eprintln!(
         "  salt: same tenant index {same_index} blocks, vLLM {same_vllm} tokens; other tenant index {cross_index}, vLLM {cross_vllm}; spoofed salt index {spoof_index}, vLLM {spoof_vllm}"
+    );
+    // The API-key contract sees none of it either.
+    let api_index = explain_as(contracts::API_KEY_C, body.clone())
+        .await?
+        .held_anywhere();
+    let api_vllm = hits_on(
+        http,
+        &fleet,
+        0,
+        &tenant_chat,
+        &body,
+        Some(contracts::API_KEY_C),
+    )
+    .await?;
+    s.jwt_cross_hits = [
+        cross_index,
+        cross_vllm as usize,
+        api_index,
+        api_vllm as usize,
+    ]
+    .iter()
+    .filter(|n| **n > 0)
+    .count();
+    // Suspension and reactivation: a fresh epoch, so the same prompt misses.
+    contracts::suspend_and_reactivate(http, &tenant, "tenant-a").await?;
+    let after_vllm = hits_on(http, &fleet, 0, &tenant_chat, &body, Some(jwt_a)).await?;
+    s.suspend_miss = Some(after_vllm == 0);
+    eprintln!(
+        "  contracts: API-key contract index {api_index}, vLLM {api_vllm}; after suspend + reactivate the same prompt hit {after_vllm} tokens at vLLM"
     );
     Ok(())
 }

@@ -15,6 +15,10 @@ pub(crate) struct Summary {
     pub(crate) rr_hit_rate: f64,
     pub(crate) salt_same_hits: bool,
     pub(crate) salt_cross_hits: usize,
+    /// Hits of another contract's (JWT or API key) on tenant-a's prompt.
+    pub(crate) jwt_cross_hits: usize,
+    /// After suspend + reactivate, tenant-a's prompt missed at vLLM.
+    pub(crate) suspend_miss: Option<bool>,
     pub(crate) evicted_blocks: u64,
     pub(crate) probes: usize,
     pub(crate) probe_mismatches: Vec<String>,
@@ -47,7 +51,7 @@ impl Summary {
 
     pub(crate) fn line(&self) -> String {
         format!(
-            "e2e-vllm: token_parity={:.3} ({} requests) block_parity={:.3} ({} blocks, {} salted) hit_rate={:.3} oracle={:.3} rr_hit_rate={:.3} salt_cross_hits={} resync={} (probes={} evicted_blocks={}) sim_fidelity={} (hits={} stored={} removed={})",
+            "e2e-vllm: token_parity={:.3} ({} requests) block_parity={:.3} ({} blocks, {} salted) hit_rate={:.3} oracle={:.3} rr_hit_rate={:.3} salt_cross_hits={} jwt_cross_hits={} suspend_miss={} resync={} (probes={} evicted_blocks={}) sim_fidelity={} (hits={} stored={} removed={})",
             self.tokens.ratio(),
             self.tokens.total,
             self.blocks.ratio(),
@@ -57,6 +61,12 @@ impl Summary {
             self.oracle,
             self.rr_hit_rate,
             self.salt_cross_hits,
+            self.jwt_cross_hits,
+            match self.suspend_miss {
+                Some(true) => "ok",
+                Some(false) => "FAILED",
+                None => "not-run",
+            },
             if self.resync_ok() { "ok" } else { "FAILED" },
             self.probes,
             self.evicted_blocks,
@@ -146,6 +156,15 @@ impl Summary {
                 "salt isolation: same-tenant hit {} cross-tenant hits {}",
                 self.salt_same_hits, self.salt_cross_hits
             ));
+        }
+        if self.jwt_cross_hits > 0 {
+            f.push(format!(
+                "contracts: {} cross-contract hits on tenant-a's prompt",
+                self.jwt_cross_hits
+            ));
+        }
+        if self.suspend_miss == Some(false) {
+            f.push("contracts: after suspend + reactivate the prompt still hit at vLLM".into());
         }
         if !self.resync_ok() {
             f.push(format!(

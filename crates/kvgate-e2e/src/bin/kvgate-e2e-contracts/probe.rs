@@ -1,0 +1,129 @@
+//! An InputSnatch-style timing probe. A victim contract caches some of a set
+//! of candidate prefixes (8 to 64 tokens); a prober sends each candidate
+//! with a fresh suffix and reads its time to first token: a hit skips the
+//! prefix's prefill. Probing from the victim's own contract must tell cached
+//! from uncached (the probe works); from another contract it must be at
+//! chance (the salts isolate the caches, and the router's view of them).
+//!
+//! The engines charge 1 ms per uncached prompt token, so an 8-token hit is
+//! 8 ms, well above loopback jitter. Candidates of each length are half
+//! cached, half not, so length tells the prober nothing.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use kvgate_sim::engine::{EngineConfig, LatencyModel};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use crate::fleet;
+
+const LENGTHS: [usize; 4] = [8, 16, 32, 64];
+const SUFFIX_TOKENS: usize = 4;
+
+pub struct Probe {
+    pub auc_same: f64,
+    pub auc_cross: f64,
+}
+
+pub async fn run(work: &Path, candidates: usize) -> Result<Probe> {
+    let engine = EngineConfig {
+        block_size: 4,
+        latency: LatencyModel {
+            step_overhead_ms: 1.0,
+            prefill_overhead_ms: 2.0,
+            prefill_us_per_token: 1000.0,
+            decode_us_per_seq: 10.0,
+        },
+        ..EngineConfig::default()
+    };
+    let keys = [
+        ("victim-key", "victim"),
+        ("victim-colleague-key", "victim"),
+        ("attacker-key", "attacker"),
+    ];
+    let f = fleet::start(2, engine, &keys, work, "probe-audit.jsonl", |_| {}).await?;
+    let mut rng = StdRng::seed_from_u64(7);
+    // (prefix, cached by the victim)
+    let set: Vec<(Vec<u32>, bool)> = (0..candidates)
+        .map(|i| {
+            (
+                tokens(LENGTHS[(i / 2) % LENGTHS.len()], &mut rng),
+                i % 2 == 0,
+            )
+        })
+        .collect();
+    for (prefix, cached) in &set {
+        if *cached {
+            let mut p = prefix.clone();
+            p.extend(tokens(SUFFIX_TOKENS, &mut rng));
+            ensure!(f.complete("victim-key", &p, 1).await?.status == 200);
+        }
+    }
+    // KV events reach the index within milliseconds.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut order: Vec<usize> = (0..set.len()).collect();
+    order.shuffle(&mut rng);
+    let (mut same, mut cross) = (Vec::new(), Vec::new());
+    for i in order {
+        let (prefix, cached) = &set[i];
+        for (key, out) in [
+            ("attacker-key", &mut cross),
+            ("victim-colleague-key", &mut same),
+        ] {
+            let mut p = prefix.clone();
+            p.extend(tokens(SUFFIX_TOKENS, &mut rng));
+            let sent = f.complete(key, &p, 1).await?;
+            ensure!(sent.status == 200, "probe answered {}", sent.status);
+            out.push((sent.ttft.as_secs_f64(), *cached));
+        }
+    }
+    Ok(Probe {
+        auc_same: auc(&same),
+        auc_cross: auc(&cross),
+    })
+}
+
+fn tokens(n: usize, rng: &mut StdRng) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(1000..20000)).collect()
+}
+
+/// The chance that a cached candidate's TTFT is below an uncached one's (ties
+/// count half): 1.0 is a perfect probe, 0.5 chance.
+fn auc(samples: &[(f64, bool)]) -> f64 {
+    let pos: Vec<f64> = samples.iter().filter(|s| s.1).map(|s| s.0).collect();
+    let neg: Vec<f64> = samples.iter().filter(|s| !s.1).map(|s| s.0).collect();
+    if pos.is_empty() || neg.is_empty() {
+        return 0.5;
+    }
+    let mut wins = 0.0;
+    for p in &pos {
+        for n in &neg {
+            wins += if p < n {
+                1.0
+            } else if p == n {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    wins / (pos.len() * neg.len()) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::auc;
+
+    #[test]
+    fn auc_is_one_for_a_perfect_probe_and_half_for_none() {
+        let perfect = [(1.0, true), (2.0, true), (3.0, false), (4.0, false)];
+        assert_eq!(auc(&perfect), 1.0);
+        let inverted = [(3.0, true), (4.0, true), (1.0, false), (2.0, false)];
+        assert_eq!(auc(&inverted), 0.0);
+        let tied = [(1.0, true), (1.0, false)];
+        assert_eq!(auc(&tied), 0.5);
+    }
+}
