@@ -157,15 +157,52 @@ pub struct Limits {
     pub max_concurrent: Option<u32>,
 }
 
-/// Where key material lives: never in the config itself.
+/// Where key material lives: never in the config itself. YAML:
+/// `{file: /run/secrets/key}` or `{env: VAR}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(try_from = "KeyRefRepr", into = "KeyRefRepr")]
 pub enum KeyRef {
     /// A file (e.g. a mounted Kubernetes Secret); its bytes, trailing
     /// newline trimmed.
     File(PathBuf),
     /// An environment variable.
     Env(String),
+}
+
+/// [`KeyRef`] as YAML writes it (serde_yaml reads enums only as tags).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyRefRepr {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    env: Option<String>,
+}
+
+impl TryFrom<KeyRefRepr> for KeyRef {
+    type Error = &'static str;
+    fn try_from(r: KeyRefRepr) -> Result<Self, Self::Error> {
+        match (r.file, r.env) {
+            (Some(f), None) => Ok(KeyRef::File(f)),
+            (None, Some(e)) => Ok(KeyRef::Env(e)),
+            _ => Err("a key is either {file: PATH} or {env: VAR}"),
+        }
+    }
+}
+
+impl From<KeyRef> for KeyRefRepr {
+    fn from(k: KeyRef) -> Self {
+        match k {
+            KeyRef::File(f) => KeyRefRepr {
+                file: Some(f),
+                env: None,
+            },
+            KeyRef::Env(e) => KeyRefRepr {
+                file: None,
+                env: Some(e),
+            },
+        }
+    }
 }
 
 /// Who shares a cache.

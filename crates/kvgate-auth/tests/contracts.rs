@@ -167,3 +167,34 @@ fn bad_configs_are_refused_with_a_reason() {
     cfg.api_keys[0].sha256 = "zz".into();
     assert!(Sentinel::new(&cfg).is_err());
 }
+
+/// The README's config, and the gateway's config written as JSON (the
+/// real-vLLM tier does that), parse as YAML.
+#[test]
+fn configs_parse_as_written_in_yaml_and_json() {
+    let yaml = r#"
+master_key: {file: /run/secrets/kvgate-master}
+state_file: /var/lib/kvgate/contracts.json
+api_keys: [{sha256: "00000000000000000000000000000000000000000000000000000000000000aa", contract: acme}]
+contracts:
+  - {id: acme, models: [llama], limits: {requests_per_minute: 600, max_concurrent: 32}, key: {env: ACME_KEY}}
+jwt: {jwks_file: /etc/kvgate/jwks.json, issuer: https://idp, audience: kvgate}
+control_plane: {url: "http://edc:8181/api"}
+audit: {path: /var/log/kvgate/audit.jsonl, fsync: {interval_ms: 200}}
+privileged_fields: refuse
+isolation: user
+"#;
+    let cfg: AuthConfig = serde_yaml::from_str(yaml).unwrap();
+    assert_eq!(
+        cfg.master_key,
+        Some(KeyRef::File("/run/secrets/kvgate-master".into()))
+    );
+    assert_eq!(cfg.contracts[0].key, Some(KeyRef::Env("ACME_KEY".into())));
+    assert_eq!(cfg.contracts[0].limits.max_concurrent, Some(32));
+    assert_eq!(cfg.control_plane.as_ref().unwrap().poll_ms, 500);
+    let json = serde_json::to_string(&cfg).unwrap();
+    let back: AuthConfig = serde_yaml::from_str(&json).unwrap();
+    assert_eq!(back, cfg);
+    let both: Result<AuthConfig, _> = serde_yaml::from_str("master_key: {file: a, env: B}");
+    assert!(both.is_err());
+}
