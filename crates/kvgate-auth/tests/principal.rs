@@ -8,23 +8,8 @@ use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use kvgate_auth::principal::{api_key_sha256, AuthError, AuthMethod, Authenticator};
 use kvgate_auth::{ApiKeySpec, JwtConfig};
 use serde_json::json;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/auth")
-        .join(name)
-}
-
-fn read(name: &str) -> Vec<u8> {
-    std::fs::read(fixture(name)).unwrap()
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
+mod support;
+use support::{fixture, now, read};
 
 fn jwt_config(jwks: PathBuf) -> JwtConfig {
     serde_yaml::from_str::<JwtConfig>(&format!(

@@ -10,7 +10,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
@@ -26,27 +25,13 @@ use serde_json::{json, Map, Value};
 
 mod inputs;
 use inputs::*;
+#[path = "../../tests/support/mod.rs"]
+mod support;
+use support::{fixture, now, read};
 
 const CASES: u64 = 1_200_000;
 const ISSUER: &str = "https://idp.example";
 const AUDIENCE: &str = "kvgate";
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/auth")
-        .join(name)
-}
-
-fn read(name: &str) -> Vec<u8> {
-    std::fs::read(fixture(name)).unwrap()
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 /// Uniform in `0..n` (0 when `n` is 0).
 fn below(rng: &mut StdRng, n: usize) -> usize {

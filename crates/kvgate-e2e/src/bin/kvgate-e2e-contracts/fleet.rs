@@ -97,17 +97,7 @@ impl Running {
     /// time to the first chunk (to the error for a refusal).
     pub async fn complete(&self, key: &str, prompt: &[u32], max_tokens: u32) -> Result<Sent> {
         let t = Instant::now();
-        let resp = self
-            .http
-            .post(format!("{}/v1/completions", self.url))
-            .bearer_auth(key)
-            .json(
-                &serde_json::json!({"model": DEFAULT_MODEL, "prompt": prompt,
-                "max_tokens": max_tokens, "stream": true, "ignore_eos": true}),
-            )
-            .send()
-            .await
-            .context("sending a completion")?;
+        let resp = self.post_completion(key, prompt, max_tokens, true).await?;
         let status = resp.status().as_u16();
         let mut stream = resp.bytes_stream();
         let mut ttft = None;
@@ -121,6 +111,27 @@ impl Running {
             status,
             ttft: ttft.unwrap_or_else(|| t.elapsed()),
         })
+    }
+
+    /// Sends a completion of token ids `prompt` as `key`; the response as it
+    /// starts.
+    pub async fn post_completion(
+        &self,
+        key: &str,
+        prompt: &[u32],
+        max_tokens: u32,
+        stream: bool,
+    ) -> Result<reqwest::Response> {
+        self.http
+            .post(format!("{}/v1/completions", self.url))
+            .bearer_auth(key)
+            .json(
+                &serde_json::json!({"model": DEFAULT_MODEL, "prompt": prompt,
+                "max_tokens": max_tokens, "stream": stream, "ignore_eos": true}),
+            )
+            .send()
+            .await
+            .context("sending a completion")
     }
 
     /// Prompt tokens found cached across the fleet so far.

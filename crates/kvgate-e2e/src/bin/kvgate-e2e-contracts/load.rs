@@ -56,15 +56,7 @@ pub async fn suspension_and_limits(work: &Path) -> Result<Suspension> {
 
     // A long stream in flight, then the suspension.
     let resp = f
-        .http
-        .post(format!("{}/v1/completions", f.url))
-        .bearer_auth("key-a")
-        .json(
-            &serde_json::json!({"model": kvgate_sim::fleet::DEFAULT_MODEL,
-            "prompt": random_tokens(64, &mut rng), "max_tokens": 400,
-            "stream": true, "ignore_eos": true}),
-        )
-        .send()
+        .post_completion("key-a", &random_tokens(64, &mut rng), 400, true)
         .await?;
     let mut stream = resp.bytes_stream();
     stream.next().await.context("stream ended at once")??;
@@ -99,14 +91,7 @@ pub async fn suspension_and_limits(work: &Path) -> Result<Suspension> {
     let mut statuses = Vec::new();
     for _ in 0..RATE_LIMIT_RPM + 3 {
         let resp = f
-            .http
-            .post(format!("{}/v1/completions", f.url))
-            .bearer_auth("key-l")
-            .json(
-                &serde_json::json!({"model": kvgate_sim::fleet::DEFAULT_MODEL,
-                "prompt": random_tokens(16, &mut rng), "max_tokens": 1}),
-            )
-            .send()
+            .post_completion("key-l", &random_tokens(16, &mut rng), 1, false)
             .await?;
         let retry = resp.headers().contains_key("retry-after");
         statuses.push((resp.status().as_u16(), retry));
