@@ -37,6 +37,8 @@ pub struct Gateway {
     pub(crate) tokenizers: TokenizerRegistry,
     pub(crate) sentinel: kvgate_auth::Sentinel,
     pub(crate) contract_keys: crate::contract_keys::ContractKeys,
+    /// `sentinel_pending_requests{service}`, resolved once (not per request).
+    pub(crate) pending_gauge: prometheus_client::metrics::gauge::Gauge,
     pub(crate) http: reqwest::Client,
     pub metrics: GatewayMetrics,
     pub index_metrics: Arc<IndexerMetrics>,
@@ -71,6 +73,12 @@ impl Gateway {
             .tcp_nodelay(true)
             .build()?;
         let metrics = GatewayMetrics::default();
+        let pending_gauge = metrics
+            .pending_requests
+            .get_or_create(&crate::metrics::ServiceLabels {
+                service: cfg.service.clone(),
+            })
+            .clone();
         announce_tokenizers(&tokenizers, &metrics);
         let mut registry = Registry::default();
         metrics.register(&mut registry);
@@ -87,6 +95,7 @@ impl Gateway {
         let gw = Arc::new(Self {
             sentinel,
             contract_keys: Default::default(),
+            pending_gauge,
             fleet,
             tokenizers,
             http,

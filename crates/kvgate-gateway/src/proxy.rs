@@ -33,15 +33,8 @@ pub struct PendingRequest(prometheus_client::metrics::gauge::Gauge);
 
 impl PendingRequest {
     pub fn new(gw: &Gateway) -> Self {
-        let g = gw
-            .metrics
-            .pending_requests
-            .get_or_create(&crate::metrics::ServiceLabels {
-                service: gw.cfg.service.clone(),
-            })
-            .clone();
-        g.inc();
-        Self(g)
+        gw.pending_gauge.inc();
+        Self(gw.pending_gauge.clone())
     }
 }
 
