@@ -74,8 +74,15 @@ pub struct ApiKeySpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
-    /// A JWKS document (RFC 7517). Reloaded when it changes (`kid` rotation).
-    pub jwks_file: PathBuf,
+    /// A JWKS document (RFC 7517) in a file, re-read when it changes (`kid`
+    /// rotation).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Or at a URL (the issuer's `jwks_uri`), fetched at start and refreshed.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh_secs")]
+    pub jwks_refresh_secs: u64,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     /// The claim naming the contract.
@@ -90,6 +97,11 @@ pub struct JwtConfig {
     pub leeway_secs: u64,
 }
 
+/// Issuers rotate keys over days; five minutes bounds how long a new key
+/// waits when no token has asked for it yet.
+fn default_jwks_refresh_secs() -> u64 {
+    300
+}
 fn default_contract_claim() -> String {
     "contract".into()
 }

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod config;
 pub mod contract;
 pub mod fields;
+mod jwks;
 pub mod limits;
 pub mod paths;
 pub mod principal;
@@ -171,6 +172,12 @@ impl Sentinel {
     /// contract, no salt, no limits (privileged fields are still dropped).
     pub fn enabled(&self) -> bool {
         self.auth.enabled() || self.pod_contract.is_some()
+    }
+
+    /// Fetches a JWKS URL's keys and keeps them fresh (call once, before
+    /// serving; nothing to do without one).
+    pub async fn start_key_refresh(&self) -> Result<(), SetupError> {
+        self.auth.start_key_refresh().await
     }
 
     pub fn contracts(&self) -> &ContractRegistry {

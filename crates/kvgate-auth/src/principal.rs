@@ -2,13 +2,10 @@
 //! constant time) or a JWT (verified against a JWKS file, re-read when it
 //! changes). Either names a contract and a subject within it.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
-
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet};
+
+use crate::jwks::Jwks;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -17,8 +14,6 @@ use crate::SetupError;
 
 /// Longer bearer values are refused before any parsing.
 pub const MAX_BEARER_BYTES: usize = 8 * 1024;
-/// How often a JWKS file's modification time is checked.
-const JWKS_RECHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -109,6 +104,15 @@ struct KeyEntry {
 }
 
 impl Authenticator {
+    /// Fetches a JWKS URL's keys before the first request and keeps them
+    /// fresh in the background (nothing to do for a file or no JWT).
+    pub async fn start_key_refresh(&self) -> Result<(), SetupError> {
+        match &self.jwt {
+            Some(j) => j.jwks.start_refresh().await,
+            None => Ok(()),
+        }
+    }
+
     pub fn new(api_keys: &[ApiKeySpec], jwt: Option<&JwtConfig>) -> Result<Self, SetupError> {
         let api_keys = api_keys
             .iter()
@@ -190,7 +194,7 @@ fn looks_like_jwt(token: &str) -> bool {
 struct JwtVerifier {
     cfg: JwtConfig,
     algorithms: Vec<Algorithm>,
-    jwks: JwksFile,
+    jwks: Jwks,
 }
 
 impl JwtVerifier {
@@ -207,7 +211,7 @@ impl JwtVerifier {
             return Err(SetupError::Algorithm("(none listed)".into()));
         }
         Ok(Self {
-            jwks: JwksFile::load(cfg.jwks_file.clone())?,
+            jwks: Jwks::new(cfg)?,
             algorithms,
             cfg: cfg.clone(),
         })
@@ -321,72 +325,4 @@ fn jwt_error(kind: &jsonwebtoken::errors::ErrorKind) -> AuthError {
         K::MissingRequiredClaim(_) => AuthError::InvalidToken("missing exp"),
         _ => AuthError::InvalidToken("malformed"),
     }
-}
-
-/// A JWKS file, re-read when its modification time changes (checked at most
-/// once a second, and at once for an unknown `kid`: a rotated key works as
-/// soon as the file has it). A file that stops parsing keeps the last good
-/// set, with a warning.
-struct JwksFile {
-    path: PathBuf,
-    state: RwLock<JwksState>,
-}
-
-struct JwksState {
-    set: Arc<JwkSet>,
-    modified: Option<SystemTime>,
-    checked: Instant,
-}
-
-impl JwksFile {
-    fn load(path: PathBuf) -> Result<Self, SetupError> {
-        let (set, modified) = read_jwks(&path).map_err(|e| SetupError::Jwks {
-            path: path.clone(),
-            reason: e,
-        })?;
-        Ok(Self {
-            path,
-            state: RwLock::new(JwksState {
-                set: Arc::new(set),
-                modified,
-                checked: Instant::now(),
-            }),
-        })
-    }
-
-    /// The current set; `now`: check the file whatever the last check's age.
-    fn current(&self, now: bool) -> Arc<JwkSet> {
-        {
-            let s = self.state.read();
-            if !now && s.checked.elapsed() < JWKS_RECHECK {
-                return s.set.clone();
-            }
-        }
-        let mut s = self.state.write();
-        s.checked = Instant::now();
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
-        if modified != s.modified {
-            match read_jwks(&self.path) {
-                Ok((set, m)) => {
-                    tracing::info!(path = %self.path.display(), keys = set.keys.len(), "JWKS reloaded");
-                    s.set = Arc::new(set);
-                    s.modified = m;
-                }
-                Err(reason) => {
-                    tracing::warn!(path = %self.path.display(), %reason, "JWKS not reloaded; keeping the last good one");
-                    s.modified = modified;
-                }
-            }
-        }
-        s.set.clone()
-    }
-}
-
-fn read_jwks(path: &std::path::Path) -> Result<(JwkSet, Option<SystemTime>), String> {
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let set: JwkSet = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    Ok((set, modified))
 }

@@ -271,3 +271,50 @@ proptest::proptest! {
         proptest::prop_assert!(a.authenticate(Some(&t)).is_err());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_from_a_jwks_url_are_fetched_first_and_refreshed() {
+    use std::sync::Arc;
+    let full: serde_json::Value = serde_json::from_slice(&read("jwks.json")).unwrap();
+    let served = Arc::new(parking_lot::Mutex::new(
+        json!({"keys": [full["keys"][0].clone()]}),
+    ));
+    let app = axum::Router::new()
+        .route(
+            "/.well-known/jwks.json",
+            axum::routing::get(
+                |axum::extract::State(s): axum::extract::State<
+                    Arc<parking_lot::Mutex<serde_json::Value>>,
+                >| async move { axum::Json(s.lock().clone()) },
+            ),
+        )
+        .with_state(served.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let mut cfg = jwt_config(fixture("jwks.json"));
+    cfg.jwks_file = None;
+    cfg.jwks_url = Some(format!("http://{addr}/.well-known/jwks.json"));
+    cfg.jwks_refresh_secs = 1;
+    let a = Authenticator::new(&[], Some(&cfg)).unwrap();
+    a.start_key_refresh().await.unwrap();
+    let ed = bearer(&token(Algorithm::EdDSA, Some("ed-1"), &claims()));
+    assert!(
+        a.authenticate(Some(&ed)).is_ok(),
+        "fetched before the first request"
+    );
+    let rs = bearer(&token(Algorithm::RS256, Some("rsa-1"), &claims()));
+    assert_eq!(a.authenticate(Some(&rs)), Err(AuthError::UnknownKey));
+    *served.lock() = full;
+    let t = std::time::Instant::now();
+    while a.authenticate(Some(&rs)).is_err() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "rotated key never fetched"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Both a file and a URL: refused at setup.
+    cfg.jwks_file = Some(fixture("jwks.json"));
+    assert!(Authenticator::new(&[], Some(&cfg)).is_err());
+}

@@ -63,6 +63,7 @@ impl Gateway {
         let index_metrics = Arc::new(IndexerMetrics::default());
         let tokenizers = load_tokenizers(&cfg)?;
         let sentinel = kvgate_auth::Sentinel::new(&cfg.contracts)?;
+        sentinel.start_key_refresh().await?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
             .pool_max_idle_per_host(256)

@@ -31,7 +31,9 @@ pub(crate) fn config(work: &Path) -> Result<(AuthConfig, Credentials)> {
     cfg.contracts.push(ContractSpec::active("tenant-b"));
     let dir = fixtures()?;
     cfg.jwt = Some(JwtConfig {
-        jwks_file: dir.join("jwks.json"),
+        jwks_file: Some(dir.join("jwks.json")),
+        jwks_url: None,
+        jwks_refresh_secs: 300,
         issuer: Some(ISSUER.into()),
         audience: Some(AUDIENCE.into()),
         contract_claim: "contract".into(),
