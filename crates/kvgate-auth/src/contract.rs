@@ -92,16 +92,6 @@ impl Contract {
         hex::encode(out)
     }
 
-    /// A 32-byte key for `purpose` (e.g. the chunk store's `kvcache` data
-    /// key), from the contract's key material; never stored.
-    pub fn derive_key(&self, purpose: &str) -> Zeroizing<[u8; 32]> {
-        let mut out = Zeroizing::new([0u8; 32]);
-        let mut info = Vec::with_capacity(purpose.len() + 8);
-        push_prefixed(&mut info, purpose.as_bytes());
-        self.expand(&info, out.as_mut());
-        out
-    }
-
     fn expand(&self, info: &[u8], out: &mut [u8]) {
         // The contract key is a full-entropy PRK; output lengths here are far
         // below HKDF's limit, so expansion cannot fail.

@@ -30,16 +30,6 @@ pub enum AuthMethod {
     PodContract,
 }
 
-impl AuthMethod {
-    pub fn name(self) -> &'static str {
-        match self {
-            AuthMethod::ApiKey => "api_key",
-            AuthMethod::Jwt => "jwt",
-            AuthMethod::PodContract => "pod_contract",
-        }
-    }
-}
-
 /// Why a request has no principal. Messages never echo the credential.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
