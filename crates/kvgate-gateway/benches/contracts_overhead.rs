@@ -11,7 +11,9 @@
 //! p99, writes `target/bench/contracts_overhead/report.{md,json}`, and exits
 //! non-zero if a request failed or B's audit log does not verify with one
 //! `request` record per request B served. Knobs (env): `CONTRACTS_BENCH_ROUNDS`
-//! (6), `CONTRACTS_BENCH_ROUND_MS` (3000), `CONTRACTS_BENCH_CLIENTS` (16).
+//! (6), `CONTRACTS_BENCH_ROUND_MS` (3000), `CONTRACTS_BENCH_CLIENTS` (16);
+//! `CONTRACTS_BENCH_B=off` runs B without contracts (the A/A control: the
+//! bench's own bias, about 1.0x).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -331,7 +333,13 @@ async fn main() -> ExitCode {
     let (url_a, _gw_a) = start(config(&upstream)).await;
     let mut cfg_b = config(&upstream);
     cfg_b.contracts = contracts(audit_dir.path());
-    let layer = layer_costs(&cfg_b.contracts, audit_dir.path());
+    // The A/A control: B without contracts measures the bench's own bias.
+    let control = std::env::var("CONTRACTS_BENCH_B").as_deref() == Ok("off");
+    let b_contracts = std::mem::take(&mut cfg_b.contracts);
+    if !control {
+        cfg_b.contracts = b_contracts.clone();
+    }
+    let layer = layer_costs(&b_contracts, audit_dir.path());
     println!("contract layer per call (no HTTP): {layer}");
     let (url_b, gw_b) = start(cfg_b).await;
     let client = reqwest::Client::builder()
