@@ -332,11 +332,9 @@ async fn main() -> ExitCode {
     let upstream = fake_engine().await;
     let (url_a, _gw_a) = start(config(&upstream)).await;
     let mut cfg_b = config(&upstream);
-    cfg_b.contracts = contracts(audit_dir.path());
+    let b_contracts = contracts(audit_dir.path());
     // The A/A control: B without contracts measures the bench's own bias.
-    let control = std::env::var("CONTRACTS_BENCH_B").as_deref() == Ok("off");
-    let b_contracts = std::mem::take(&mut cfg_b.contracts);
-    if !control {
+    if std::env::var("CONTRACTS_BENCH_B").as_deref() != Ok("off") {
         cfg_b.contracts = b_contracts.clone();
     }
     let layer = layer_costs(&b_contracts, audit_dir.path());
