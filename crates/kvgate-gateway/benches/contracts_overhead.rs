@@ -294,13 +294,18 @@ fn report(dir: &std::path::Path, report: &Value) -> std::io::Result<()> {
     let mut md = format!(
         "# Contracts overhead (auth + rate limits + audit, on vs off)\n\n\
          {} closed-loop clients, {} interleaved rounds of {} ms per gateway, round robin, \
-         one instant fake engine, all in one process.\n\n\
+         one instant fake engine, all in one process.{}\n\n\
          | gateway | requests/s | requests | p50 µs | p99 µs |\n|---|---|---|---|---|\n{}\n{}\n\n\
          Throughput B/A: **{:.3}x**; added p99: **{:.0} µs**.\n\n| goal | target | measured | met |\n\
          |---|---|---|---|\n",
         report["clients"],
         report["rounds"],
         report["round_ms"],
+        if report["control"] == true {
+            " **A/A control: B ran without contracts; the goals do not apply.**"
+        } else {
+            ""
+        },
         side("off"),
         side("on"),
         report["throughput_ratio"].as_f64().unwrap_or(0.0),
@@ -334,7 +339,10 @@ async fn main() -> ExitCode {
     let mut cfg_b = config(&upstream);
     let b_contracts = contracts(audit_dir.path());
     // The A/A control: B without contracts measures the bench's own bias.
-    if std::env::var("CONTRACTS_BENCH_B").as_deref() != Ok("off") {
+    let control = std::env::var("CONTRACTS_BENCH_B").as_deref() == Ok("off");
+    if control {
+        println!("A/A control: B runs without contracts; the goals below do not apply");
+    } else {
         cfg_b.contracts = b_contracts.clone();
     }
     let layer = layer_costs(&b_contracts, audit_dir.path());
@@ -398,6 +406,7 @@ async fn main() -> ExitCode {
     ]);
     let out = json!({
         "clients": clients, "rounds": rounds, "round_ms": round.as_millis() as u64,
+        "control": control,
         "gateways": {"off": sa, "on": sb},
         "throughput_ratio": ratio, "added_p99_us": added_p99,
         "failed_requests": failed,
