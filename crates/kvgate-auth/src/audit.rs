@@ -72,6 +72,8 @@ pub mod kind {
     /// expired, unknown, model not covered).
     pub const CONTRACT_REFUSED: &str = "contract_refused";
     pub const CACHE: &str = "cache";
+    /// A contracts config applied (or refused) while running.
+    pub const CONFIG_RELOAD: &str = "config_reload";
     pub const FIELD_DROPPED: &str = "field_dropped";
     pub const FIELD_REFUSED: &str = "field_refused";
     pub const PATH_REFUSED: &str = "path_refused";
@@ -270,8 +272,8 @@ pub enum FsyncPolicy {
     /// Leave it to the OS: a process crash loses nothing written, a power
     /// loss or kernel crash loses what the OS had not flushed yet.
     Never,
-    /// After every batch write: a power loss loses at most the batch being
-    /// written (and what was still queued).
+    /// After every batch write (a batch gathers for 10 ms): a power loss
+    /// loses at most the batch being written (and what was still queued).
     #[default]
     Batch,
     /// At most this many ms after a write.
@@ -414,13 +416,19 @@ fn encode_line(
     key: Option<&[u8]>,
 ) -> Result<(Vec<u8>, [u8; 32]), String> {
     let time = format_time(time);
-    let prev = hex::encode(prev);
-    let mut line = serde_json::to_vec(&LineOut {
-        seq,
-        time: &time,
-        prev: &prev,
-        record,
-    })
+    let mut prev_hex = [0u8; 64];
+    hex::encode_to_slice(prev, &mut prev_hex).map_err(|e| e.to_string())?;
+    let prev = std::str::from_utf8(&prev_hex).map_err(|e| e.to_string())?;
+    let mut line = Vec::with_capacity(384);
+    serde_json::to_writer(
+        &mut line,
+        &LineOut {
+            seq,
+            time: &time,
+            prev,
+            record,
+        },
+    )
     .map_err(|e| e.to_string())?;
     if let Some(key) = key {
         let mac = line_mac(key, &line)?;
@@ -446,19 +454,37 @@ fn decode_hash(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// RFC 3339, UTC, milliseconds: `2026-01-02T03:04:05.678Z`.
+/// RFC 3339, UTC, milliseconds: `2026-01-02T03:04:05.678Z`. Digits are
+/// written by hand: `format!` was most of the writer's encoding time.
 fn format_time(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (y, m, day) = civil_from_days((secs / 86_400) as i64);
     let s = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        s / 3600,
-        s % 3600 / 60,
-        s % 60,
-        d.subsec_millis()
-    )
+    let mut out = String::with_capacity(24);
+    push_digits(&mut out, y.clamp(0, 9999) as u64, 4);
+    out.push('-');
+    push_digits(&mut out, u64::from(m), 2);
+    out.push('-');
+    push_digits(&mut out, u64::from(day), 2);
+    out.push('T');
+    push_digits(&mut out, s / 3600, 2);
+    out.push(':');
+    push_digits(&mut out, s % 3600 / 60, 2);
+    out.push(':');
+    push_digits(&mut out, s % 60, 2);
+    out.push('.');
+    push_digits(&mut out, u64::from(d.subsec_millis()), 3);
+    out.push('Z');
+    out
+}
+
+/// `v`'s last `width` decimal digits, zero-padded.
+fn push_digits(out: &mut String, v: u64, width: u32) {
+    for i in (0..width).rev() {
+        let digit = (v / 10u64.pow(i) % 10) as u8;
+        out.push(char::from(b'0' + digit));
+    }
 }
 
 /// (year, month, day) of a count of days since 1970-01-01 in the proleptic

@@ -13,6 +13,10 @@ pub struct AuthConfig {
     /// API keys, by hash only. No keys and no JWT: no authentication, one
     /// shared anonymous tenant (for a fleet with no contracts at all).
     pub api_keys: Vec<ApiKeySpec>,
+    /// Client certificates (mTLS: the listener's `tls.client_ca_file`), by
+    /// the SHA-256 (hex) of their DER: a client presenting one is under its
+    /// contract without a bearer token.
+    pub client_certs: Vec<ClientCertSpec>,
     pub jwt: Option<JwtConfig>,
     pub contracts: Vec<ContractSpec>,
     /// The one contract this kvgate serves (the sidecar layout, `TB_CONTRACT_ID`):
@@ -44,6 +48,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             api_keys: Vec::new(),
+            client_certs: Vec::new(),
             jwt: None,
             contracts: Vec::new(),
             pod_contract: None,
@@ -70,6 +75,11 @@ pub struct ApiKeySpec {
     #[serde(default)]
     pub subject: Option<String>,
 }
+
+/// A client certificate by the SHA-256 of its DER (`openssl x509 -in c.pem
+/// -outform der | sha256sum`), with the same fields as an API key's: its
+/// contract, and who within it (default: the fingerprint's prefix).
+pub type ClientCertSpec = ApiKeySpec;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hkdf::Hkdf;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::config::{AuthConfig, ContractSpec, ContractStatus, KeyRef};
@@ -58,6 +59,9 @@ pub struct Contract {
     epoch: AtomicU64,
     suspended: AtomicBool,
     pub(crate) limits: ContractLimits,
+    /// The contract-wide salt and the epoch it is of: every request needs
+    /// it, and deriving it costs two HMACs.
+    salt: Mutex<Option<(u64, Zeroizing<String>)>>,
 }
 
 impl Contract {
@@ -76,10 +80,26 @@ impl Contract {
     /// The vLLM `cache_salt` (and LMCache tag) of this contract's current
     /// epoch, for one subject under per-user isolation: 32 hex chars.
     pub fn cache_salt(&self, subject: Option<&str>) -> String {
+        let epoch = self.epoch();
+        if subject.is_some() {
+            return self.derive_salt(epoch, subject);
+        }
+        let mut cached = self.salt.lock();
+        match &*cached {
+            Some((e, salt)) if *e == epoch => salt.to_string(),
+            _ => {
+                let salt = self.derive_salt(epoch, None);
+                *cached = Some((epoch, Zeroizing::new(salt.clone())));
+                salt
+            }
+        }
+    }
+
+    fn derive_salt(&self, epoch: u64, subject: Option<&str>) -> String {
         let mut info = Zeroizing::new(Vec::with_capacity(96));
         info.extend_from_slice(CACHE_SALT_INFO);
         push_prefixed(&mut info, self.spec.id.as_bytes());
-        info.extend_from_slice(&self.epoch().to_be_bytes());
+        info.extend_from_slice(&epoch.to_be_bytes());
         match subject {
             Some(s) => {
                 info.push(1);
@@ -125,6 +145,31 @@ impl Contract {
     }
 }
 
+/// A contract's key: its own material, or derived from the master key.
+fn spec_key(spec: &ContractSpec, master: Option<&[u8]>) -> Result<Zeroizing<[u8; 32]>, SetupError> {
+    match (&spec.key, master) {
+        (Some(k), _) => Ok(contract_key(&read_key(k)?, "")),
+        (None, Some(m)) => Ok(contract_key(m, &spec.id)),
+        (None, None) => Err(SetupError::NoKey(spec.id.clone())),
+    }
+}
+
+fn build(
+    spec: &ContractSpec,
+    key: Zeroizing<[u8; 32]>,
+    epoch: u64,
+    suspended: bool,
+) -> Result<Arc<Contract>, SetupError> {
+    Ok(Arc::new(Contract {
+        limits: ContractLimits::new(&spec.limits)?,
+        spec: spec.clone(),
+        key,
+        epoch: AtomicU64::new(epoch),
+        salt: Mutex::new(None),
+        suspended: AtomicBool::new(suspended),
+    }))
+}
+
 /// A length-prefixed field: no two field lists hash alike.
 fn push_prefixed(buf: &mut Vec<u8>, field: &[u8]) {
     buf.extend_from_slice(&(field.len() as u64).to_be_bytes());
@@ -141,12 +186,38 @@ pub struct StatusChange {
     pub changed: bool,
 }
 
-/// Every contract, by id.
+/// Every contract, by id. A reload swaps the whole map: requests already
+/// holding a contract keep it, new ones see the new map.
 pub struct ContractRegistry {
-    contracts: BTreeMap<String, Arc<Contract>>,
+    contracts: RwLock<Arc<BTreeMap<String, Arc<Contract>>>>,
     state_file: Option<PathBuf>,
-    /// Serializes status changes and their persistence.
+    /// Serializes status changes, reloads and their persistence.
     changes: Mutex<()>,
+}
+
+/// What a reload of the contracts config changed, by contract id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReloadSummary {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Spec changed (models, limits, window, priority): same key and epoch.
+    pub updated: Vec<String>,
+    /// Key material changed: a new salt epoch, so nothing cached under the
+    /// old key is hit again.
+    pub rekeyed: Vec<String>,
+    /// `status:` changed in the config: applied as a suspension or a
+    /// reactivation (epoch moved).
+    pub status_changed: Vec<String>,
+}
+
+impl ReloadSummary {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.updated.is_empty()
+            && self.rekeyed.is_empty()
+            && self.status_changed.is_empty()
+    }
 }
 
 /// What survives a restart (the state file).
@@ -173,42 +244,99 @@ impl ContractRegistry {
             if spec.id.is_empty() || contracts.contains_key(&spec.id) {
                 return Err(SetupError::ContractId(spec.id.clone()));
             }
-            let key = match (&spec.key, &master) {
-                (Some(k), _) => contract_key(&read_key(k)?, ""),
-                (None, Some(m)) => contract_key(m, &spec.id),
-                (None, None) => return Err(SetupError::NoKey(spec.id.clone())),
-            };
             let saved = persisted.contracts.get(&spec.id);
             // A persisted epoch never goes back below the configured one.
             let epoch = saved.map_or(spec.salt_epoch, |s| s.epoch.max(spec.salt_epoch));
             let suspended = saved.map_or(spec.status == ContractStatus::Suspended, |s| s.suspended);
-            contracts.insert(
-                spec.id.clone(),
-                Arc::new(Contract {
-                    limits: ContractLimits::new(&spec.limits)?,
-                    spec: spec.clone(),
-                    key,
-                    epoch: AtomicU64::new(epoch),
-                    suspended: AtomicBool::new(suspended),
-                }),
-            );
+            let key = spec_key(spec, master.as_ref().map(|m| m.as_slice()))?;
+            contracts.insert(spec.id.clone(), build(spec, key, epoch, suspended)?);
         }
         if cfg.state_file.is_none() && !contracts.is_empty() {
             tracing::warn!("contracts.state_file is not set: suspensions and salt epochs last only as long as this process");
         }
         Ok(Self {
-            contracts,
+            contracts: RwLock::new(Arc::new(contracts)),
             state_file: cfg.state_file.clone(),
             changes: Mutex::new(()),
         })
     }
 
-    pub fn get(&self, id: &str) -> Option<&Arc<Contract>> {
-        self.contracts.get(id)
+    /// Applies a new contracts config. A contract whose spec and key are
+    /// unchanged is kept as it is (its live status, epoch and rate buckets);
+    /// a changed spec keeps the epoch and live status; new key material moves
+    /// the epoch; a changed `status:` is applied like an admin suspension or
+    /// reactivation. Nothing is changed if any contract of the new config is
+    /// invalid.
+    pub fn reload(&self, cfg: &AuthConfig) -> Result<ReloadSummary, SetupError> {
+        let master = cfg.master_key.as_ref().map(read_key).transpose()?;
+        let _serial = self.changes.lock();
+        let old = self.snapshot();
+        let mut next = BTreeMap::new();
+        let mut summary = ReloadSummary::default();
+        for spec in &cfg.contracts {
+            if spec.id.is_empty() || next.contains_key(&spec.id) {
+                return Err(SetupError::ContractId(spec.id.clone()));
+            }
+            let key = spec_key(spec, master.as_ref().map(|m| m.as_slice()))?;
+            let Some(current) = old.get(&spec.id) else {
+                let suspended = spec.status == ContractStatus::Suspended;
+                next.insert(
+                    spec.id.clone(),
+                    build(spec, key, spec.salt_epoch, suspended)?,
+                );
+                summary.added.push(spec.id.clone());
+                continue;
+            };
+            let same_key = bool::from(current.key.as_slice().ct_eq(key.as_slice()));
+            if same_key && current.spec == *spec {
+                next.insert(spec.id.clone(), current.clone());
+                continue;
+            }
+            let mut epoch = current.epoch();
+            let mut suspended = current.is_suspended();
+            if !same_key {
+                epoch += 1;
+                summary.rekeyed.push(spec.id.clone());
+            } else {
+                summary.updated.push(spec.id.clone());
+            }
+            if spec.status != current.spec.status {
+                let now = spec.status == ContractStatus::Suspended;
+                if now != suspended {
+                    suspended = now;
+                    epoch += u64::from(same_key);
+                }
+                summary.status_changed.push(spec.id.clone());
+            }
+            let replacement = build(spec, key, epoch.max(spec.salt_epoch), suspended)?;
+            // Responses in flight hold the old contract: they see the change.
+            current.suspended.store(suspended, Ordering::Release);
+            current.epoch.store(replacement.epoch(), Ordering::Release);
+            next.insert(spec.id.clone(), replacement);
+        }
+        for (id, c) in old.iter() {
+            if !next.contains_key(id) {
+                // In flight under a removed contract: treated as suspended.
+                c.suspended.store(true, Ordering::Release);
+                summary.removed.push(id.clone());
+            }
+        }
+        *self.contracts.write() = Arc::new(next);
+        self.persist()?;
+        Ok(summary)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Contract>> {
-        self.contracts.values()
+    fn snapshot(&self) -> Arc<BTreeMap<String, Arc<Contract>>> {
+        self.contracts.read().clone()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Contract>> {
+        self.contracts.read().get(id).cloned()
+    }
+
+    /// Every contract, by id.
+    pub fn all(&self) -> Vec<Arc<Contract>> {
+        self.contracts.read().values().cloned().collect()
     }
 
     /// The contract `id`, if it admits a request for `model` now.
@@ -217,8 +345,8 @@ impl ContractRegistry {
         id: &str,
         model: &str,
         now_unix: u64,
-    ) -> Result<&Arc<Contract>, ContractError> {
-        let c = self.contracts.get(id).ok_or(ContractError::Unknown)?;
+    ) -> Result<Arc<Contract>, ContractError> {
+        let c = self.get(id).ok_or(ContractError::Unknown)?;
         c.check(model, now_unix)?;
         Ok(c)
     }
@@ -227,7 +355,6 @@ impl ContractRegistry {
     /// epoch: blocks cached before can never be hit again, by anyone.
     pub fn set_suspended(&self, id: &str, suspended: bool) -> Result<StatusChange, SetupError> {
         let c = self
-            .contracts
             .get(id)
             .ok_or_else(|| SetupError::ContractId(id.to_string()))?;
         let _serial = self.changes.lock();
@@ -254,7 +381,7 @@ impl ContractRegistry {
         };
         let state = PersistedState {
             contracts: self
-                .contracts
+                .snapshot()
                 .iter()
                 .map(|(id, c)| {
                     (

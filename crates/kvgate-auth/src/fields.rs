@@ -54,24 +54,51 @@ pub fn strip_privileged(
 /// What kvgate itself sets: the contract's salt as vLLM's `cache_salt` and
 /// as LMCache's tag (vLLM does not pass `cache_salt` on to LMCache), and the
 /// contract's priority.
-pub fn set_contract_fields(
-    body: &mut Map<String, Value>,
+pub fn contract_fields(
     cache_salt: &str,
     lmcache_tag: bool,
     priority: Option<i64>,
-) {
-    body.insert("cache_salt".into(), Value::String(cache_salt.to_string()));
+) -> Map<String, Value> {
+    let mut fields = Map::new();
+    fields.insert("cache_salt".into(), Value::String(cache_salt.to_string()));
     if lmcache_tag {
         let mut params = Map::new();
         params.insert(
             LMCACHE_SALT_TAG.into(),
             Value::String(cache_salt.to_string()),
         );
-        body.insert("kv_transfer_params".into(), Value::Object(params));
+        fields.insert("kv_transfer_params".into(), Value::Object(params));
     }
     if let Some(p) = priority {
-        body.insert("priority".into(), Value::from(p));
+        fields.insert("priority".into(), Value::from(p));
     }
+    fields
+}
+
+/// `body` (a JSON object's text) with `fields` as its first members, the
+/// client's bytes after them untouched: no re-encoding of the whole body.
+/// Only for a body that holds none of `fields`' names (after
+/// [`strip_privileged`] found nothing to drop), so no name appears twice.
+/// None if `body` does not start with `{`.
+pub fn prepend_fields(body: &[u8], fields: &Map<String, Value>) -> Option<Vec<u8>> {
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
+    }
+    let rest = &body[open + 1..];
+    let mut out = Vec::with_capacity(body.len() + 64 * fields.len());
+    serde_json::to_writer(&mut out, fields).ok()?;
+    // `out` is `{...}`: reopen it and let the client's members follow.
+    out.pop();
+    let empty = rest
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'}');
+    if !fields.is_empty() && !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -108,12 +135,35 @@ mod tests {
 
     #[test]
     fn kvgate_sets_the_salt_twice_and_the_priority() {
-        let mut body = obj(json!({"model": "m"}));
-        set_contract_fields(&mut body, "abc", true, Some(3));
+        let fields = contract_fields("abc", true, Some(3));
         assert_eq!(
-            Value::Object(body),
-            json!({"model": "m", "cache_salt": "abc",
+            Value::Object(fields),
+            json!({"cache_salt": "abc",
                 "kv_transfer_params": {"lmcache.tag.cachesalt": "abc"}, "priority": 3})
         );
+    }
+
+    #[test]
+    fn fields_are_prepended_to_the_clients_bytes() {
+        let fields = contract_fields("abc", true, None);
+        let body = br#" {"model": "m",  "messages": [{"role":"user","content":"hi"}]}"#;
+        let out = prepend_fields(body, &fields).unwrap();
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(
+            text.ends_with(r#""model": "m",  "messages": [{"role":"user","content":"hi"}]}"#),
+            "{text}"
+        );
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap(),
+            json!({"cache_salt": "abc", "kv_transfer_params": {"lmcache.tag.cachesalt": "abc"},
+                "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        );
+        let out = prepend_fields(b"{ }", &fields).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap(),
+            Value::Object(fields.clone())
+        );
+        assert_eq!(prepend_fields(b"[1]", &fields), None);
+        assert_eq!(prepend_fields(b"   ", &fields), None);
     }
 }

@@ -17,15 +17,16 @@ mod jwks;
 pub mod limits;
 pub mod paths;
 pub mod principal;
+mod reload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use config::{
-    ApiKeySpec, AuthConfig, ContractSpec, ContractStatus, ControlPlaneConfig, FieldPolicy,
-    InFlightPolicy, Isolation, JwtConfig, KeyRef, Limits,
+    ApiKeySpec, AuthConfig, ClientCertSpec, ContractSpec, ContractStatus, ControlPlaneConfig,
+    FieldPolicy, InFlightPolicy, Isolation, JwtConfig, KeyRef, Limits,
 };
-pub use contract::{Contract, ContractError, ContractRegistry, StatusChange};
+pub use contract::{Contract, ContractError, ContractRegistry, ReloadSummary, StatusChange};
 pub use fields::FieldRefused;
 pub use limits::{InFlight, LimitError};
 pub use principal::{AuthError, AuthMethod, Principal};
@@ -36,9 +37,9 @@ use principal::Authenticator;
 /// A config the contract layer cannot start with.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("api key of contract {0:?}: sha256 must be 64 hex characters")]
+    #[error("api key or client certificate of contract {0:?}: sha256 must be 64 hex characters")]
     ApiKeyHash(String),
-    #[error("api key names unknown contract {0:?}")]
+    #[error("api key or client certificate names unknown contract {0:?}")]
     ApiKeyContract(String),
     #[error("jwt algorithm {0:?} is not accepted (RS256/384/512, PS256/384/512, ES256/384, EdDSA, HS256/384/512)")]
     Algorithm(String),
@@ -56,6 +57,8 @@ pub enum SetupError {
     ZeroLimit(&'static str),
     #[error("audit log: {0}")]
     Audit(#[from] audit::AuditError),
+    #[error("contracts.{0} changed: it takes effect only at a restart (the running config stays)")]
+    NeedsRestart(&'static str),
 }
 
 /// Why a request is refused by the contract layer.
@@ -103,8 +106,11 @@ impl Denied {
 }
 
 pub struct Sentinel {
-    auth: Authenticator,
+    /// Swapped whole by a reload (`reload.rs`).
+    auth: parking_lot::RwLock<Arc<Authenticator>>,
     contracts: ContractRegistry,
+    /// The settings a reload may not change (they need a restart).
+    restart_only: reload::RestartOnly,
     isolation: Isolation,
     privileged_fields: FieldPolicy,
     lmcache_tag: bool,
@@ -149,16 +155,10 @@ impl Admission {
 impl Sentinel {
     pub fn new(cfg: &AuthConfig) -> Result<Self, SetupError> {
         let contracts = ContractRegistry::new(cfg)?;
-        if let Some(k) = cfg
-            .api_keys
-            .iter()
-            .find(|k| contracts.get(&k.contract).is_none())
-        {
-            return Err(SetupError::ApiKeyContract(k.contract.clone()));
-        }
         Ok(Self {
-            auth: Authenticator::new(&cfg.api_keys, cfg.jwt.as_ref())?,
+            auth: parking_lot::RwLock::new(Arc::new(reload::authenticator(cfg)?)),
             contracts,
+            restart_only: reload::RestartOnly::of(cfg),
             isolation: cfg.isolation,
             privileged_fields: cfg.privileged_fields,
             lmcache_tag: cfg.lmcache_tag,
@@ -171,13 +171,14 @@ impl Sentinel {
     /// Without credentials configured every request is anonymous: no
     /// contract, no salt, no limits (privileged fields are still dropped).
     pub fn enabled(&self) -> bool {
-        self.auth.enabled() || self.pod_contract.is_some()
+        self.auth.read().enabled() || self.pod_contract.is_some()
     }
 
     /// Fetches a JWKS URL's keys and keeps them fresh (call once, before
     /// serving; nothing to do without one).
     pub async fn start_key_refresh(&self) -> Result<(), SetupError> {
-        self.auth.start_key_refresh().await
+        let auth = self.auth.read().clone();
+        auth.start_key_refresh().await
     }
 
     pub fn contracts(&self) -> &ContractRegistry {
@@ -199,21 +200,34 @@ impl Sentinel {
     /// The principal behind an `Authorization` header value. Failures are
     /// audited here.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, Denied> {
-        if let (false, Some(c)) = (self.auth.enabled(), &self.pod_contract) {
+        self.authenticate_with_cert(authorization, None)
+    }
+
+    /// As [`Self::authenticate`], on a connection that may carry a verified
+    /// client certificate (the SHA-256 of its DER): see
+    /// [`principal::Authenticator::authenticate_with_cert`].
+    pub fn authenticate_with_cert(
+        &self,
+        authorization: Option<&str>,
+        client_cert: Option<&[u8; 32]>,
+    ) -> Result<Principal, Denied> {
+        let auth = self.auth.read().clone();
+        if let (false, Some(c)) = (auth.enabled(), &self.pod_contract) {
             return Ok(Principal {
                 contract: c.clone(),
                 subject: POD_SUBJECT.into(),
                 method: AuthMethod::PodContract,
             });
         }
-        self.auth.authenticate(authorization).map_err(|e| {
-            self.audit.record(
-                AuditRecord::new(kind::AUTH_FAILURE)
-                    .status(401)
-                    .reason(e.reason()),
-            );
-            e.into()
-        })
+        auth.authenticate_with_cert(authorization, client_cert)
+            .map_err(|e| {
+                self.audit.record(
+                    AuditRecord::new(kind::AUTH_FAILURE)
+                        .status(401)
+                        .reason(e.reason()),
+                );
+                e.into()
+            })
     }
 
     /// The principal's contract, if it admits `model` now. Refusals are
@@ -224,8 +238,8 @@ impl Sentinel {
             _ => self.contracts.admit(&principal.contract, model, now_unix()),
         };
         match admitted {
-            Ok(c) => Ok(Authorized {
-                contract: c.clone(),
+            Ok(contract) => Ok(Authorized {
+                contract,
                 principal,
             }),
             Err(e) => {

@@ -9,7 +9,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{ApiKeySpec, JwtConfig};
+use crate::config::{ApiKeySpec, ClientCertSpec, JwtConfig};
 use crate::SetupError;
 
 /// Longer bearer values are refused before any parsing.
@@ -28,6 +28,8 @@ pub enum AuthMethod {
     Jwt,
     /// No credential: the pod's one contract (sidecar layout).
     PodContract,
+    /// A client certificate the listener verified (mTLS).
+    ClientCert,
 }
 
 /// Why a request has no principal. Messages never echo the credential.
@@ -59,6 +61,10 @@ pub enum AuthError {
     WrongAudience,
     #[error("token has no string claim '{0}'")]
     MissingClaim(String),
+    #[error("the client certificate is not registered to a contract")]
+    UnknownClientCert,
+    #[error("the bearer token and the client certificate name different contracts")]
+    CertificateMismatch,
 }
 
 impl AuthError {
@@ -78,12 +84,15 @@ impl AuthError {
             AuthError::WrongIssuer => "wrong_issuer",
             AuthError::WrongAudience => "wrong_audience",
             AuthError::MissingClaim(_) => "missing_claim",
+            AuthError::UnknownClientCert => "unknown_client_cert",
+            AuthError::CertificateMismatch => "certificate_mismatch",
         }
     }
 }
 
 pub struct Authenticator {
     api_keys: Vec<KeyEntry>,
+    client_certs: Vec<KeyEntry>,
     jwt: Option<JwtVerifier>,
 }
 
@@ -104,29 +113,58 @@ impl Authenticator {
     }
 
     pub fn new(api_keys: &[ApiKeySpec], jwt: Option<&JwtConfig>) -> Result<Self, SetupError> {
-        let api_keys = api_keys
-            .iter()
-            .map(|k| {
-                let mut sha256 = [0u8; 32];
-                hex::decode_to_slice(k.sha256.trim(), &mut sha256)
-                    .map_err(|_| SetupError::ApiKeyHash(k.contract.clone()))?;
-                Ok(KeyEntry {
-                    sha256,
-                    contract: k.contract.clone(),
-                    subject: k
-                        .subject
-                        .clone()
-                        .unwrap_or_else(|| format!("key-{}", &k.sha256.trim()[..8])),
-                })
-            })
-            .collect::<Result<Vec<_>, SetupError>>()?;
+        let api_keys = entries(api_keys, "key")?;
         let jwt = jwt.map(JwtVerifier::new).transpose()?;
-        Ok(Self { api_keys, jwt })
+        Ok(Self {
+            api_keys,
+            client_certs: Vec::new(),
+            jwt,
+        })
+    }
+
+    /// Also maps these client certificates to their contracts.
+    pub fn with_client_certs(mut self, certs: &[ClientCertSpec]) -> Result<Self, SetupError> {
+        self.client_certs = entries(certs, "cert")?;
+        Ok(self)
     }
 
     /// Whether any credential is configured (else requests are anonymous).
     pub fn enabled(&self) -> bool {
-        !self.api_keys.is_empty() || self.jwt.is_some()
+        !self.api_keys.is_empty() || !self.client_certs.is_empty() || self.jwt.is_some()
+    }
+
+    /// The principal of a request: its bearer credential if it has one,
+    /// else its connection's client certificate (the SHA-256 of its DER).
+    /// With both, they must name the same contract.
+    pub fn authenticate_with_cert(
+        &self,
+        authorization: Option<&str>,
+        client_cert: Option<&[u8; 32]>,
+    ) -> Result<Principal, AuthError> {
+        let cert = client_cert.and_then(|fp| self.client_cert(fp));
+        match (authorization, cert) {
+            (None, Some(p)) => Ok(p),
+            (None, None) if client_cert.is_some() => Err(AuthError::UnknownClientCert),
+            (authorization, cert) => {
+                let p = self.authenticate(authorization)?;
+                match cert {
+                    Some(c) if c.contract != p.contract => Err(AuthError::CertificateMismatch),
+                    _ => Ok(p),
+                }
+            }
+        }
+    }
+
+    fn client_cert(&self, fingerprint: &[u8; 32]) -> Option<Principal> {
+        // Fingerprints are not secret: a plain lookup.
+        self.client_certs
+            .iter()
+            .find(|e| e.sha256 == *fingerprint)
+            .map(|e| Principal {
+                contract: e.contract.clone(),
+                subject: e.subject.clone(),
+                method: AuthMethod::ClientCert,
+            })
     }
 
     /// The principal of an `Authorization` header value.
@@ -169,6 +207,27 @@ impl Authenticator {
             })
             .ok_or(AuthError::InvalidApiKey)
     }
+}
+
+/// API keys or client certificates by hash, each with its contract and
+/// subject (default: `<kind>-` and the hash's first 8 hex digits).
+fn entries(specs: &[ApiKeySpec], kind: &str) -> Result<Vec<KeyEntry>, SetupError> {
+    specs
+        .iter()
+        .map(|k| {
+            let mut sha256 = [0u8; 32];
+            hex::decode_to_slice(k.sha256.trim(), &mut sha256)
+                .map_err(|_| SetupError::ApiKeyHash(k.contract.clone()))?;
+            Ok(KeyEntry {
+                sha256,
+                contract: k.contract.clone(),
+                subject: k
+                    .subject
+                    .clone()
+                    .unwrap_or_else(|| format!("{kind}-{}", &k.sha256.trim()[..8])),
+            })
+        })
+        .collect()
 }
 
 /// What the config holds for an API key: its SHA-256, hex.

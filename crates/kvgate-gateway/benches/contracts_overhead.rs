@@ -28,6 +28,10 @@ use kvgate_gateway::{EndpointConfig, Gateway, GatewayConfig, StaticDiscovery};
 use kvgate_router::{Policy, RouterConfig};
 use serde_json::{json, Value};
 
+/// The allocator the `kvgate` binary runs on, so the bench measures what ships.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const API_KEY: &str = "bench-key-0123456789";
 const CONTRACT: &str = "bench";
 const WARMUP: Duration = Duration::from_millis(1000);

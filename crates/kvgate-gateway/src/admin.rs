@@ -65,14 +65,27 @@ fn admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), OpenAiError> {
     Err(OpenAiError::unauthorized("invalid admin token"))
 }
 
+/// An admin action that is not itself a status change (those are audited as
+/// `suspension` / `reactivation` where they happen).
+fn audit_admin(gw: &Gateway, status: u16, action: &'static str) {
+    gw.sentinel.audit().record(
+        kvgate_auth::audit::AuditRecord::new(kvgate_auth::audit::kind::ADMIN)
+            .subject("admin")
+            .status(status)
+            .reason(action),
+    );
+}
+
 async fn list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
     if let Err(e) = admin(&gw, &headers) {
         return e.into_response();
     }
+    audit_admin(&gw, 200, "list_contracts");
     // Status and epoch only: never key material or salts.
     let data: Vec<serde_json::Value> = gw
         .sentinel
         .contracts()
+        .all()
         .iter()
         .map(|c| {
             serde_json::json!({
@@ -107,6 +120,7 @@ fn set_status(
         return e.into_response();
     }
     if gw.sentinel.contracts().get(&id).is_none() {
+        audit_admin(&gw, 404, "unknown_contract");
         return OpenAiError::not_found("unknown contract", None).into_response();
     }
     match gw.set_suspended(&id, suspended, "admin") {

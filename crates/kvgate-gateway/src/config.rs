@@ -25,7 +25,13 @@ pub const DEFAULT_SERVICE: &str = "kvgate";
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     pub listen: String,
+    /// TLS 1.3 on the listener (certificates reloaded on change; with a
+    /// client CA, mTLS and `contracts.client_certs`). Unset: plain HTTP.
+    pub tls: Option<kvgate_tls::TlsConfig>,
     pub endpoints: Vec<EndpointConfig>,
+    /// TLS to `https://` endpoints: the CA they chain to and, for engines
+    /// that require mTLS, kvgate's client certificate.
+    pub upstream_tls: Option<kvgate_tls::ClientTlsConfig>,
     pub router: RouterConfig,
     pub index: IndexConfig,
     /// Secret for block keys (shared with index replicas). Unset: random.
@@ -68,7 +74,9 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_GATEWAY_LISTEN.to_string(),
+            tls: None,
             endpoints: Vec::new(),
+            upstream_tls: None,
             router: RouterConfig::default(),
             index: IndexConfig::default(),
             key_secret: None,
@@ -106,6 +114,12 @@ pub enum ConfigError {
     ContentFormatWithoutTokenizer(String),
     #[error("admin_token_sha256 must be 64 hex characters")]
     AdminTokenHash,
+    #[error("{0}")]
+    Tls(String),
+    #[error(
+        "endpoint {0:?} is https: set upstream_tls.ca_file (the CA its certificate chains to)"
+    )]
+    HttpsWithoutUpstreamTls(String),
 }
 
 impl GatewayConfig {
@@ -143,6 +157,17 @@ impl GatewayConfig {
             .is_some_and(|h| h.len() != 64 || hex::decode(h).is_err())
         {
             return Err(ConfigError::AdminTokenHash);
+        }
+        if let Some(t) = &self.tls {
+            t.validate().map_err(|e| ConfigError::Tls(e.to_string()))?;
+        }
+        if let (None, Some(e)) = (
+            &self.upstream_tls,
+            self.endpoints
+                .iter()
+                .find(|e| e.url.starts_with("https://")),
+        ) {
+            return Err(ConfigError::HttpsWithoutUpstreamTls(e.url.clone()));
         }
         Ok(())
     }

@@ -26,6 +26,10 @@ struct Recent {
 
 impl ContractKeys {
     pub(crate) fn record(&self, contract: &str, keys: &[(u32, Vec<BlockKey>)]) {
+        // Routing by load alone has no keys: skip the lock.
+        if keys.iter().all(|(_, ks)| ks.is_empty()) {
+            return;
+        }
         let mut all = self.per_contract.lock();
         let recent = match all.get_mut(contract) {
             Some(r) => r,

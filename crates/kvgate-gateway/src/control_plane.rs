@@ -8,37 +8,54 @@
 //! control plane is unreachable the last known status stands.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use std::time::Duration;
 
 use kvgate_auth::ControlPlaneConfig;
 use serde::Deserialize;
 
-use crate::Gateway;
+use crate::{ContractSource, Gateway, SourceTask};
 
 #[derive(Deserialize)]
 struct StatusDoc {
     status: String,
 }
 
-/// Starts polling when a control plane is configured; stops with the gateway.
-pub(crate) fn spawn(gw: &Arc<Gateway>) {
-    let Some(cfg) = gw.cfg.contracts.control_plane.clone() else {
-        return;
-    };
-    let token = match &cfg.token_file {
-        Some(p) => match std::fs::read_to_string(p) {
-            Ok(t) => Some(t.trim().to_string()),
-            Err(e) => {
-                tracing::error!(path = %p.display(), error = %e, "control plane token not readable; polling without it");
-                None
-            }
-        },
-        None => None,
-    };
-    let weak = Arc::downgrade(gw);
-    tokio::spawn(poll(weak, cfg, token));
+/// The control plane's poller, when one is configured.
+pub(crate) struct ControlPlane {
+    cfg: ControlPlaneConfig,
+    token: Option<String>,
 }
+
+impl ControlPlane {
+    pub(crate) fn from_config(gw: &Gateway) -> Option<Self> {
+        let cfg = gw.cfg.contracts.control_plane.clone()?;
+        let token = match &cfg.token_file {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(t) => Some(t.trim().to_string()),
+                Err(e) => {
+                    tracing::error!(path = %p.display(), error = %e, "control plane token not readable; polling without it");
+                    None
+                }
+            },
+            None => None,
+        };
+        Some(Self { cfg, token })
+    }
+}
+
+impl ContractSource for ControlPlane {
+    fn name(&self) -> &'static str {
+        SOURCE
+    }
+
+    fn run(self: Box<Self>, gw: Weak<Gateway>) -> SourceTask {
+        Box::pin(poll(gw, self.cfg, self.token))
+    }
+}
+
+/// The audit subject of the control plane's changes.
+const SOURCE: &str = "control_plane";
 
 async fn poll(gw: Weak<Gateway>, cfg: ControlPlaneConfig, token: Option<String>) {
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.poll_ms.max(50)));
@@ -50,6 +67,7 @@ async fn poll(gw: Weak<Gateway>, cfg: ControlPlaneConfig, token: Option<String>)
         let ids: Vec<String> = gw
             .sentinel
             .contracts()
+            .all()
             .iter()
             .map(|c| c.id().to_string())
             .collect();
@@ -62,7 +80,7 @@ async fn poll(gw: Weak<Gateway>, cfg: ControlPlaneConfig, token: Option<String>)
                     }
                     let suspended = status != "active";
                     if known.insert(id.clone(), suspended) != Some(suspended) {
-                        match gw.set_suspended(&id, suspended, "control_plane") {
+                        match gw.set_suspended(&id, suspended, SOURCE) {
                             Ok((change, dropped)) if change.changed => tracing::info!(
                                 contract = %id, status = %status, index_entries_dropped = dropped,
                                 "contract status changed at the control plane"

@@ -29,6 +29,8 @@ pub enum GatewayError {
     Http(#[from] reqwest::Error),
     #[error("contracts: {0}")]
     Contracts(#[from] kvgate_auth::SetupError),
+    #[error("upstream_tls: {0}")]
+    UpstreamTls(#[from] kvgate_tls::TlsError),
 }
 
 pub struct Gateway {
@@ -71,8 +73,12 @@ impl Gateway {
             // closes them after 5 s): a request sent on a connection the
             // server is closing fails with no response and is not retried.
             .pool_idle_timeout(Duration::from_millis(cfg.upstream_idle_timeout_ms))
-            .tcp_nodelay(true)
-            .build()?;
+            .tcp_nodelay(true);
+        let http = match &cfg.upstream_tls {
+            Some(t) => t.apply(http)?,
+            None => http,
+        }
+        .build()?;
         let metrics = GatewayMetrics::default();
         let pending_gauge = metrics
             .pending_requests
@@ -106,7 +112,9 @@ impl Gateway {
             render_failures: Default::default(),
             cfg,
         });
-        crate::control_plane::spawn(&gw);
+        if let Some(cp) = crate::control_plane::ControlPlane::from_config(&gw) {
+            gw.add_source(Box::new(cp));
+        }
         Ok(gw)
     }
 
@@ -131,6 +139,29 @@ impl Gateway {
         let keys = self.contract_keys.take(contract);
         let dropped = self.index().drop_keys(&keys) + self.fleet.scheduler().forget_keys(&keys);
         Ok((change, dropped))
+    }
+
+    /// Applies a new contracts config (`kvgate_auth::Sentinel::reload`). The
+    /// prompts of contracts removed, re-keyed or with a changed status are
+    /// never looked up under their old salts again: their index entries go
+    /// at once, as on a suspension.
+    pub async fn reload_contracts(
+        &self,
+        cfg: &kvgate_auth::AuthConfig,
+        actor: &str,
+    ) -> Result<(kvgate_auth::ReloadSummary, usize), kvgate_auth::SetupError> {
+        let summary = self.sentinel.reload(cfg, actor).await?;
+        let mut dropped = 0;
+        for id in summary
+            .removed
+            .iter()
+            .chain(&summary.rekeyed)
+            .chain(&summary.status_changed)
+        {
+            let keys = self.contract_keys.take(id);
+            dropped += self.index().drop_keys(&keys) + self.fleet.scheduler().forget_keys(&keys);
+        }
+        Ok((summary, dropped))
     }
 
     /// The contract layer (contracts, suspension, the audit log).

@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use kvgate_openai::OpenAiError;
 use kvgate_router::RouteError;
+use kvgate_tls::ClientCert;
 use serde_json::Value;
 
 use crate::config::DEFAULT_RETRY_AFTER_SECS;
@@ -51,15 +52,31 @@ impl Gateway {
     }
 }
 
-async fn chat(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
-    handle(gw, Kind::Chat, headers, body).await
+async fn chat(
+    State(gw): State<Arc<Gateway>>,
+    cert: ClientCert,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(gw, Kind::Chat, headers, cert, body).await
 }
 
-async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
-    handle(gw, Kind::Completion, headers, body).await
+async fn completions(
+    State(gw): State<Arc<Gateway>>,
+    cert: ClientCert,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    handle(gw, Kind::Completion, headers, cert, body).await
 }
 
-async fn handle(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Body) -> Response {
+async fn handle(
+    gw: Arc<Gateway>,
+    kind: Kind,
+    headers: HeaderMap,
+    ClientCert(cert): ClientCert,
+    body: Body,
+) -> Response {
     let received = Instant::now();
     let pending = PendingRequest::new(&gw);
     let body = match body {
@@ -67,7 +84,7 @@ async fn handle(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Body) ->
         Err(e) => return rejected(e),
     };
     let tokenize = gw.fleet.scheduler().config().policy.uses_prompt_tokens();
-    let mut prepared = match prepare(&gw, kind, &headers, body, tokenize) {
+    let mut prepared = match prepare(&gw, kind, &headers, cert.as_ref(), body, tokenize) {
         Ok(p) => p,
         Err(e) => return refused(&gw, e),
     };
@@ -107,27 +124,39 @@ async fn handle(gw: Arc<Gateway>, kind: Kind, headers: HeaderMap, body: Body) ->
         .unwrap_or_else(proxy_error)
 }
 
-async fn explain_chat(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
-    explain(&gw, Kind::Chat, &headers, body)
+async fn explain_chat(
+    State(gw): State<Arc<Gateway>>,
+    cert: ClientCert,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    explain(&gw, Kind::Chat, &headers, cert, body)
 }
 
 async fn explain_completions(
     State(gw): State<Arc<Gateway>>,
+    cert: ClientCert,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    explain(&gw, Kind::Completion, &headers, body)
+    explain(&gw, Kind::Completion, &headers, cert, body)
 }
 
 /// The prompt's token ids as the gateway computed them, and for every block
 /// key (per block size) which endpoints the index says hold it. Scoped to the
 /// caller's contract like a real request: keys carry the contract's salt.
-fn explain(gw: &Arc<Gateway>, kind: Kind, headers: &HeaderMap, body: Body) -> Response {
+fn explain(
+    gw: &Arc<Gateway>,
+    kind: Kind,
+    headers: &HeaderMap,
+    ClientCert(cert): ClientCert,
+    body: Body,
+) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(e) => return rejected(e),
     };
-    let p = match prepare(gw, kind, headers, body, true) {
+    let p = match prepare(gw, kind, headers, cert.as_ref(), body, true) {
         Ok(p) => p,
         Err(e) => return prepare_error(e),
     };

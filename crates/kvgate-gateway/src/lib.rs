@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod config;
 mod contract_keys;
+pub mod contract_source;
 mod control_plane;
 mod gateway;
 pub mod http;
@@ -16,6 +17,7 @@ pub mod proxy;
 mod usage;
 
 pub use config::{ConfigError, GatewayConfig};
+pub use contract_source::{ContractSource, SourceTask};
 pub use gateway::{Gateway, GatewayError};
 pub use http::{EXPLAIN_CHAT_PATH, EXPLAIN_COMPLETIONS_PATH};
 pub use kvgate_fleet::{Discovery, EndpointConfig, StaticDiscovery};

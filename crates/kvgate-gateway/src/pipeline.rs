@@ -199,11 +199,13 @@ impl Prepared {
     }
 }
 
-/// Authenticates, validates and (when `tokenize`) tokenizes a request.
+/// Authenticates (by bearer, or by the connection's verified client
+/// certificate), validates and (when `tokenize`) tokenizes a request.
 pub fn prepare(
     gw: &Arc<Gateway>,
     kind: Kind,
     headers: &HeaderMap,
+    client_cert: Option<&[u8; 32]>,
     body: Bytes,
     tokenize: bool,
 ) -> Result<Prepared, PrepareError> {
@@ -211,10 +213,11 @@ pub fn prepare(
     let principal = sentinel
         .enabled()
         .then(|| {
-            sentinel.authenticate(
+            sentinel.authenticate_with_cert(
                 headers
                     .get(header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok()),
+                client_cert,
             )
         })
         .transpose()?;
@@ -276,23 +279,9 @@ pub fn prepare(
                 .reason(dropped.join(",")),
         );
     }
-    let cache_salt = authorized.as_ref().map(|a| sentinel.cache_salt(a));
-    if let (Some(a), Some(salt)) = (&authorized, &cache_salt) {
-        kvgate_auth::fields::set_contract_fields(
-            obj,
-            salt,
-            sentinel.lmcache_tag(),
-            a.contract.spec.priority,
-        );
-    }
     if !gw.fleet.snapshot().iter().any(|e| e.serves(&model)) {
         return Err(PrepareError::UnknownModel(model));
     }
-    let body = if !dropped.is_empty() || cache_salt.is_some() {
-        Bytes::from(serde_json::to_vec(&json).map_err(PrepareError::Encode)?)
-    } else {
-        body
-    };
     let (tokens, render_failure) = match tokenize.then(|| prompt_tokens(gw, kind, &model, &json)) {
         None => (Vec::new(), None),
         Some(Ok(t)) => (t, None),
@@ -304,8 +293,8 @@ pub fn prepare(
             (Vec::new(), Some(f))
         }
     };
-    // Unrendered prompts are charged by size (about 4 bytes a token), so
-    // an untokenizable prompt does not escape the token limit.
+    // Unrendered prompts are charged by the size the client sent (about 4
+    // bytes a token), so an untokenizable prompt does not escape the limit.
     let prompt_tokens = if tokens.is_empty() {
         body.len() as u64 / 4
     } else {
@@ -314,6 +303,31 @@ pub fn prepare(
     let admission = authorized
         .map(|a| sentinel.admit(a, prompt_tokens))
         .transpose()?;
+    let fields = admission.as_ref().map(|a| {
+        kvgate_auth::fields::contract_fields(
+            &a.cache_salt,
+            sentinel.lmcache_tag(),
+            a.contract.spec.priority,
+        )
+    });
+    let spliced = match &fields {
+        // Nothing dropped: the client's bytes stay as sent, after kvgate's.
+        Some(f) if dropped.is_empty() => kvgate_auth::fields::prepend_fields(&body, f),
+        _ => None,
+    };
+    let body = match (spliced, fields) {
+        (Some(b), _) => Bytes::from(b),
+        (None, None) if dropped.is_empty() => body,
+        (None, fields) => {
+            if let Some(obj) = json.as_object_mut() {
+                obj.extend(fields.unwrap_or_default());
+            }
+            let mut out = Vec::with_capacity(body.len() + 160);
+            serde_json::to_writer(&mut out, &json).map_err(PrepareError::Encode)?;
+            Bytes::from(out)
+        }
+    };
+    let cache_salt = admission.as_ref().map(|a| a.cache_salt.clone());
     Ok(Prepared {
         model,
         body,

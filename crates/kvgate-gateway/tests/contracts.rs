@@ -377,6 +377,27 @@ async fn suspension_refuses_at_once_cuts_streams_and_starts_a_new_epoch() {
         !list.to_string().contains(last),
         "no salts in the admin API"
     );
+    // Admin reads are audited too, as is an action on an unknown contract.
+    let missing = client
+        .post(format!("{gw_url}{ADMIN_CONTRACTS_PATH}/no-such/suspend"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    _gw.sentinel().audit().flush().unwrap();
+    let log = std::fs::read_to_string(audit.path().join("audit.jsonl")).unwrap();
+    let admin_reasons: Vec<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["kind"] == "admin")
+        .map(|r| r["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        admin_reasons,
+        ["list_contracts", "unknown_contract"],
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,6 +89,8 @@ pub const DEFAULT_INDEX_LISTEN: &str = "0.0.0.0:8090";
 pub struct IndexServiceConfig {
     /// Address of the HTTP API (`/v1/locality`, `/v1/index/dump`, `/metrics`).
     pub listen: String,
+    /// TLS 1.3 on the API listener; see `kvgate_tls::TlsConfig`.
+    pub tls: Option<kvgate_tls::TlsConfig>,
     /// Secret for block keys; replicas sharing dumps or gateways must share it.
     /// Unset: a random per-process secret.
     pub key_secret: Option<String>,
@@ -108,6 +110,7 @@ impl Default for IndexServiceConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_INDEX_LISTEN.to_string(),
+            tls: None,
             key_secret: None,
             index: IndexConfig::default(),
             sources: Vec::new(),
@@ -121,6 +124,15 @@ impl Default for IndexServiceConfig {
 impl LayeredConfig for IndexServiceConfig {
     const ENV: &'static [EnvOverride<Self>] = &[
         ("KVGATE_LISTEN", |c, v| set(&mut c.listen, v)),
+        ("KVGATE_TLS_CERT_FILE", |c, v| {
+            tls_file(&mut c.tls, TlsFile::Cert, v)
+        }),
+        ("KVGATE_TLS_KEY_FILE", |c, v| {
+            tls_file(&mut c.tls, TlsFile::Key, v)
+        }),
+        ("KVGATE_TLS_CLIENT_CA_FILE", |c, v| {
+            tls_file(&mut c.tls, TlsFile::ClientCa, v)
+        }),
         ("KVGATE_KEY_SECRET", |c, v| set_some(&mut c.key_secret, v)),
         ("KVGATE_MAX_TRACKED_BLOCKS", |c, v| {
             set_parsed(&mut c.index.max_tracked_blocks, v)
@@ -128,6 +140,9 @@ impl LayeredConfig for IndexServiceConfig {
     ];
 
     fn validate(&self) -> Result<()> {
+        if let Some(t) = &self.tls {
+            t.validate()?;
+        }
         if self.index.max_tracked_blocks == 0 {
             bail!("index.max_tracked_blocks must be > 0");
         }
@@ -142,6 +157,15 @@ impl LayeredConfig for IndexServiceConfig {
 impl LayeredConfig for GatewayConfig {
     const ENV: &'static [EnvOverride<Self>] = &[
         ("KVGATE_LISTEN", |c, v| set(&mut c.listen, v)),
+        ("KVGATE_TLS_CERT_FILE", |c, v| {
+            tls_file(&mut c.tls, TlsFile::Cert, v)
+        }),
+        ("KVGATE_TLS_KEY_FILE", |c, v| {
+            tls_file(&mut c.tls, TlsFile::Key, v)
+        }),
+        ("KVGATE_TLS_CLIENT_CA_FILE", |c, v| {
+            tls_file(&mut c.tls, TlsFile::ClientCa, v)
+        }),
         ("KVGATE_KEY_SECRET", |c, v| set_some(&mut c.key_secret, v)),
         ("KVGATE_POLICY", |c, v| {
             c.router.policy = parse_policy(v)?;
@@ -152,6 +176,25 @@ impl LayeredConfig for GatewayConfig {
     fn validate(&self) -> Result<()> {
         Ok(GatewayConfig::validate(self)?)
     }
+}
+
+/// Which file of a listener's TLS an env var names.
+enum TlsFile {
+    Cert,
+    Key,
+    ClientCa,
+}
+
+/// `KVGATE_TLS_*`: sets one file of the listener's TLS, turning TLS on.
+fn tls_file(tls: &mut Option<kvgate_tls::TlsConfig>, which: TlsFile, v: &str) -> Result<()> {
+    let t = tls.get_or_insert_with(|| kvgate_tls::TlsConfig::new("", ""));
+    let path = std::path::PathBuf::from(v);
+    match which {
+        TlsFile::Cert => t.cert_file = path,
+        TlsFile::Key => t.key_file = path,
+        TlsFile::ClientCa => t.client_ca_file = Some(path),
+    }
+    Ok(())
 }
 
 impl LayeredConfig for SimConfig {
@@ -194,6 +237,7 @@ pub fn parse_policy(s: &str) -> Result<kvgate_router::Policy> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn index_flags(
         listen: Option<&str>,
@@ -268,6 +312,46 @@ mod tests {
         }
         let env = |_: &str| Some("many".to_string());
         assert!(load::<IndexServiceConfig>(None, env, |_| Ok(())).is_err());
+    }
+
+    #[test]
+    fn tls_comes_from_the_file_or_the_env_and_is_validated() {
+        let cert_only = |k: &str| (k == "KVGATE_TLS_CERT_FILE").then(|| "/tls/tls.crt".to_string());
+        let e = load::<GatewayConfig>(None, cert_only, |_| Ok(())).unwrap_err();
+        assert!(format!("{e:#}").contains("key_file"), "{e:#}");
+        let all = |k: &str| match k {
+            "KVGATE_TLS_CERT_FILE" => Some("/tls/tls.crt".to_string()),
+            "KVGATE_TLS_KEY_FILE" => Some("/tls/tls.key".to_string()),
+            "KVGATE_TLS_CLIENT_CA_FILE" => Some("/tls/ca.crt".to_string()),
+            _ => None,
+        };
+        for tls in [
+            load::<GatewayConfig>(None, all, |_| Ok(())).unwrap().tls,
+            load::<IndexServiceConfig>(None, all, |_| Ok(()))
+                .unwrap()
+                .tls,
+        ] {
+            let tls = tls.unwrap();
+            assert_eq!(tls.key_file, PathBuf::from("/tls/tls.key"));
+            assert_eq!(tls.client_ca_file, Some(PathBuf::from("/tls/ca.crt")));
+        }
+        let none = |_: &str| None;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.yaml");
+        for (yaml, says) in [
+            (
+                "tls: {cert_file: /a, key_file: /b, require_client_cert: true}\n",
+                "client_ca_file",
+            ),
+            (
+                "endpoints: [{url: \"https://10.0.0.5:8000\", models: [m], block_size: 16}]\n",
+                "upstream_tls",
+            ),
+        ] {
+            std::fs::write(&p, yaml).unwrap();
+            let e = load::<GatewayConfig>(Some(&p), none, |_| Ok(())).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{yaml}: {e:#}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod bench_cmd;
 mod compare_cmd;
 mod config;
 mod demo;
+mod reload;
 mod sentinel_cmd;
 mod service;
 mod sim_cmd;
@@ -88,13 +89,27 @@ enum Command {
 }
 
 /// Serves a gateway until Ctrl-C, then writes the audit chain's checkpoint.
-async fn serve_gateway(cfg: kvgate_gateway::GatewayConfig) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
+/// With a config file, its changes are applied while serving (`reload.rs`).
+async fn serve_gateway(
+    cfg: kvgate_gateway::GatewayConfig,
+    reload: Option<reload::ConfigReload>,
+) -> Result<()> {
+    let listener = kvgate_tls::bind(&cfg.listen, cfg.tls.as_ref()).await?;
     let discovery =
         std::sync::Arc::new(kvgate_gateway::StaticDiscovery::new(cfg.endpoints.clone())?);
-    let gw = kvgate_gateway::Gateway::start(cfg, discovery).await?;
-    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    axum::serve(kvgate_openai::streaming_listener(listener), gw.router())
+    let gw = kvgate_gateway::Gateway::start(cfg.clone(), discovery).await?;
+    if let Some(reload) = reload {
+        gw.add_source(Box::new(reload::ConfigFile {
+            running: cfg,
+            reload,
+        }));
+    }
+    tracing::info!(addr = %listener.local_addr(), tls = listener.certs().is_some(), "gateway listening");
+    // Connect info carries the client certificate to the contract layer.
+    let app = gw
+        .router()
+        .into_make_service_with_connect_info::<kvgate_tls::Peer>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
@@ -154,20 +169,28 @@ async fn main() -> Result<()> {
             endpoints,
         } => {
             init_logs(&cli.log, cli.pretty_logs);
-            let cfg: kvgate_gateway::GatewayConfig = config::load(
-                config.as_deref(),
-                |k| std::env::var(k).ok(),
-                |c: &mut kvgate_gateway::GatewayConfig| {
-                    if let Some(v) = listen {
-                        c.listen = v;
-                    }
-                    if let Some(v) = policy {
-                        c.router.policy = config::parse_policy(&v)?;
-                    }
-                    endpoint_flags(&mut c.endpoints, &endpoints)
-                },
-            )?;
-            serve_gateway(cfg).await
+            let path = config.clone();
+            let load = move || -> Result<kvgate_gateway::GatewayConfig> {
+                config::load(
+                    path.as_deref(),
+                    |k| std::env::var(k).ok(),
+                    |c: &mut kvgate_gateway::GatewayConfig| {
+                        if let Some(v) = &listen {
+                            c.listen = v.clone();
+                        }
+                        if let Some(v) = &policy {
+                            c.router.policy = config::parse_policy(v)?;
+                        }
+                        endpoint_flags(&mut c.endpoints, &endpoints)
+                    },
+                )
+            };
+            let cfg = load()?;
+            let reload = config.map(|path| reload::ConfigReload {
+                path,
+                load: Box::new(load),
+            });
+            serve_gateway(cfg, reload).await
         }
         Command::Sim(args) => {
             init_logs(&cli.log, cli.pretty_logs);
@@ -193,7 +216,8 @@ async fn main() -> Result<()> {
         Command::Audit(args) => audit_cmd::run(args),
         Command::Sentinel(args) => {
             init_logs(&cli.log, cli.pretty_logs);
-            serve_gateway(sentinel_cmd::config(*args)?).await
+            let reload = sentinel_cmd::reload(&args);
+            serve_gateway(sentinel_cmd::config(*args)?, reload).await
         }
     }
 }

@@ -28,7 +28,7 @@ const RUNTIME_BLOCK_SIZE: u32 = 16;
 /// Secret mapped to an env var).
 pub const SIDECAR_KEY_ENV: &str = "TB_CONTRACT_KEY";
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct SentinelArgs {
     /// The gateway's YAML config (optional); env (KVGATE_*) and flags override it.
     #[arg(long, short)]
@@ -57,6 +57,16 @@ pub struct SentinelArgs {
     /// A file with the contract's key material (default: env TB_CONTRACT_KEY).
     #[arg(long, env = "KVGATE_CONTRACT_KEY_FILE")]
     key_file: Option<PathBuf>,
+}
+
+/// The config file, if any, and how to load it again (reload on change).
+pub fn reload(args: &SentinelArgs) -> Option<crate::reload::ConfigReload> {
+    let path = args.config.clone()?;
+    let args = args.clone();
+    Some(crate::reload::ConfigReload {
+        path,
+        load: Box::new(move || config(args.clone())),
+    })
 }
 
 /// The gateway config of the sidecar layout.

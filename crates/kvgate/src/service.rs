@@ -57,10 +57,8 @@ impl IndexService {
         if let Some(missing) = fleet.snapshot().iter().find(|e| e.index_id.is_none()) {
             anyhow::bail!("cannot subscribe to source {:?}", missing.name());
         }
-        let listener = tokio::net::TcpListener::bind(&cfg.listen)
-            .await
-            .with_context(|| format!("binding {}", cfg.listen))?;
-        let addr = listener.local_addr()?;
+        let listener = kvgate_tls::bind(&cfg.listen, cfg.tls.as_ref()).await?;
+        let addr = listener.local_addr();
         let app = router(ApiState {
             index: index.clone(),
             metrics: metrics.clone(),
@@ -69,7 +67,7 @@ impl IndexService {
             tokenizers: Arc::new(load_tokenizers(cfg)?),
         });
         let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(kvgate_openai::streaming_listener(listener), app).await {
+            if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "index API server stopped");
             }
         });

@@ -68,6 +68,12 @@ pub async fn metrics_text(client: &reqwest::Client, gw_url: &str) -> String {
 }
 
 pub async fn spawn_upstream() -> (String, Upstream) {
+    let (app, u) = upstream_app();
+    (serve(app).await, u)
+}
+
+/// The recording upstream's routes and its record.
+pub fn upstream_app() -> (Router, Upstream) {
     let u = Upstream::default();
     let app = Router::new()
         .route("/v1/chat/completions", post(upstream_chat))
@@ -79,7 +85,7 @@ pub async fn spawn_upstream() -> (String, Upstream) {
         )
         .fallback(record_other_path)
         .with_state(u.clone());
-    (serve(app).await, u)
+    (app, u)
 }
 
 pub fn endpoint(url: &str) -> EndpointConfig {
