@@ -197,6 +197,19 @@ fn tls_file(tls: &mut Option<kvgate_tls::TlsConfig>, which: TlsFile, v: &str) ->
     Ok(())
 }
 
+impl LayeredConfig for kvgate_store::StoreConfig {
+    const ENV: &'static [EnvOverride<Self>] = &[
+        ("KVGATE_LISTEN", |c, v| set(&mut c.listen, v)),
+        ("KVGATE_STORE_MEMORY_BYTES", |c, v| {
+            set_parsed(&mut c.memory_bytes, v)
+        }),
+    ];
+
+    fn validate(&self) -> Result<()> {
+        Ok(kvgate_store::StoreConfig::validate(self)?)
+    }
+}
+
 impl LayeredConfig for SimConfig {
     const ENV: &'static [EnvOverride<Self>] = &[
         ("KVGATE_SIM_HOST", |c, v| {

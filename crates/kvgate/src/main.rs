@@ -86,6 +86,16 @@ enum Command {
     /// runtime, for one contract (TB_CONTRACT_ID, TB_ASSET_ID,
     /// TB_EDC_ENDPOINT, TB_RUNTIME_URL).
     Sentinel(Box<sentinel_cmd::SentinelArgs>),
+    /// The KV chunk store LMCache uses as its remote tier (`remote_url:
+    /// lm://HOST:PORT`).
+    Store {
+        /// YAML config file; env (KVGATE_*) and flags override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The lm:// listen address (env KVGATE_LISTEN; default 0.0.0.0:65432).
+        #[arg(long)]
+        listen: Option<String>,
+    },
 }
 
 /// Serves a gateway until Ctrl-C, then writes the audit chain's checkpoint.
@@ -214,6 +224,26 @@ async fn main() -> Result<()> {
             demo::run(args).await
         }
         Command::Audit(args) => audit_cmd::run(args),
+        Command::Store { config, listen } => {
+            init_logs(&cli.log, cli.pretty_logs);
+            let cfg: kvgate_store::StoreConfig = config::load(
+                config.as_deref(),
+                |k| std::env::var(k).ok(),
+                |c: &mut kvgate_store::StoreConfig| {
+                    if let Some(l) = listen {
+                        c.listen = l;
+                    }
+                    Ok(())
+                },
+            )?;
+            let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
+            tracing::info!(addr = %listener.local_addr()?, memory_bytes = cfg.memory_bytes, "store listening (lm://)");
+            let store = kvgate_store::Store::new(cfg.memory_bytes, cfg.max_chunk_bytes);
+            tokio::select! {
+                () = kvgate_store::serve(listener, store) => Ok(()),
+                r = tokio::signal::ctrl_c() => Ok(r?),
+            }
+        }
         Command::Sentinel(args) => {
             init_logs(&cli.log, cli.pretty_logs);
             let reload = sentinel_cmd::reload(&args);

@@ -1,0 +1,130 @@
+//! The `lm://` listener. One task per connection (LMCache keeps one open per
+//! worker and sends requests back to back). A header that does not decode
+//! closes the connection, since nothing tells where the next one would
+//! start; so does a PUT larger than `max_chunk_bytes`, refused before any
+//! allocation.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use zeroize::Zeroizing;
+
+use crate::memory::{Chunk, MemoryTier};
+use crate::protocol::{Command, ProtocolError, Reply, Request, CLIENT_HEADER_LEN};
+
+/// Largest chunk accepted by default: LMCache's 256-token chunk of a
+/// Llama-3-8B-sized model is 32 MiB; twice that leaves room.
+pub const DEFAULT_MAX_CHUNK_BYTES: u32 = 64 << 20;
+
+pub struct Store {
+    pub memory: MemoryTier,
+    pub max_chunk_bytes: u32,
+    /// Connections closed for a bad header or an oversized chunk.
+    pub protocol_errors: AtomicU64,
+}
+
+impl Store {
+    pub fn new(memory_bytes: u64, max_chunk_bytes: u32) -> Arc<Self> {
+        Arc::new(Self {
+            memory: MemoryTier::new(memory_bytes),
+            max_chunk_bytes,
+            protocol_errors: AtomicU64::new(0),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("chunk of {length} bytes is over max_chunk_bytes ({max})")]
+    TooLarge { length: u32, max: u32 },
+}
+
+/// Serves `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, store: Arc<Store>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let store = store.clone();
+        tokio::spawn(async move {
+            match connection(stream, &store).await {
+                Ok(()) => {}
+                Err(ConnectionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                Err(e) => {
+                    store.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, error = %e, "lm:// connection closed");
+                }
+            }
+        });
+    }
+}
+
+async fn connection(stream: TcpStream, store: &Store) -> Result<(), ConnectionError> {
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let mut header = [0u8; CLIENT_HEADER_LEN];
+    loop {
+        match read.read_exact(&mut header).await {
+            Ok(_) => {}
+            // The client hung up between requests.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let req = Request::decode(&header)?;
+        let key = req.key.to_string();
+        match req.command {
+            Command::Put => {
+                if req.length > store.max_chunk_bytes {
+                    return Err(ConnectionError::TooLarge {
+                        length: req.length,
+                        max: store.max_chunk_bytes,
+                    });
+                }
+                let mut data = Zeroizing::new(vec![0u8; req.length as usize]);
+                read.read_exact(&mut data).await?;
+                store.memory.put(
+                    key,
+                    Chunk {
+                        meta: req.meta,
+                        data,
+                    },
+                );
+            }
+            Command::Get => match store.memory.get(&key) {
+                Some(chunk) => {
+                    let length = u32::try_from(chunk.data.len()).unwrap_or(u32::MAX);
+                    // The client reads the header with one recv(36).
+                    write
+                        .write_all(&Reply::hit(length, chunk.meta).encode())
+                        .await?;
+                    write.write_all(&chunk.data).await?;
+                }
+                None => write.write_all(&Reply::FAIL.encode()).await?,
+            },
+            Command::Exist => {
+                let reply = if store.memory.contains(&key) {
+                    Reply::OK
+                } else {
+                    Reply::FAIL
+                };
+                write.write_all(&reply.encode()).await?;
+            }
+            Command::Health => write.write_all(&Reply::OK.encode()).await?,
+            // Listing keys would show other tenants' tags: not answered
+            // (LMCache's own server sends no header for it either).
+            Command::List => {}
+        }
+    }
+}
