@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::scope::Unscoped;
 use crate::server::DEFAULT_MAX_CHUNK_BYTES;
 
 /// LMCache's examples serve `lm://` on 65432.
@@ -19,6 +20,12 @@ pub struct StoreConfig {
     /// Largest chunk a PUT may carry; larger ones close the connection
     /// before anything is allocated.
     pub max_chunk_bytes: u32,
+    /// The contracts, as the gateway has them (same `master_key` or keys):
+    /// a chunk key's `cachesalt` tag maps to its contract. None configured:
+    /// one shared namespace.
+    pub contracts: kvgate_auth::AuthConfig,
+    /// Keys without a `cachesalt` tag: `refuse` (default) or `shared`.
+    pub unscoped: Unscoped,
 }
 
 impl Default for StoreConfig {
@@ -27,6 +34,8 @@ impl Default for StoreConfig {
             listen: DEFAULT_STORE_LISTEN.to_string(),
             memory_bytes: DEFAULT_MEMORY_BYTES,
             max_chunk_bytes: DEFAULT_MAX_CHUNK_BYTES,
+            contracts: kvgate_auth::AuthConfig::default(),
+            unscoped: Unscoped::default(),
         }
     }
 }

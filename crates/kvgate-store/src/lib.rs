@@ -13,9 +13,11 @@ pub mod config;
 pub mod key;
 pub mod memory;
 pub mod protocol;
+pub mod scope;
 pub mod server;
 
 pub use config::{StoreConfig, StoreConfigError};
 pub use key::{ChunkKey, KeyError};
 pub use protocol::{ChunkMeta, Command, ProtocolError, Reply, Request};
+pub use scope::{Owner, ScopeError, Scopes, Unscoped};
 pub use server::{serve, Store, DEFAULT_MAX_CHUNK_BYTES};

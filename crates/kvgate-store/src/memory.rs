@@ -9,9 +9,13 @@ use lru::LruCache;
 use parking_lot::Mutex;
 use zeroize::Zeroizing;
 
+use std::collections::HashMap;
+
 use crate::protocol::ChunkMeta;
+use crate::scope::Owner;
 
 pub struct Chunk {
+    pub owner: Owner,
     pub meta: ChunkMeta,
     pub data: Zeroizing<Vec<u8>>,
 }
@@ -32,6 +36,25 @@ pub struct MemoryTier {
 struct Inner {
     chunks: LruCache<String, Arc<Chunk>>,
     bytes: u64,
+    by_owner: HashMap<Owner, u64>,
+}
+
+impl Inner {
+    fn add(&mut self, owner: &Owner, size: u64) {
+        self.bytes += size;
+        *self.by_owner.entry(owner.clone()).or_default() += size;
+    }
+
+    fn remove(&mut self, chunk: &Chunk) {
+        let size = chunk.data.len() as u64;
+        self.bytes -= size;
+        if let Some(b) = self.by_owner.get_mut(&chunk.owner) {
+            *b -= size;
+            if *b == 0 {
+                self.by_owner.remove(&chunk.owner);
+            }
+        }
+    }
 }
 
 impl MemoryTier {
@@ -41,6 +64,7 @@ impl MemoryTier {
             inner: Mutex::new(Inner {
                 chunks: LruCache::unbounded(),
                 bytes: 0,
+                by_owner: HashMap::new(),
             }),
             stats: TierStats::default(),
         }
@@ -67,15 +91,16 @@ impl MemoryTier {
             return false;
         }
         let mut inner = self.inner.lock();
+        let owner = chunk.owner.clone();
         if let Some(old) = inner.chunks.put(key, Arc::new(chunk)) {
-            inner.bytes -= old.data.len() as u64;
+            inner.remove(&old);
         }
-        inner.bytes += size;
+        inner.add(&owner, size);
         while inner.bytes > self.max_bytes {
             let Some((_, evicted)) = inner.chunks.pop_lru() else {
                 break;
             };
-            inner.bytes -= evicted.data.len() as u64;
+            inner.remove(&evicted);
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         }
         true
@@ -91,6 +116,31 @@ impl MemoryTier {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         hit
+    }
+
+    /// Bytes held for `owner`.
+    pub fn owner_bytes(&self, owner: &Owner) -> u64 {
+        self.inner.lock().by_owner.get(owner).copied().unwrap_or(0)
+    }
+
+    /// Removes every chunk of `owner` (each buffer zeroized once no GET
+    /// still holds it): (chunks, bytes).
+    pub fn shred(&self, owner: &Owner) -> (usize, u64) {
+        let mut inner = self.inner.lock();
+        let keys: Vec<String> = inner
+            .chunks
+            .iter()
+            .filter(|(_, c)| c.owner == *owner)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut bytes = 0;
+        for k in &keys {
+            if let Some(c) = inner.chunks.pop(k) {
+                bytes += c.data.len() as u64;
+                inner.remove(&c);
+            }
+        }
+        (keys.len(), bytes)
     }
 
     /// Whether the chunk is here (its recency unchanged: LMCache asks before

@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::memory::{Chunk, MemoryTier};
 use crate::protocol::{Command, ProtocolError, Reply, Request, CLIENT_HEADER_LEN};
+use crate::scope::{Owner, Scopes};
 
 /// Largest chunk accepted by default: LMCache's 256-token chunk of a
 /// Llama-3-8B-sized model is 32 MiB; twice that leaves room.
@@ -20,18 +21,42 @@ pub const DEFAULT_MAX_CHUNK_BYTES: u32 = 64 << 20;
 
 pub struct Store {
     pub memory: MemoryTier,
+    pub scopes: Scopes,
     pub max_chunk_bytes: u32,
     /// Connections closed for a bad header or an oversized chunk.
     pub protocol_errors: AtomicU64,
+    /// Requests refused for their key's scope (no tag, or a salt that is no
+    /// active contract's).
+    pub scope_refusals: AtomicU64,
 }
 
 impl Store {
-    pub fn new(memory_bytes: u64, max_chunk_bytes: u32) -> Arc<Self> {
+    pub fn new(memory_bytes: u64, max_chunk_bytes: u32, scopes: Scopes) -> Arc<Self> {
         Arc::new(Self {
             memory: MemoryTier::new(memory_bytes),
+            scopes,
             max_chunk_bytes,
             protocol_errors: AtomicU64::new(0),
+            scope_refusals: AtomicU64::new(0),
         })
+    }
+
+    /// Removes every chunk of `contract` from every tier: (chunks, bytes).
+    /// Its salt must also have moved (suspension) or its chunks could be
+    /// written again.
+    pub fn shred(&self, contract: &str) -> (usize, u64) {
+        self.memory.shred(&Owner::Contract(contract.to_string()))
+    }
+
+    fn owner(&self, req: &Request) -> Option<Owner> {
+        match self.scopes.owner(&req.key) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                self.scope_refusals.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, command = ?req.command, "lm:// request refused for its scope");
+                None
+            }
+        }
     }
 }
 
@@ -84,25 +109,34 @@ async fn connection(stream: TcpStream, store: &Store) -> Result<(), ConnectionEr
         }
         let req = Request::decode(&header)?;
         let key = req.key.to_string();
-        match req.command {
-            Command::Put => {
+        let owner = store.owner(&req);
+        match (req.command, owner) {
+            (Command::Put, owner) => {
                 if req.length > store.max_chunk_bytes {
                     return Err(ConnectionError::TooLarge {
                         length: req.length,
                         max: store.max_chunk_bytes,
                     });
                 }
+                let Some(owner) = owner else {
+                    // Refused, but the payload is read off so the next
+                    // header is where the client put it.
+                    let mut payload = (&mut read).take(u64::from(req.length));
+                    tokio::io::copy(&mut payload, &mut tokio::io::sink()).await?;
+                    continue;
+                };
                 let mut data = Zeroizing::new(vec![0u8; req.length as usize]);
                 read.read_exact(&mut data).await?;
                 store.memory.put(
                     key,
                     Chunk {
+                        owner,
                         meta: req.meta,
                         data,
                     },
                 );
             }
-            Command::Get => match store.memory.get(&key) {
+            (Command::Get, Some(_)) => match store.memory.get(&key) {
                 Some(chunk) => {
                     let length = u32::try_from(chunk.data.len()).unwrap_or(u32::MAX);
                     // The client reads the header with one recv(36).
@@ -113,18 +147,14 @@ async fn connection(stream: TcpStream, store: &Store) -> Result<(), ConnectionEr
                 }
                 None => write.write_all(&Reply::FAIL.encode()).await?,
             },
-            Command::Exist => {
-                let reply = if store.memory.contains(&key) {
-                    Reply::OK
-                } else {
-                    Reply::FAIL
-                };
-                write.write_all(&reply.encode()).await?;
+            (Command::Exist, Some(_)) if store.memory.contains(&key) => {
+                write.write_all(&Reply::OK.encode()).await?
             }
-            Command::Health => write.write_all(&Reply::OK.encode()).await?,
+            (Command::Get | Command::Exist, _) => write.write_all(&Reply::FAIL.encode()).await?,
+            (Command::Health, _) => write.write_all(&Reply::OK.encode()).await?,
             // Listing keys would show other tenants' tags: not answered
             // (LMCache's own server sends no header for it either).
-            Command::List => {}
+            (Command::List, _) => {}
         }
     }
 }

@@ -238,7 +238,8 @@ async fn main() -> Result<()> {
             )?;
             let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
             tracing::info!(addr = %listener.local_addr()?, memory_bytes = cfg.memory_bytes, "store listening (lm://)");
-            let store = kvgate_store::Store::new(cfg.memory_bytes, cfg.max_chunk_bytes);
+            let scopes = kvgate_store::Scopes::new(&cfg.contracts, cfg.unscoped)?;
+            let store = kvgate_store::Store::new(cfg.memory_bytes, cfg.max_chunk_bytes, scopes);
             tokio::select! {
                 () = kvgate_store::serve(listener, store) => Ok(()),
                 r = tokio::signal::ctrl_c() => Ok(r?),

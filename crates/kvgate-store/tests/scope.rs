@@ -1,0 +1,140 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Chunks scoped by contract: the store maps a key's `cachesalt` tag to the
+//! contract whose current salt it is (the salt the gateway sets), refuses
+//! other tags and (by default) untagged keys, and shreds one contract's
+//! chunks without touching another's.
+
+use std::sync::Arc;
+
+use kvgate_auth::{AuthConfig, KeyRef, Sentinel};
+use kvgate_store::protocol::SERVER_HEADER_LEN;
+use kvgate_store::{ChunkKey, ChunkMeta, Command, Owner, Reply, Request, Scopes, Store, Unscoped};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn contracts(dir: &tempfile::TempDir) -> AuthConfig {
+    let master = dir.path().join("master.key");
+    std::fs::write(&master, "store scope test master key material").unwrap();
+    AuthConfig::for_api_keys(&[("ka", "acme"), ("kg", "globex")], KeyRef::File(master))
+}
+
+/// The salt the gateway puts in `kv_transfer_params` for `api_key`'s requests.
+fn gateway_salt(cfg: &AuthConfig, api_key: &str) -> String {
+    let s = Sentinel::new(cfg).unwrap();
+    let p = s.authenticate(Some(&format!("Bearer {api_key}"))).unwrap();
+    let a = s.authorize(p, "m").unwrap();
+    s.admit(a, 1).unwrap().cache_salt
+}
+
+fn key(hash: i64, salt: Option<&str>) -> ChunkKey {
+    let tag = salt.map(|s| format!("@cachesalt%{s}")).unwrap_or_default();
+    ChunkKey::parse(&format!("/models/tiny@1@0@{hash:x}@bfloat16{tag}")).unwrap()
+}
+
+fn header(command: Command, key: ChunkKey, length: u32) -> [u8; 186] {
+    Request {
+        command,
+        length,
+        meta: ChunkMeta::EMPTY,
+        location: 0,
+        key,
+    }
+    .encode()
+}
+
+async fn start(scopes: Scopes) -> (std::net::SocketAddr, Arc<Store>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let store = Store::new(1 << 20, 1 << 16, scopes);
+    tokio::spawn(kvgate_store::serve(l, store.clone()));
+    (addr, store)
+}
+
+async fn exist(s: &mut TcpStream, k: ChunkKey) -> i32 {
+    s.write_all(&header(Command::Exist, k, 0)).await.unwrap();
+    let mut h = [0u8; SERVER_HEADER_LEN];
+    s.read_exact(&mut h).await.unwrap();
+    Reply::decode(&h).code
+}
+
+async fn put(s: &mut TcpStream, k: ChunkKey, n: usize) {
+    s.write_all(&header(Command::Put, k, n as u32))
+        .await
+        .unwrap();
+    s.write_all(&vec![7u8; n]).await.unwrap();
+}
+
+#[test]
+fn a_tag_maps_to_the_contract_whose_current_salt_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = contracts(&dir);
+    let (acme, globex) = (gateway_salt(&cfg, "ka"), gateway_salt(&cfg, "kg"));
+    let scopes = Scopes::new(&cfg, Unscoped::Refuse).unwrap();
+    assert_eq!(
+        scopes.owner(&key(1, Some(&acme))),
+        Ok(Owner::Contract("acme".into()))
+    );
+    assert_eq!(
+        scopes.owner(&key(1, Some(&globex))),
+        Ok(Owner::Contract("globex".into()))
+    );
+    assert!(scopes
+        .owner(&key(1, Some("0123456789abcdef0123456789abcdef")))
+        .is_err());
+    assert!(scopes.owner(&key(1, None)).is_err());
+    // A suspension moves the epoch: the old salt is no one's any more.
+    scopes
+        .contracts()
+        .unwrap()
+        .set_suspended("acme", true)
+        .unwrap();
+    assert!(scopes.owner(&key(1, Some(&acme))).is_err());
+    let shared = Scopes::new(&cfg, Unscoped::Shared).unwrap();
+    assert_eq!(shared.owner(&key(1, None)), Ok(Owner::Shared));
+}
+
+#[tokio::test]
+async fn refused_keys_are_not_stored_and_shredding_takes_one_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = contracts(&dir);
+    let (acme, globex) = (gateway_salt(&cfg, "ka"), gateway_salt(&cfg, "kg"));
+    let (addr, store) = start(Scopes::new(&cfg, Unscoped::Refuse).unwrap()).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    put(&mut s, key(1, Some(&acme)), 1000).await;
+    put(&mut s, key(2, Some(&acme)), 1000).await;
+    put(&mut s, key(1, Some(&globex)), 500).await;
+    // Refused PUTs: their payloads are read off, the connection goes on.
+    put(
+        &mut s,
+        key(3, Some("ffffffffffffffffffffffffffffffff")),
+        700,
+    )
+    .await;
+    put(&mut s, key(4, None), 700).await;
+    assert_eq!(exist(&mut s, key(1, Some(&acme))).await, 200);
+    assert_eq!(exist(&mut s, key(1, Some(&globex))).await, 200);
+    assert_eq!(
+        exist(&mut s, key(3, Some("ffffffffffffffffffffffffffffffff"))).await,
+        400
+    );
+    assert_eq!(exist(&mut s, key(4, None)).await, 400);
+    assert_eq!(store.memory.len(), 3);
+    let acme_owner = Owner::Contract("acme".into());
+    assert_eq!(store.memory.owner_bytes(&acme_owner), 2000);
+    assert_eq!(
+        store
+            .scope_refusals
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+
+    assert_eq!(store.shred("acme"), (2, 2000));
+    assert_eq!(store.memory.owner_bytes(&acme_owner), 0);
+    assert_eq!(exist(&mut s, key(1, Some(&acme))).await, 400);
+    assert_eq!(
+        exist(&mut s, key(1, Some(&globex))).await,
+        200,
+        "globex untouched"
+    );
+    assert_eq!(store.memory.bytes(), 500);
+}
