@@ -351,6 +351,33 @@ impl ContractRegistry {
         Ok(c)
     }
 
+    /// Takes another holder's view of a contract (the gateway's, pushed to
+    /// the KV store): its status, and its epoch unless ours is already
+    /// later (epochs never go back). What `set_suspended` there did, here.
+    pub fn sync(&self, id: &str, suspended: bool, epoch: u64) -> Result<StatusChange, SetupError> {
+        let c = self
+            .get(id)
+            .ok_or_else(|| SetupError::ContractId(id.to_string()))?;
+        let _serial = self.changes.lock();
+        let was = (c.is_suspended(), c.epoch());
+        c.suspended.store(suspended, Ordering::Release);
+        c.epoch.fetch_max(epoch, Ordering::AcqRel);
+        let changed = was != (c.is_suspended(), c.epoch());
+        if changed {
+            self.persist()?;
+        }
+        Ok(StatusChange {
+            contract: id.to_string(),
+            status: if suspended {
+                ContractStatus::Suspended
+            } else {
+                ContractStatus::Active
+            },
+            epoch: c.epoch(),
+            changed,
+        })
+    }
+
     /// Suspends (`true`) or reactivates a contract. Either moves its salt
     /// epoch: blocks cached before can never be hit again, by anyone.
     pub fn set_suspended(&self, id: &str, suspended: bool) -> Result<StatusChange, SetupError> {

@@ -68,6 +68,20 @@ pub struct GatewayConfig {
     pub session_header: String,
     /// The `service` label of the `sentinel_*` metrics.
     pub service: String,
+    /// The KV chunk store (`kvgate store`) whose contract scopes follow this
+    /// gateway's: every suspension and reactivation is pushed to it (a
+    /// suspension there shreds the contract's chunks).
+    pub store_admin: Option<StoreAdminConfig>,
+}
+
+/// `store_admin:`: the store's admin listener and its token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreAdminConfig {
+    /// e.g. `http://kvgate-store:8091`.
+    pub url: String,
+    /// A file holding the store's admin token (a Kubernetes Secret).
+    pub token_file: std::path::PathBuf,
 }
 
 impl Default for GatewayConfig {
@@ -97,6 +111,7 @@ impl Default for GatewayConfig {
             debug_api: true,
             session_header: "x-session-id".to_string(),
             service: DEFAULT_SERVICE.to_string(),
+            store_admin: None,
         }
     }
 }

@@ -31,6 +31,8 @@ pub enum GatewayError {
     Contracts(#[from] kvgate_auth::SetupError),
     #[error("upstream_tls: {0}")]
     UpstreamTls(#[from] kvgate_tls::TlsError),
+    #[error("store_admin token file {0}")]
+    StoreAdmin(String),
 }
 
 pub struct Gateway {
@@ -42,6 +44,8 @@ pub struct Gateway {
     /// `sentinel_pending_requests{service}`, resolved once (not per request).
     pub(crate) pending_gauge: prometheus_client::metrics::gauge::Gauge,
     pub(crate) http: reqwest::Client,
+    /// Tells the KV store of status changes (`store_admin`).
+    store_sync: Option<crate::store_sync::StoreSync>,
     pub metrics: GatewayMetrics,
     pub index_metrics: Arc<IndexerMetrics>,
     pub(crate) registry: Registry,
@@ -99,7 +103,20 @@ impl Gateway {
         ));
         fleet.follow(discovery.as_ref()).await;
         kvgate_fleet::spawn_probes(&fleet, http.clone(), cfg.probes());
+        let store_sync = cfg
+            .store_admin
+            .as_ref()
+            .map(|s| {
+                crate::store_sync::StoreSync::new(
+                    s,
+                    http.clone(),
+                    metrics.store_sync_errors.clone(),
+                )
+                .map_err(|e| GatewayError::StoreAdmin(format!("{}: {e}", s.token_file.display())))
+            })
+            .transpose()?;
         let gw = Arc::new(Self {
+            store_sync,
             sentinel,
             contract_keys: Default::default(),
             pending_gauge,
@@ -138,6 +155,9 @@ impl Gateway {
         let change = self.sentinel.set_suspended(contract, suspended, actor)?;
         let keys = self.contract_keys.take(contract);
         let dropped = self.index().drop_keys(&keys) + self.fleet.scheduler().forget_keys(&keys);
+        if let (Some(s), true) = (&self.store_sync, change.changed) {
+            s.push(contract, suspended, change.epoch);
+        }
         Ok((change, dropped))
     }
 
@@ -160,6 +180,9 @@ impl Gateway {
         {
             let keys = self.contract_keys.take(id);
             dropped += self.index().drop_keys(&keys) + self.fleet.scheduler().forget_keys(&keys);
+            if let (Some(s), Some(c)) = (&self.store_sync, self.sentinel.contracts().get(id)) {
+                s.push(id, c.is_suspended(), c.epoch());
+            }
         }
         Ok((summary, dropped))
     }

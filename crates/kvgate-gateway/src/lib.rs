@@ -14,9 +14,10 @@ pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod proxy;
+mod store_sync;
 mod usage;
 
-pub use config::{ConfigError, GatewayConfig};
+pub use config::{ConfigError, GatewayConfig, StoreAdminConfig};
 pub use contract_source::{ContractSource, SourceTask};
 pub use gateway::{Gateway, GatewayError};
 pub use http::{EXPLAIN_CHAT_PATH, EXPLAIN_COMPLETIONS_PATH};

@@ -100,6 +100,8 @@ pub struct GatewayMetrics {
     pub contract_tokens: Family<ContractTokenLabels, Counter>,
     pub denied: Family<DenyLabels, Counter>,
     pub control_plane_errors: Counter,
+    /// Contract status pushes to the KV store that failed after retries.
+    pub store_sync_errors: Counter,
 }
 
 impl Default for GatewayMetrics {
@@ -122,6 +124,7 @@ impl Default for GatewayMetrics {
             contract_tokens: Family::default(),
             denied: Family::default(),
             control_plane_errors: Counter::default(),
+            store_sync_errors: Counter::default(),
         }
     }
 }
@@ -203,6 +206,11 @@ impl GatewayMetrics {
             "kvgate_control_plane_errors",
             "Control plane polls that failed (the last known statuses stand)",
             self.control_plane_errors.clone(),
+        );
+        r.register(
+            "kvgate_store_sync_errors",
+            "Contract status pushes to the KV store that failed after retries",
+            self.store_sync_errors.clone(),
         );
         r.register(
             "kvgate_routing_duration_seconds",

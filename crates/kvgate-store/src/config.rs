@@ -7,6 +7,8 @@ use crate::server::DEFAULT_MAX_CHUNK_BYTES;
 
 /// LMCache's examples serve `lm://` on 65432.
 pub const DEFAULT_STORE_LISTEN: &str = "0.0.0.0:65432";
+/// The admin listener (probes, metrics, usage, status, shred) by default.
+pub const DEFAULT_STORE_ADMIN_LISTEN: &str = "0.0.0.0:8091";
 /// The memory tier's bound by default.
 pub const DEFAULT_MEMORY_BYTES: u64 = 1 << 30;
 
@@ -15,6 +17,11 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 1 << 30;
 pub struct StoreConfig {
     /// The `lm://` listener.
     pub listen: String,
+    /// The HTTP admin listener.
+    pub admin_listen: String,
+    /// The admin token's SHA-256 (hex); unset: only the read-only admin
+    /// routes are served.
+    pub admin_token_sha256: Option<String>,
     /// The memory tier's bound, bytes.
     pub memory_bytes: u64,
     /// Largest chunk a PUT may carry; larger ones close the connection
@@ -32,6 +39,8 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_STORE_LISTEN.to_string(),
+            admin_listen: DEFAULT_STORE_ADMIN_LISTEN.to_string(),
+            admin_token_sha256: None,
             memory_bytes: DEFAULT_MEMORY_BYTES,
             max_chunk_bytes: DEFAULT_MAX_CHUNK_BYTES,
             contracts: kvgate_auth::AuthConfig::default(),
@@ -46,6 +55,8 @@ pub enum StoreConfigError {
     Zero(&'static str),
     #[error("max_chunk_bytes ({chunk}) is over memory_bytes ({memory}): no chunk that large could be kept")]
     ChunkOverMemory { chunk: u32, memory: u64 },
+    #[error("admin_token_sha256 must be 64 hex characters")]
+    AdminTokenHash,
 }
 
 impl StoreConfig {
@@ -62,6 +73,17 @@ impl StoreConfig {
                 memory: self.memory_bytes,
             });
         }
+        self.admin_token()?;
         Ok(())
+    }
+
+    /// The admin token's SHA-256, if one is configured.
+    pub fn admin_token(&self) -> Result<Option<[u8; 32]>, StoreConfigError> {
+        let Some(h) = &self.admin_token_sha256 else {
+            return Ok(None);
+        };
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(h.trim(), &mut out).map_err(|_| StoreConfigError::AdminTokenHash)?;
+        Ok(Some(out))
     }
 }

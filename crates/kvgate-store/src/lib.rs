@@ -9,6 +9,7 @@
 //! disk and Redis tiers, the admin listener and auditing are the next steps
 //! (see the README).
 
+pub mod admin;
 pub mod config;
 pub mod key;
 pub mod memory;

@@ -2,11 +2,11 @@
 //! bounded in bytes. A chunk's buffer is zeroized when its last holder drops
 //! it (evicted, overwritten or deleted, and no GET still writing it out).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use lru::LruCache;
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
 use zeroize::Zeroizing;
 
 use std::collections::HashMap;
@@ -20,11 +20,12 @@ pub struct Chunk {
     pub data: Zeroizing<Vec<u8>>,
 }
 
+/// A tier's counters (registered on the admin listener's `/metrics`).
 #[derive(Debug, Default)]
 pub struct TierStats {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub evictions: AtomicU64,
+    pub hits: Counter,
+    pub misses: Counter,
+    pub evictions: Counter,
 }
 
 pub struct MemoryTier {
@@ -101,7 +102,7 @@ impl MemoryTier {
                 break;
             };
             inner.remove(&evicted);
-            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            self.stats.evictions.inc();
         }
         true
     }
@@ -114,7 +115,7 @@ impl MemoryTier {
         } else {
             &self.stats.misses
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
         hit
     }
 

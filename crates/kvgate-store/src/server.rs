@@ -4,8 +4,9 @@
 //! start; so does a PUT larger than `max_chunk_bytes`, refused before any
 //! allocation.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,10 +25,12 @@ pub struct Store {
     pub scopes: Scopes,
     pub max_chunk_bytes: u32,
     /// Connections closed for a bad header or an oversized chunk.
-    pub protocol_errors: AtomicU64,
+    pub protocol_errors: Counter,
     /// Requests refused for their key's scope (no tag, or a salt that is no
     /// active contract's).
-    pub scope_refusals: AtomicU64,
+    pub scope_refusals: Counter,
+    /// Contracts shredded.
+    pub shreds: Counter,
 }
 
 impl Store {
@@ -36,8 +39,9 @@ impl Store {
             memory: MemoryTier::new(memory_bytes),
             scopes,
             max_chunk_bytes,
-            protocol_errors: AtomicU64::new(0),
-            scope_refusals: AtomicU64::new(0),
+            protocol_errors: Counter::default(),
+            scope_refusals: Counter::default(),
+            shreds: Counter::default(),
         })
     }
 
@@ -45,14 +49,17 @@ impl Store {
     /// Its salt must also have moved (suspension) or its chunks could be
     /// written again.
     pub fn shred(&self, contract: &str) -> (usize, u64) {
-        self.memory.shred(&Owner::Contract(contract.to_string()))
+        self.shreds.inc();
+        let (chunks, bytes) = self.memory.shred(&Owner::Contract(contract.to_string()));
+        tracing::info!(contract, chunks, bytes, "contract shredded");
+        (chunks, bytes)
     }
 
     fn owner(&self, req: &Request) -> Option<Owner> {
         match self.scopes.owner(&req.key) {
             Ok(o) => Some(o),
             Err(e) => {
-                self.scope_refusals.fetch_add(1, Ordering::Relaxed);
+                self.scope_refusals.inc();
                 tracing::debug!(error = %e, command = ?req.command, "lm:// request refused for its scope");
                 None
             }
@@ -88,7 +95,7 @@ pub async fn serve(listener: TcpListener, store: Arc<Store>) {
                 Ok(()) => {}
                 Err(ConnectionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
                 Err(e) => {
-                    store.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    store.protocol_errors.inc();
                     tracing::warn!(%peer, error = %e, "lm:// connection closed");
                 }
             }

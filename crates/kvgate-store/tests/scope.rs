@@ -121,12 +121,7 @@ async fn refused_keys_are_not_stored_and_shredding_takes_one_contract() {
     assert_eq!(store.memory.len(), 3);
     let acme_owner = Owner::Contract("acme".into());
     assert_eq!(store.memory.owner_bytes(&acme_owner), 2000);
-    assert_eq!(
-        store
-            .scope_refusals
-            .load(std::sync::atomic::Ordering::Relaxed),
-        4
-    );
+    assert_eq!(store.scope_refusals.get(), 4);
 
     assert_eq!(store.shred("acme"), (2, 2000));
     assert_eq!(store.memory.owner_bytes(&acme_owner), 0);

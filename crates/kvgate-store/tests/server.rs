@@ -123,14 +123,7 @@ async fn the_least_recently_used_chunk_goes_first() {
         assert_eq!(reply(&mut s).await.code, want, "chunk {h}");
     }
     assert_eq!(store.memory.bytes(), 3000);
-    assert_eq!(
-        store
-            .memory
-            .stats
-            .evictions
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(store.memory.stats.evictions.get(), 1);
 }
 
 #[tokio::test]
@@ -160,9 +153,7 @@ async fn bad_input_closes_only_its_own_connection() {
         .await
         .unwrap();
     assert_eq!(reply(&mut good).await, Reply::OK);
-    let errors = store
-        .protocol_errors
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let errors = store.protocol_errors.get();
     assert_eq!(errors, 3);
     assert!(store.memory.is_empty());
 }

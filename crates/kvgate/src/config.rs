@@ -200,6 +200,7 @@ fn tls_file(tls: &mut Option<kvgate_tls::TlsConfig>, which: TlsFile, v: &str) ->
 impl LayeredConfig for kvgate_store::StoreConfig {
     const ENV: &'static [EnvOverride<Self>] = &[
         ("KVGATE_LISTEN", |c, v| set(&mut c.listen, v)),
+        ("KVGATE_ADMIN_LISTEN", |c, v| set(&mut c.admin_listen, v)),
         ("KVGATE_STORE_MEMORY_BYTES", |c, v| {
             set_parsed(&mut c.memory_bytes, v)
         }),

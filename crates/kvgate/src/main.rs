@@ -240,8 +240,12 @@ async fn main() -> Result<()> {
             tracing::info!(addr = %listener.local_addr()?, memory_bytes = cfg.memory_bytes, "store listening (lm://)");
             let scopes = kvgate_store::Scopes::new(&cfg.contracts, cfg.unscoped)?;
             let store = kvgate_store::Store::new(cfg.memory_bytes, cfg.max_chunk_bytes, scopes);
+            let admin = tokio::net::TcpListener::bind(&cfg.admin_listen).await?;
+            tracing::info!(addr = %admin.local_addr()?, "store admin listening");
+            let app = kvgate_store::admin::router(store.clone(), cfg.admin_token()?);
             tokio::select! {
                 () = kvgate_store::serve(listener, store) => Ok(()),
+                r = axum::serve(admin, app) => Ok(r?),
                 r = tokio::signal::ctrl_c() => Ok(r?),
             }
         }

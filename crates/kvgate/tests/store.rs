@@ -32,10 +32,12 @@ async fn reply(s: &mut TcpStream) -> Reply {
 #[tokio::test]
 async fn the_store_process_serves_lm_clients() {
     let port = free_port();
+    let admin_port = free_port();
     let _proc = Kill(
         std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
             .arg("store")
             .env("KVGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KVGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
             .env("KVGATE_STORE_MEMORY_BYTES", "134217728")
             .env("KVGATE_LOG", "warn")
             .spawn()
@@ -63,6 +65,13 @@ async fn the_store_process_serves_lm_clients() {
     let mut got = [0u8; 4];
     s.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"kv!!");
+    let ready: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{admin_port}/ready"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["bytes"], 4);
     // A config that cannot work is refused at start.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
         .arg("store")
