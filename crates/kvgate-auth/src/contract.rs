@@ -23,6 +23,7 @@ use crate::SetupError;
 /// Domain separation of every key kvgate derives from contract material.
 const CONTRACT_KEY_SALT: &[u8] = b"kvgate contract key v1";
 const CACHE_SALT_INFO: &[u8] = b"kvgate cache_salt v1";
+const KEYED_ID_INFO: &[u8] = b"kvgate keyed id v1";
 
 /// Why a principal's contract does not admit a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,6 +94,18 @@ impl Contract {
                 salt
             }
         }
+    }
+
+    /// A stable id for one of this contract's cache entries, keyed by the
+    /// contract's key: audit records name chunks by it, never by their key
+    /// (which carries the salt and the prompt's hash). 32 hex chars.
+    pub fn keyed_id(&self, name: &[u8]) -> String {
+        let mut info = Zeroizing::new(Vec::with_capacity(KEYED_ID_INFO.len() + name.len() + 8));
+        info.extend_from_slice(KEYED_ID_INFO);
+        push_prefixed(&mut info, name);
+        let mut out = [0u8; 16];
+        self.expand(&info, &mut out);
+        hex::encode(out)
     }
 
     fn derive_salt(&self, epoch: u64, subject: Option<&str>) -> String {

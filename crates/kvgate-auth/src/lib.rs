@@ -119,6 +119,10 @@ pub struct Sentinel {
     audit: AuditLog,
 }
 
+/// The `service` label of the `sentinel_*` metrics our users' KEDA
+/// triggers select on (gateway and store), unless configured.
+pub const DEFAULT_SERVICE: &str = "kvgate";
+
 /// The subject of requests under the pod's contract without credentials.
 pub const POD_SUBJECT: &str = "pod";
 

@@ -19,7 +19,8 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS: u64 = 4_000;
 /// Extra endpoints tried when connecting fails before the request was sent.
 pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
 pub const DEFAULT_RETRY_AFTER_SECS: u32 = 1;
-pub const DEFAULT_SERVICE: &str = "kvgate";
+/// The `service` label of the `sentinel_*` metrics, shared with the store.
+pub use kvgate_auth::DEFAULT_SERVICE;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -45,6 +45,7 @@ async fn a_suspension_at_the_gateway_shreds_the_contract_in_the_store() {
         1 << 20,
         1 << 16,
         Scopes::new(&contracts, Unscoped::Refuse).unwrap(),
+        kvgate_auth::audit::AuditLog::disabled(),
     );
     let lm = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let lm_addr = lm.local_addr().unwrap();
@@ -53,7 +54,12 @@ async fn a_suspension_at_the_gateway_shreds_the_contract_in_the_store() {
         use sha2::Digest;
         sha2::Sha256::digest(STORE_ADMIN.as_bytes()).into()
     };
-    let store_url = serve(kvgate_store::admin::router(store.clone(), Some(token_sha))).await;
+    let store_url = serve(kvgate_store::admin::router(
+        store.clone(),
+        Some(token_sha),
+        "trustbridge",
+    ))
+    .await;
     let token_file = dir.path().join("store-token");
     std::fs::write(&token_file, format!("{STORE_ADMIN}\n")).unwrap();
 
@@ -166,5 +172,9 @@ async fn a_suspension_at_the_gateway_shreds_the_contract_in_the_store() {
         "{metrics}"
     );
     assert!(metrics.contains("kvgate_store_shreds_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("sentinel_kv_cache_size_gb{service=\"trustbridge\"} 2e-7"),
+        "{metrics}"
+    );
     assert!(!metrics.contains(&salt_a) && !metrics.contains(&salt_a2));
 }

@@ -6,6 +6,7 @@
 //! token (the config holds its SHA-256); without one configured they are
 //! not served.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -33,6 +34,11 @@ struct TierLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ContractLabels {
     contract: String,
 }
@@ -44,12 +50,22 @@ struct Admin {
     bytes: Family<TierLabels, Gauge>,
     chunks: Family<TierLabels, Gauge>,
     contract_bytes: Family<ContractLabels, Gauge>,
+    /// `sentinel_kv_cache_size_gb{service}`: what the store holds, in GB.
+    size_gb: Family<ServiceLabels, Gauge<f64, AtomicU64>>,
+    service: ServiceLabels,
 }
 
 /// The admin routes over `store`. `token_sha256`: the admin token's
-/// SHA-256; None serves only the read-only routes.
-pub fn router(store: Arc<Store>, token_sha256: Option<[u8; 32]>) -> Router {
+/// SHA-256; None serves only the read-only routes. `service`: the label of
+/// `sentinel_kv_cache_size_gb`.
+pub fn router(store: Arc<Store>, token_sha256: Option<[u8; 32]>, service: &str) -> Router {
     let mut registry = Registry::default();
+    let size_gb = Family::<ServiceLabels, Gauge<f64, AtomicU64>>::default();
+    registry.register(
+        "sentinel_kv_cache_size_gb",
+        "KV cache the store holds, GB (1e9 bytes)",
+        size_gb.clone(),
+    );
     let bytes = Family::<TierLabels, Gauge>::default();
     let chunks = Family::<TierLabels, Gauge>::default();
     let contract_bytes = Family::<ContractLabels, Gauge>::default();
@@ -98,6 +114,10 @@ pub fn router(store: Arc<Store>, token_sha256: Option<[u8; 32]>) -> Router {
         bytes,
         chunks,
         contract_bytes,
+        size_gb,
+        service: ServiceLabels {
+            service: service.to_string(),
+        },
     });
     let router = Router::new()
         .route("/health", get(|| async { StatusCode::OK }))
@@ -123,6 +143,9 @@ async fn ready(State(a): State<Arc<Admin>>) -> Json<serde_json::Value> {
 
 async fn metrics(State(a): State<Arc<Admin>>) -> Response {
     let memory = TierLabels { tier: "memory" };
+    a.size_gb
+        .get_or_create(&a.service)
+        .set(a.store.memory.bytes() as f64 / 1e9);
     a.bytes
         .get_or_create(&memory)
         .set(i64::try_from(a.store.memory.bytes()).unwrap_or(i64::MAX));

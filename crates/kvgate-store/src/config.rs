@@ -33,6 +33,8 @@ pub struct StoreConfig {
     pub contracts: kvgate_auth::AuthConfig,
     /// Keys without a `cachesalt` tag: `refuse` (default) or `shared`.
     pub unscoped: Unscoped,
+    /// The `service` label of `sentinel_kv_cache_size_gb`.
+    pub service: String,
 }
 
 impl Default for StoreConfig {
@@ -45,6 +47,7 @@ impl Default for StoreConfig {
             max_chunk_bytes: DEFAULT_MAX_CHUNK_BYTES,
             contracts: kvgate_auth::AuthConfig::default(),
             unscoped: Unscoped::default(),
+            service: kvgate_auth::DEFAULT_SERVICE.to_string(),
         }
     }
 }

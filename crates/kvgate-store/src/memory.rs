@@ -85,12 +85,14 @@ impl MemoryTier {
     }
 
     /// Stores `chunk` under `key`, evicting the least recently used until it
-    /// fits. False (nothing stored) for a chunk larger than the whole tier.
-    pub fn put(&self, key: String, chunk: Chunk) -> bool {
+    /// fits; the evicted, for the audit log. Err (nothing stored) for a
+    /// chunk larger than the whole tier.
+    pub fn put(&self, key: String, chunk: Chunk) -> Result<Vec<(String, Arc<Chunk>)>, Chunk> {
         let size = chunk.data.len() as u64;
         if size > self.max_bytes {
-            return false;
+            return Err(chunk);
         }
+        let mut evicted_all = Vec::new();
         let mut inner = self.inner.lock();
         let owner = chunk.owner.clone();
         if let Some(old) = inner.chunks.put(key, Arc::new(chunk)) {
@@ -98,13 +100,14 @@ impl MemoryTier {
         }
         inner.add(&owner, size);
         while inner.bytes > self.max_bytes {
-            let Some((_, evicted)) = inner.chunks.pop_lru() else {
+            let Some((k, evicted)) = inner.chunks.pop_lru() else {
                 break;
             };
             inner.remove(&evicted);
             self.stats.evictions.inc();
+            evicted_all.push((k, evicted));
         }
-        true
+        Ok(evicted_all)
     }
 
     /// The chunk, now the most recently used.

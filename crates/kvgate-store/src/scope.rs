@@ -76,6 +76,22 @@ impl Scopes {
         self.contracts.as_ref()
     }
 
+    /// How the audit log names a chunk: keyed by its contract's key (see
+    /// `kvgate_auth::Contract::keyed_id`); a shared chunk by a plain hash.
+    pub fn chunk_id(&self, owner: &Owner, key: &str) -> String {
+        let contract = match owner {
+            Owner::Contract(id) => self.contracts.as_ref().and_then(|r| r.get(id)),
+            Owner::Shared => None,
+        };
+        match contract {
+            Some(c) => c.keyed_id(key.as_bytes()),
+            None => {
+                use sha2::Digest;
+                hex::encode(&sha2::Sha256::digest(key.as_bytes())[..16])
+            }
+        }
+    }
+
     pub fn owner(&self, key: &ChunkKey) -> Result<Owner, ScopeError> {
         let Some(registry) = &self.contracts else {
             return Ok(Owner::Shared);

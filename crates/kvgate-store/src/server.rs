@@ -15,6 +15,17 @@ use zeroize::Zeroizing;
 use crate::memory::{Chunk, MemoryTier};
 use crate::protocol::{Command, ProtocolError, Reply, Request, CLIENT_HEADER_LEN};
 use crate::scope::{Owner, Scopes};
+use kvgate_auth::audit::{kind, AuditLog, AuditRecord};
+
+fn command_name(c: Command) -> &'static str {
+    match c {
+        Command::Put => "put",
+        Command::Get => "get",
+        Command::Exist => "exist",
+        Command::List => "list",
+        Command::Health => "health",
+    }
+}
 
 /// Largest chunk accepted by default: LMCache's 256-token chunk of a
 /// Llama-3-8B-sized model is 32 MiB; twice that leaves room.
@@ -23,6 +34,8 @@ pub const DEFAULT_MAX_CHUNK_BYTES: u32 = 64 << 20;
 pub struct Store {
     pub memory: MemoryTier,
     pub scopes: Scopes,
+    /// Every access, eviction and shred (`kind: cache`).
+    pub audit: AuditLog,
     pub max_chunk_bytes: u32,
     /// Connections closed for a bad header or an oversized chunk.
     pub protocol_errors: Counter,
@@ -34,10 +47,16 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn new(memory_bytes: u64, max_chunk_bytes: u32, scopes: Scopes) -> Arc<Self> {
+    pub fn new(
+        memory_bytes: u64,
+        max_chunk_bytes: u32,
+        scopes: Scopes,
+        audit: AuditLog,
+    ) -> Arc<Self> {
         Arc::new(Self {
             memory: MemoryTier::new(memory_bytes),
             scopes,
+            audit,
             max_chunk_bytes,
             protocol_errors: Counter::default(),
             scope_refusals: Counter::default(),
@@ -52,6 +71,12 @@ impl Store {
         self.shreds.inc();
         let (chunks, bytes) = self.memory.shred(&Owner::Contract(contract.to_string()));
         tracing::info!(contract, chunks, bytes, "contract shredded");
+        self.audit.record(
+            AuditRecord::new(kind::CACHE)
+                .contract(contract)
+                .reason("shred")
+                .detail(serde_json::json!({"chunks": chunks, "bytes": bytes, "tiers": ["memory"]})),
+        );
         (chunks, bytes)
     }
 
@@ -61,9 +86,30 @@ impl Store {
             Err(e) => {
                 self.scope_refusals.inc();
                 tracing::debug!(error = %e, command = ?req.command, "lm:// request refused for its scope");
+                self.audit.record(
+                    AuditRecord::new(kind::CACHE)
+                        .status(403)
+                        .reason("refused")
+                        .detail(serde_json::json!({"command": command_name(req.command), "error": e.to_string()})),
+                );
                 None
             }
         }
+    }
+
+    /// One cache record: what happened to which chunk (by its keyed id).
+    fn record(&self, owner: &Owner, key: &str, what: &'static str, bytes: usize) {
+        let rec = AuditRecord::new(kind::CACHE)
+            .reason(what)
+            .detail(serde_json::json!({
+                "chunk": self.scopes.chunk_id(owner, key),
+                "bytes": bytes,
+                "tier": "memory",
+            }));
+        self.audit.record(match owner {
+            Owner::Contract(c) => rec.contract(c),
+            Owner::Shared => rec,
+        });
     }
 }
 
@@ -134,16 +180,26 @@ async fn connection(stream: TcpStream, store: &Store) -> Result<(), ConnectionEr
                 };
                 let mut data = Zeroizing::new(vec![0u8; req.length as usize]);
                 read.read_exact(&mut data).await?;
-                store.memory.put(
-                    key,
+                let bytes = data.len();
+                let stored = store.memory.put(
+                    key.clone(),
                     Chunk {
-                        owner,
+                        owner: owner.clone(),
                         meta: req.meta,
                         data,
                     },
                 );
+                match stored {
+                    Ok(evicted) => {
+                        store.record(&owner, &key, "put", bytes);
+                        for (k, c) in evicted {
+                            store.record(&c.owner, &k, "evicted", c.data.len());
+                        }
+                    }
+                    Err(_) => store.record(&owner, &key, "put_too_large", bytes),
+                }
             }
-            (Command::Get, Some(_)) => match store.memory.get(&key) {
+            (Command::Get, Some(owner)) => match store.memory.get(&key) {
                 Some(chunk) => {
                     let length = u32::try_from(chunk.data.len()).unwrap_or(u32::MAX);
                     // The client reads the header with one recv(36).
@@ -151,13 +207,25 @@ async fn connection(stream: TcpStream, store: &Store) -> Result<(), ConnectionEr
                         .write_all(&Reply::hit(length, chunk.meta).encode())
                         .await?;
                     write.write_all(&chunk.data).await?;
+                    store.record(&owner, &key, "get_hit", chunk.data.len());
                 }
-                None => write.write_all(&Reply::FAIL.encode()).await?,
+                None => {
+                    write.write_all(&Reply::FAIL.encode()).await?;
+                    store.record(&owner, &key, "get_miss", 0);
+                }
             },
-            (Command::Exist, Some(_)) if store.memory.contains(&key) => {
-                write.write_all(&Reply::OK.encode()).await?
+            (Command::Exist, Some(owner)) => {
+                let hit = store.memory.contains(&key);
+                let reply = if hit { Reply::OK } else { Reply::FAIL };
+                write.write_all(&reply.encode()).await?;
+                store.record(
+                    &owner,
+                    &key,
+                    if hit { "exist_hit" } else { "exist_miss" },
+                    0,
+                );
             }
-            (Command::Get | Command::Exist, _) => write.write_all(&Reply::FAIL.encode()).await?,
+            (Command::Get | Command::Exist, None) => write.write_all(&Reply::FAIL.encode()).await?,
             (Command::Health, _) => write.write_all(&Reply::OK.encode()).await?,
             // Listing keys would show other tenants' tags: not answered
             // (LMCache's own server sends no header for it either).

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use kvgate_auth::audit::AuditLog;
 use kvgate_auth::{AuthConfig, KeyRef, Sentinel};
 use kvgate_store::protocol::SERVER_HEADER_LEN;
 use kvgate_store::{ChunkKey, ChunkMeta, Command, Owner, Reply, Request, Scopes, Store, Unscoped};
@@ -42,10 +43,10 @@ fn header(command: Command, key: ChunkKey, length: u32) -> [u8; 186] {
     .encode()
 }
 
-async fn start(scopes: Scopes) -> (std::net::SocketAddr, Arc<Store>) {
+async fn start(scopes: Scopes, audit: AuditLog) -> (std::net::SocketAddr, Arc<Store>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let store = Store::new(1 << 20, 1 << 16, scopes);
+    let store = Store::new(1 << 20, 1 << 16, scopes, audit);
     tokio::spawn(kvgate_store::serve(l, store.clone()));
     (addr, store)
 }
@@ -98,7 +99,13 @@ async fn refused_keys_are_not_stored_and_shredding_takes_one_contract() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = contracts(&dir);
     let (acme, globex) = (gateway_salt(&cfg, "ka"), gateway_salt(&cfg, "kg"));
-    let (addr, store) = start(Scopes::new(&cfg, Unscoped::Refuse).unwrap()).await;
+    let mut audit_cfg = cfg.audit.clone();
+    audit_cfg.path = Some(dir.path().join("store-audit.jsonl"));
+    let (addr, store) = start(
+        Scopes::new(&cfg, Unscoped::Refuse).unwrap(),
+        AuditLog::start(&audit_cfg).unwrap(),
+    )
+    .await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     put(&mut s, key(1, Some(&acme)), 1000).await;
     put(&mut s, key(2, Some(&acme)), 1000).await;
@@ -132,4 +139,44 @@ async fn refused_keys_are_not_stored_and_shredding_takes_one_contract() {
         "globex untouched"
     );
     assert_eq!(store.memory.bytes(), 500);
+
+    // Every access is audited by contract and keyed chunk id: no salt, no
+    // key, no model name; the chain verifies.
+    store.audit.flush().unwrap();
+    let log = std::fs::read_to_string(dir.path().join("store-audit.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["kind"] == "cache")
+        .collect();
+    let reasons = |c: Option<&str>| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r["contract"].as_str() == c)
+            .map(|r| r["reason"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        reasons(Some("acme")),
+        ["put", "put", "exist_hit", "shred", "exist_miss"]
+    );
+    assert_eq!(reasons(Some("globex")), ["put", "exist_hit", "exist_hit"]);
+    assert_eq!(reasons(None).iter().filter(|r| *r == "refused").count(), 4);
+    let acme_puts: Vec<&str> = records
+        .iter()
+        .filter(|r| r["contract"] == "acme" && r["reason"] == "put")
+        .map(|r| r["detail"]["chunk"].as_str().unwrap())
+        .collect();
+    assert_eq!(acme_puts[0].len(), 32);
+    assert_ne!(acme_puts[0], acme_puts[1], "one id per chunk");
+    for secret in [acme.as_str(), globex.as_str(), "/models/tiny", "ffffffff"] {
+        assert!(!log.contains(secret), "{secret} in the audit log");
+    }
+    let dir_path = dir.path().join("store-audit.jsonl");
+    let report = kvgate_auth::audit::verify(&[dir_path], None, None).unwrap();
+    assert_eq!(
+        report.records as usize,
+        records.len() + 1,
+        "audit_open + the cache records"
+    );
 }

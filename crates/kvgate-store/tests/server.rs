@@ -13,7 +13,12 @@ use tokio::net::TcpStream;
 async fn start(memory_bytes: u64, max_chunk: u32) -> (std::net::SocketAddr, Arc<Store>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let store = Store::new(memory_bytes, max_chunk, kvgate_store::Scopes::open());
+    let store = Store::new(
+        memory_bytes,
+        max_chunk,
+        kvgate_store::Scopes::open(),
+        kvgate_auth::audit::AuditLog::disabled(),
+    );
     tokio::spawn(kvgate_store::serve(l, store.clone()));
     (addr, store)
 }

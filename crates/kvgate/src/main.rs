@@ -239,10 +239,13 @@ async fn main() -> Result<()> {
             let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
             tracing::info!(addr = %listener.local_addr()?, memory_bytes = cfg.memory_bytes, "store listening (lm://)");
             let scopes = kvgate_store::Scopes::new(&cfg.contracts, cfg.unscoped)?;
-            let store = kvgate_store::Store::new(cfg.memory_bytes, cfg.max_chunk_bytes, scopes);
+            // The store's own chain: never the gateway's file.
+            let audit = kvgate_auth::audit::AuditLog::start(&cfg.contracts.audit)?;
+            let store =
+                kvgate_store::Store::new(cfg.memory_bytes, cfg.max_chunk_bytes, scopes, audit);
             let admin = tokio::net::TcpListener::bind(&cfg.admin_listen).await?;
             tracing::info!(addr = %admin.local_addr()?, "store admin listening");
-            let app = kvgate_store::admin::router(store.clone(), cfg.admin_token()?);
+            let app = kvgate_store::admin::router(store.clone(), cfg.admin_token()?, &cfg.service);
             tokio::select! {
                 () = kvgate_store::serve(listener, store) => Ok(()),
                 r = axum::serve(admin, app) => Ok(r?),
