@@ -35,6 +35,22 @@ pub struct StoreConfig {
     pub unscoped: Unscoped,
     /// The `service` label of `sentinel_kv_cache_size_gb`.
     pub service: String,
+    /// Bytes each contract may hold (its own oldest chunks make room);
+    /// unset: bounded by the tier alone.
+    pub contract_quota_bytes: Option<u64>,
+    /// Per-contract exceptions to `contract_quota_bytes`.
+    pub quota_overrides: std::collections::BTreeMap<String, u64>,
+    /// `lm://` listeners bound to one contract each (the sidecar layout):
+    /// every chunk on one is its contract's, so an unmodified LMCache
+    /// client needs no tag.
+    pub contract_listeners: Vec<ContractListener>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContractListener {
+    pub listen: String,
+    pub contract: String,
 }
 
 impl Default for StoreConfig {
@@ -48,6 +64,9 @@ impl Default for StoreConfig {
             contracts: kvgate_auth::AuthConfig::default(),
             unscoped: Unscoped::default(),
             service: kvgate_auth::DEFAULT_SERVICE.to_string(),
+            contract_quota_bytes: None,
+            quota_overrides: Default::default(),
+            contract_listeners: Vec::new(),
         }
     }
 }
@@ -60,6 +79,8 @@ pub enum StoreConfigError {
     ChunkOverMemory { chunk: u32, memory: u64 },
     #[error("admin_token_sha256 must be 64 hex characters")]
     AdminTokenHash,
+    #[error("contract listener {0:?} names a contract not in contracts")]
+    ListenerContract(String),
 }
 
 impl StoreConfig {
@@ -77,7 +98,25 @@ impl StoreConfig {
             });
         }
         self.admin_token()?;
+        if let Some(l) = self
+            .contract_listeners
+            .iter()
+            .find(|l| !self.contracts.contracts.iter().any(|c| c.id == l.contract))
+        {
+            return Err(StoreConfigError::ListenerContract(l.listen.clone()));
+        }
+        if self.contract_quota_bytes == Some(0) || self.quota_overrides.values().any(|q| *q == 0) {
+            return Err(StoreConfigError::Zero("contract quota"));
+        }
         Ok(())
+    }
+
+    /// The quotas, as the store applies them.
+    pub fn quotas(&self) -> crate::server::Quotas {
+        crate::server::Quotas {
+            default: self.contract_quota_bytes,
+            overrides: self.quota_overrides.clone(),
+        }
     }
 
     /// The admin token's SHA-256, if one is configured.

@@ -43,6 +43,9 @@ impl ChunkKey {
         if s.len() > MAX_KEY_LEN {
             return Err(KeyError::TooLong);
         }
+        if s.bytes().any(|b| b.is_ascii_control()) {
+            return Err(KeyError::BadField("control character"));
+        }
         let fields: Vec<&str> = s.split('@').collect();
         let [model, world, worker, hash, dtype, rest @ ..] = fields.as_slice() else {
             return Err(KeyError::TooFewFields(fields.len()));

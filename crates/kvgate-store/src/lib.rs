@@ -21,4 +21,4 @@ pub use config::{StoreConfig, StoreConfigError};
 pub use key::{ChunkKey, KeyError};
 pub use protocol::{ChunkMeta, Command, ProtocolError, Reply, Request};
 pub use scope::{Owner, ScopeError, Scopes, Unscoped};
-pub use server::{serve, Store, DEFAULT_MAX_CHUNK_BYTES};
+pub use server::{serve, serve_scoped, Quotas, Store, DEFAULT_MAX_CHUNK_BYTES};

@@ -84,21 +84,47 @@ impl MemoryTier {
         self.len() == 0
     }
 
-    /// Stores `chunk` under `key`, evicting the least recently used until it
-    /// fits; the evicted, for the audit log. Err (nothing stored) for a
-    /// chunk larger than the whole tier.
-    pub fn put(&self, key: String, chunk: Chunk) -> Result<Vec<(String, Arc<Chunk>)>, Chunk> {
+    /// Stores `chunk` under `key`: first its owner's own least recently used
+    /// chunks make room under `quota` (the owner's byte bound, if any), then
+    /// anyone's least recently used make room in the tier. Returns the
+    /// evicted, for the audit log; Err (nothing stored) for a chunk larger
+    /// than the tier or the quota.
+    pub fn put(
+        &self,
+        key: String,
+        chunk: Chunk,
+        quota: Option<u64>,
+    ) -> Result<Vec<(String, Arc<Chunk>)>, Chunk> {
         let size = chunk.data.len() as u64;
-        if size > self.max_bytes {
+        if size > self.max_bytes.min(quota.unwrap_or(u64::MAX)) {
             return Err(chunk);
         }
         let mut evicted_all = Vec::new();
         let mut inner = self.inner.lock();
         let owner = chunk.owner.clone();
-        if let Some(old) = inner.chunks.put(key, Arc::new(chunk)) {
+        if let Some(old) = inner.chunks.put(key.clone(), Arc::new(chunk)) {
             inner.remove(&old);
         }
         inner.add(&owner, size);
+        if let Some(quota) = quota {
+            while inner.by_owner.get(&owner).copied().unwrap_or(0) > quota {
+                // Oldest first; the new chunk itself is the newest.
+                let Some(k) = inner
+                    .chunks
+                    .iter()
+                    .rev()
+                    .find(|(k, c)| c.owner == owner && **k != key)
+                    .map(|(k, _)| k.clone())
+                else {
+                    break;
+                };
+                if let Some(evicted) = inner.chunks.pop(&k) {
+                    inner.remove(&evicted);
+                    self.stats.evictions.inc();
+                    evicted_all.push((k, evicted));
+                }
+            }
+        }
         while inner.bytes > self.max_bytes {
             let Some((k, evicted)) = inner.chunks.pop_lru() else {
                 break;

@@ -40,6 +40,10 @@ pub enum ScopeError {
     Untagged,
     #[error("cachesalt tag is no active contract's current salt")]
     UnknownSalt,
+    #[error("the key's cachesalt tag is another contract's than this listener's")]
+    OtherContract,
+    #[error("this listener's contract is unknown or suspended")]
+    ListenerContract,
 }
 
 pub struct Scopes {
@@ -89,6 +93,25 @@ impl Scopes {
                 use sha2::Digest;
                 hex::encode(&sha2::Sha256::digest(key.as_bytes())[..16])
             }
+        }
+    }
+
+    /// The owner of `key` on a listener bound to `bound` (the sidecar layout:
+    /// an unmodified client, every chunk its pod's contract's), or on a
+    /// shared listener (None): see [`Scopes::owner`].
+    pub fn owner_on(&self, bound: Option<&str>, key: &ChunkKey) -> Result<Owner, ScopeError> {
+        let Some(contract) = bound else {
+            return self.owner(key);
+        };
+        if key.tag(CACHE_SALT_TAG).is_some() {
+            return match self.owner(key)? {
+                Owner::Contract(c) if c == contract => Ok(Owner::Contract(c)),
+                _ => Err(ScopeError::OtherContract),
+            };
+        }
+        match self.contracts.as_ref().and_then(|r| r.get(contract)) {
+            Some(c) if !c.is_suspended() => Ok(Owner::Contract(contract.to_string())),
+            _ => Err(ScopeError::ListenerContract),
         }
     }
 

@@ -31,8 +31,25 @@ fn command_name(c: Command) -> &'static str {
 /// Llama-3-8B-sized model is 32 MiB; twice that leaves room.
 pub const DEFAULT_MAX_CHUNK_BYTES: u32 = 64 << 20;
 
+/// Bytes each contract may hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Quotas {
+    pub default: Option<u64>,
+    pub overrides: std::collections::BTreeMap<String, u64>,
+}
+
+impl Quotas {
+    pub fn of(&self, owner: &Owner) -> Option<u64> {
+        match owner {
+            Owner::Contract(c) => self.overrides.get(c).copied().or(self.default),
+            Owner::Shared => None,
+        }
+    }
+}
+
 pub struct Store {
     pub memory: MemoryTier,
+    pub quotas: Quotas,
     pub scopes: Scopes,
     /// Every access, eviction and shred (`kind: cache`).
     pub audit: AuditLog,
@@ -53,8 +70,26 @@ impl Store {
         scopes: Scopes,
         audit: AuditLog,
     ) -> Arc<Self> {
+        Self::with_quotas(
+            memory_bytes,
+            max_chunk_bytes,
+            scopes,
+            audit,
+            Quotas::default(),
+        )
+    }
+
+    /// As [`Store::new`], with per-contract byte quotas.
+    pub fn with_quotas(
+        memory_bytes: u64,
+        max_chunk_bytes: u32,
+        scopes: Scopes,
+        audit: AuditLog,
+        quotas: Quotas,
+    ) -> Arc<Self> {
         Arc::new(Self {
             memory: MemoryTier::new(memory_bytes),
+            quotas,
             scopes,
             audit,
             max_chunk_bytes,
@@ -80,8 +115,8 @@ impl Store {
         (chunks, bytes)
     }
 
-    fn owner(&self, req: &Request) -> Option<Owner> {
-        match self.scopes.owner(&req.key) {
+    fn owner(&self, req: &Request, bound: Option<&str>) -> Option<Owner> {
+        match self.scopes.owner_on(bound, &req.key) {
             Ok(o) => Some(o),
             Err(e) => {
                 self.scope_refusals.inc();
@@ -125,6 +160,12 @@ enum ConnectionError {
 
 /// Serves `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, store: Arc<Store>) {
+    serve_scoped(listener, store, None).await
+}
+
+/// Serves `listener` with every chunk owned by `bound`'s contract when set
+/// (the sidecar layout, see `Scopes::owner_on`).
+pub async fn serve_scoped(listener: TcpListener, store: Arc<Store>, bound: Option<String>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -136,8 +177,9 @@ pub async fn serve(listener: TcpListener, store: Arc<Store>) {
         };
         let _ = stream.set_nodelay(true);
         let store = store.clone();
+        let bound = bound.clone();
         tokio::spawn(async move {
-            match connection(stream, &store).await {
+            match connection(stream, &store, bound.as_deref()).await {
                 Ok(()) => {}
                 Err(ConnectionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
                 Err(e) => {
@@ -149,7 +191,20 @@ pub async fn serve(listener: TcpListener, store: Arc<Store>) {
     }
 }
 
-async fn connection(stream: TcpStream, store: &Store) -> Result<(), ConnectionError> {
+/// Where a chunk lives in the tiers: its owner's namespace, then LMCache's
+/// key, so two contracts' listeners never share an entry.
+fn physical(owner: &Owner, key: &str) -> String {
+    match owner {
+        Owner::Contract(c) => format!("c\u{0}{c}\u{0}{key}"),
+        Owner::Shared => format!("s\u{0}{key}"),
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    store: &Store,
+    bound: Option<&str>,
+) -> Result<(), ConnectionError> {
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let mut header = [0u8; CLIENT_HEADER_LEN];
@@ -162,7 +217,8 @@ async fn connection(stream: TcpStream, store: &Store) -> Result<(), ConnectionEr
         }
         let req = Request::decode(&header)?;
         let key = req.key.to_string();
-        let owner = store.owner(&req);
+        let owner = store.owner(&req, bound);
+        let slot = owner.as_ref().map(|o| physical(o, &key));
         match (req.command, owner) {
             (Command::Put, owner) => {
                 if req.length > store.max_chunk_bytes {
@@ -181,41 +237,46 @@ async fn connection(stream: TcpStream, store: &Store) -> Result<(), ConnectionEr
                 let mut data = Zeroizing::new(vec![0u8; req.length as usize]);
                 read.read_exact(&mut data).await?;
                 let bytes = data.len();
+                let quota = store.quotas.of(&owner);
                 let stored = store.memory.put(
-                    key.clone(),
+                    physical(&owner, &key),
                     Chunk {
                         owner: owner.clone(),
                         meta: req.meta,
                         data,
                     },
+                    quota,
                 );
                 match stored {
                     Ok(evicted) => {
                         store.record(&owner, &key, "put", bytes);
-                        for (k, c) in evicted {
-                            store.record(&c.owner, &k, "evicted", c.data.len());
+                        for (slot, c) in evicted {
+                            let k = slot.rsplit('\u{0}').next().unwrap_or_default();
+                            store.record(&c.owner, k, "evicted", c.data.len());
                         }
                     }
                     Err(_) => store.record(&owner, &key, "put_too_large", bytes),
                 }
             }
-            (Command::Get, Some(owner)) => match store.memory.get(&key) {
-                Some(chunk) => {
-                    let length = u32::try_from(chunk.data.len()).unwrap_or(u32::MAX);
-                    // The client reads the header with one recv(36).
-                    write
-                        .write_all(&Reply::hit(length, chunk.meta).encode())
-                        .await?;
-                    write.write_all(&chunk.data).await?;
-                    store.record(&owner, &key, "get_hit", chunk.data.len());
+            (Command::Get, Some(owner)) => {
+                match slot.as_deref().and_then(|s| store.memory.get(s)) {
+                    Some(chunk) => {
+                        let length = u32::try_from(chunk.data.len()).unwrap_or(u32::MAX);
+                        // The client reads the header with one recv(36).
+                        write
+                            .write_all(&Reply::hit(length, chunk.meta).encode())
+                            .await?;
+                        write.write_all(&chunk.data).await?;
+                        store.record(&owner, &key, "get_hit", chunk.data.len());
+                    }
+                    None => {
+                        write.write_all(&Reply::FAIL.encode()).await?;
+                        store.record(&owner, &key, "get_miss", 0);
+                    }
                 }
-                None => {
-                    write.write_all(&Reply::FAIL.encode()).await?;
-                    store.record(&owner, &key, "get_miss", 0);
-                }
-            },
+            }
             (Command::Exist, Some(owner)) => {
-                let hit = store.memory.contains(&key);
+                let hit = slot.as_deref().is_some_and(|s| store.memory.contains(s));
                 let reply = if hit { Reply::OK } else { Reply::FAIL };
                 write.write_all(&reply.encode()).await?;
                 store.record(

@@ -63,6 +63,8 @@ fn keys_outside_the_grammar_are_refused_without_echoing_them() {
         "m@1@0@ab@half@tag",
         "m@1@0@ab@half@%v",
         "m@1@0@10000000000000000@half",
+        "m\u{0}x@1@0@ab@half",
+        "m@1@0@ab@half@user%a\nb",
         long.as_str(),
     ] {
         let e = ChunkKey::parse(bad)

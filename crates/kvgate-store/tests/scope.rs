@@ -180,3 +180,114 @@ async fn refused_keys_are_not_stored_and_shredding_takes_one_contract() {
         "audit_open + the cache records"
     );
 }
+
+#[tokio::test]
+async fn a_contract_over_its_quota_makes_room_from_its_own_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = contracts(&dir);
+    let (acme, globex) = (gateway_salt(&cfg, "ka"), gateway_salt(&cfg, "kg"));
+    let quotas = kvgate_store::Quotas {
+        default: Some(2000),
+        overrides: [("acme".to_string(), 1000)].into(),
+    };
+    let store = Store::with_quotas(
+        1 << 20,
+        1 << 16,
+        Scopes::new(&cfg, Unscoped::Refuse).unwrap(),
+        AuditLog::disabled(),
+        quotas,
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(kvgate_store::serve(l, store.clone()));
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    for h in 0..3 {
+        put(&mut s, key(h, Some(&globex)), 600).await;
+        put(&mut s, key(h, Some(&acme)), 600).await;
+    }
+    // acme keeps only its newest chunk (1000 B), globex all three (1800 B).
+    assert_eq!(exist(&mut s, key(2, Some(&acme))).await, 200);
+    assert_eq!(exist(&mut s, key(0, Some(&acme))).await, 400);
+    assert_eq!(exist(&mut s, key(1, Some(&acme))).await, 400);
+    for h in 0..3 {
+        assert_eq!(
+            exist(&mut s, key(h, Some(&globex))).await,
+            200,
+            "globex {h}"
+        );
+    }
+    assert_eq!(
+        store.memory.owner_bytes(&Owner::Contract("acme".into())),
+        600
+    );
+    assert_eq!(
+        store.memory.owner_bytes(&Owner::Contract("globex".into())),
+        1800
+    );
+    // A chunk over the quota itself is not kept, and costs acme nothing.
+    put(&mut s, key(9, Some(&acme)), 1200).await;
+    assert_eq!(exist(&mut s, key(9, Some(&acme))).await, 400);
+    assert_eq!(exist(&mut s, key(2, Some(&acme))).await, 200);
+}
+
+#[tokio::test]
+async fn a_listener_bound_to_a_contract_scopes_untagged_keys_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = contracts(&dir);
+    let (acme, globex) = (gateway_salt(&cfg, "ka"), gateway_salt(&cfg, "kg"));
+    let store = Store::new(
+        1 << 20,
+        1 << 16,
+        Scopes::new(&cfg, Unscoped::Refuse).unwrap(),
+        AuditLog::disabled(),
+    );
+    let bind = || async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        (l, a)
+    };
+    let ((la, acme_addr), (lg, globex_addr)) = (bind().await, bind().await);
+    tokio::spawn(kvgate_store::serve_scoped(
+        la,
+        store.clone(),
+        Some("acme".into()),
+    ));
+    tokio::spawn(kvgate_store::serve_scoped(
+        lg,
+        store.clone(),
+        Some("globex".into()),
+    ));
+    let mut a = TcpStream::connect(acme_addr).await.unwrap();
+    let mut g = TcpStream::connect(globex_addr).await.unwrap();
+    // The same untagged key on both pods' listeners: two entries, one each.
+    put(&mut a, key(1, None), 300).await;
+    assert_eq!(exist(&mut a, key(1, None)).await, 200);
+    assert_eq!(
+        exist(&mut g, key(1, None)).await,
+        400,
+        "globex does not see acme's"
+    );
+    put(&mut g, key(1, None), 500).await;
+    assert_eq!(exist(&mut g, key(1, None)).await, 200);
+    assert_eq!(
+        store.memory.owner_bytes(&Owner::Contract("acme".into())),
+        300
+    );
+    assert_eq!(
+        store.memory.owner_bytes(&Owner::Contract("globex".into())),
+        500
+    );
+    // A tag naming the listener's own contract is fine; another's is not.
+    put(&mut a, key(2, Some(&acme)), 100).await;
+    put(&mut a, key(3, Some(&globex)), 100).await;
+    assert_eq!(exist(&mut a, key(2, Some(&acme))).await, 200);
+    assert_eq!(exist(&mut a, key(3, Some(&globex))).await, 400);
+    // Suspended: the pod's listener serves nothing of its contract.
+    store
+        .scopes
+        .contracts()
+        .unwrap()
+        .set_suspended("acme", true)
+        .unwrap();
+    assert_eq!(exist(&mut a, key(1, None)).await, 400);
+}

@@ -241,11 +241,25 @@ async fn main() -> Result<()> {
             let scopes = kvgate_store::Scopes::new(&cfg.contracts, cfg.unscoped)?;
             // The store's own chain: never the gateway's file.
             let audit = kvgate_auth::audit::AuditLog::start(&cfg.contracts.audit)?;
-            let store =
-                kvgate_store::Store::new(cfg.memory_bytes, cfg.max_chunk_bytes, scopes, audit);
+            let store = kvgate_store::Store::with_quotas(
+                cfg.memory_bytes,
+                cfg.max_chunk_bytes,
+                scopes,
+                audit,
+                cfg.quotas(),
+            );
             let admin = tokio::net::TcpListener::bind(&cfg.admin_listen).await?;
             tracing::info!(addr = %admin.local_addr()?, "store admin listening");
             let app = kvgate_store::admin::router(store.clone(), cfg.admin_token()?, &cfg.service);
+            for bound in &cfg.contract_listeners {
+                let l = tokio::net::TcpListener::bind(&bound.listen).await?;
+                tracing::info!(addr = %l.local_addr()?, contract = %bound.contract, "store listening (lm://, one contract)");
+                tokio::spawn(kvgate_store::serve_scoped(
+                    l,
+                    store.clone(),
+                    Some(bound.contract.clone()),
+                ));
+            }
             tokio::select! {
                 () = kvgate_store::serve(listener, store) => Ok(()),
                 r = axum::serve(admin, app) => Ok(r?),
