@@ -24,6 +24,8 @@ use crate::SetupError;
 const CONTRACT_KEY_SALT: &[u8] = b"kvgate contract key v1";
 const CACHE_SALT_INFO: &[u8] = b"kvgate cache_salt v1";
 const KEYED_ID_INFO: &[u8] = b"kvgate keyed id v1";
+/// Our users' design: `cache_key = KDF(base_key, "kvcache")`, per epoch.
+const DATA_KEY_INFO: &[u8] = b"kvgate kvcache v1";
 
 /// Why a principal's contract does not admit a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,6 +108,18 @@ impl Contract {
         let mut out = [0u8; 16];
         self.expand(&info, &mut out);
         hex::encode(out)
+    }
+
+    /// The key this contract's KV chunks are encrypted under at rest, for
+    /// salt epoch `epoch`: a new epoch (suspension, re-keying) is a new key.
+    /// Derived when needed, never stored.
+    pub fn data_key(&self, epoch: u64) -> Zeroizing<[u8; 32]> {
+        let mut info = Zeroizing::new(Vec::with_capacity(DATA_KEY_INFO.len() + 8));
+        info.extend_from_slice(DATA_KEY_INFO);
+        info.extend_from_slice(&epoch.to_be_bytes());
+        let mut out = Zeroizing::new([0u8; 32]);
+        self.expand(&info, out.as_mut_slice());
+        out
     }
 
     fn derive_salt(&self, epoch: u64, subject: Option<&str>) -> String {

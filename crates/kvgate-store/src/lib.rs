@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod crypto;
 pub mod key;
 pub mod memory;
 pub mod protocol;
