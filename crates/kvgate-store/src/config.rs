@@ -44,6 +44,16 @@ pub struct StoreConfig {
     /// every chunk on one is its contract's, so an unmodified LMCache
     /// client needs no tag.
     pub contract_listeners: Vec<ContractListener>,
+    /// The disk tier (sealed chunks; needs contracts). Unset: memory only.
+    pub disk: Option<DiskConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// One directory (e.g. the pod's `emptyDir` at `/mnt/cache`).
+    pub dir: std::path::PathBuf,
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +77,7 @@ impl Default for StoreConfig {
             contract_quota_bytes: None,
             quota_overrides: Default::default(),
             contract_listeners: Vec::new(),
+            disk: None,
         }
     }
 }
@@ -81,6 +92,8 @@ pub enum StoreConfigError {
     AdminTokenHash,
     #[error("contract listener {0:?} names a contract not in contracts")]
     ListenerContract(String),
+    #[error("disk needs contracts: chunks are sealed under their contract's key, and shared chunks never leave memory")]
+    DiskWithoutContracts,
 }
 
 impl StoreConfig {
@@ -104,6 +117,14 @@ impl StoreConfig {
             .find(|l| !self.contracts.contracts.iter().any(|c| c.id == l.contract))
         {
             return Err(StoreConfigError::ListenerContract(l.listen.clone()));
+        }
+        if let Some(d) = &self.disk {
+            if d.max_bytes == 0 {
+                return Err(StoreConfigError::Zero("disk.max_bytes"));
+            }
+            if self.contracts.contracts.is_empty() {
+                return Err(StoreConfigError::DiskWithoutContracts);
+            }
         }
         if self.contract_quota_bytes == Some(0) || self.quota_overrides.values().any(|q| *q == 0) {
             return Err(StoreConfigError::Zero("contract quota"));

@@ -12,14 +12,16 @@
 pub mod admin;
 pub mod config;
 pub mod crypto;
+pub mod disk;
 pub mod key;
 pub mod memory;
 pub mod protocol;
 pub mod scope;
 pub mod server;
+pub mod tiers;
 
 pub use config::{StoreConfig, StoreConfigError};
 pub use key::{ChunkKey, KeyError};
 pub use protocol::{ChunkMeta, Command, ProtocolError, Reply, Request};
 pub use scope::{Owner, ScopeError, Scopes, Unscoped};
-pub use server::{serve, serve_scoped, Quotas, Store, DEFAULT_MAX_CHUNK_BYTES};
+pub use server::{serve, serve_scoped, Extras, Quotas, Store, DEFAULT_MAX_CHUNK_BYTES};

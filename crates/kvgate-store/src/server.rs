@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 use crate::memory::{Chunk, MemoryTier};
 use crate::protocol::{Command, ProtocolError, Reply, Request, CLIENT_HEADER_LEN};
 use crate::scope::{Owner, Scopes};
+use crate::tiers::Tier;
 use kvgate_auth::audit::{kind, AuditLog, AuditRecord};
 
 fn command_name(c: Command) -> &'static str {
@@ -47,8 +48,17 @@ impl Quotas {
     }
 }
 
+/// What a store may have beyond its memory tier.
+#[derive(Default)]
+pub struct Extras {
+    pub quotas: Quotas,
+    pub disk: Option<crate::disk::DiskTier>,
+}
+
 pub struct Store {
     pub memory: MemoryTier,
+    /// Sealed chunks on disk (`disk:`); None: memory only.
+    pub disk: Option<crate::disk::DiskTier>,
     pub quotas: Quotas,
     pub scopes: Scopes,
     /// Every access, eviction and shred (`kind: cache`).
@@ -70,26 +80,27 @@ impl Store {
         scopes: Scopes,
         audit: AuditLog,
     ) -> Arc<Self> {
-        Self::with_quotas(
+        Self::with(
             memory_bytes,
             max_chunk_bytes,
             scopes,
             audit,
-            Quotas::default(),
+            Extras::default(),
         )
     }
 
-    /// As [`Store::new`], with per-contract byte quotas.
-    pub fn with_quotas(
+    /// As [`Store::new`], with quotas and a disk tier.
+    pub fn with(
         memory_bytes: u64,
         max_chunk_bytes: u32,
         scopes: Scopes,
         audit: AuditLog,
-        quotas: Quotas,
+        extras: Extras,
     ) -> Arc<Self> {
         Arc::new(Self {
             memory: MemoryTier::new(memory_bytes),
-            quotas,
+            disk: extras.disk,
+            quotas: extras.quotas,
             scopes,
             audit,
             max_chunk_bytes,
@@ -104,13 +115,21 @@ impl Store {
     /// written again.
     pub fn shred(&self, contract: &str) -> (usize, u64) {
         self.shreds.inc();
-        let (chunks, bytes) = self.memory.shred(&Owner::Contract(contract.to_string()));
+        let (mut chunks, mut bytes) = self.memory.shred(&Owner::Contract(contract.to_string()));
+        if let (Some(disk), Some(c)) = (
+            &self.disk,
+            self.scopes.contracts().and_then(|r| r.get(contract)),
+        ) {
+            let (n, b) = disk.shred(&c);
+            chunks += n;
+            bytes += b;
+        }
         tracing::info!(contract, chunks, bytes, "contract shredded");
         self.audit.record(
             AuditRecord::new(kind::CACHE)
                 .contract(contract)
                 .reason("shred")
-                .detail(serde_json::json!({"chunks": chunks, "bytes": bytes, "tiers": ["memory"]})),
+                .detail(serde_json::json!({"chunks": chunks, "bytes": bytes})),
         );
         (chunks, bytes)
     }
@@ -133,13 +152,20 @@ impl Store {
     }
 
     /// One cache record: what happened to which chunk (by its keyed id).
-    fn record(&self, owner: &Owner, key: &str, what: &'static str, bytes: usize) {
+    pub(crate) fn record(
+        &self,
+        owner: &Owner,
+        key: &str,
+        what: &'static str,
+        bytes: usize,
+        tier: Tier,
+    ) {
         let rec = AuditRecord::new(kind::CACHE)
             .reason(what)
             .detail(serde_json::json!({
                 "chunk": self.scopes.chunk_id(owner, key),
                 "bytes": bytes,
-                "tier": "memory",
+                "tier": tier.name(),
             }));
         self.audit.record(match owner {
             Owner::Contract(c) => rec.contract(c),
@@ -236,55 +262,40 @@ async fn connection(
                 };
                 let mut data = Zeroizing::new(vec![0u8; req.length as usize]);
                 read.read_exact(&mut data).await?;
-                let bytes = data.len();
-                let quota = store.quotas.of(&owner);
-                let stored = store.memory.put(
+                store.put_chunk(
                     physical(&owner, &key),
                     Chunk {
-                        owner: owner.clone(),
+                        owner,
                         meta: req.meta,
                         data,
                     },
-                    quota,
                 );
-                match stored {
-                    Ok(evicted) => {
-                        store.record(&owner, &key, "put", bytes);
-                        for (slot, c) in evicted {
-                            let k = slot.rsplit('\u{0}').next().unwrap_or_default();
-                            store.record(&c.owner, k, "evicted", c.data.len());
-                        }
-                    }
-                    Err(_) => store.record(&owner, &key, "put_too_large", bytes),
-                }
             }
             (Command::Get, Some(owner)) => {
-                match slot.as_deref().and_then(|s| store.memory.get(s)) {
-                    Some(chunk) => {
+                match slot.as_deref().and_then(|s| store.get_chunk(&owner, s)) {
+                    Some((chunk, tier)) => {
                         let length = u32::try_from(chunk.data.len()).unwrap_or(u32::MAX);
                         // The client reads the header with one recv(36).
                         write
                             .write_all(&Reply::hit(length, chunk.meta).encode())
                             .await?;
                         write.write_all(&chunk.data).await?;
-                        store.record(&owner, &key, "get_hit", chunk.data.len());
+                        store.record(&owner, &key, "get_hit", chunk.data.len(), tier);
                     }
                     None => {
                         write.write_all(&Reply::FAIL.encode()).await?;
-                        store.record(&owner, &key, "get_miss", 0);
+                        store.record(&owner, &key, "get_miss", 0, Tier::Memory);
                     }
                 }
             }
             (Command::Exist, Some(owner)) => {
-                let hit = slot.as_deref().is_some_and(|s| store.memory.contains(s));
+                let hit = slot
+                    .as_deref()
+                    .is_some_and(|s| store.contains_chunk(&owner, s));
                 let reply = if hit { Reply::OK } else { Reply::FAIL };
                 write.write_all(&reply.encode()).await?;
-                store.record(
-                    &owner,
-                    &key,
-                    if hit { "exist_hit" } else { "exist_miss" },
-                    0,
-                );
+                let what = if hit { "exist_hit" } else { "exist_miss" };
+                store.record(&owner, &key, what, 0, Tier::Memory);
             }
             (Command::Get | Command::Exist, None) => write.write_all(&Reply::FAIL.encode()).await?,
             (Command::Health, _) => write.write_all(&Reply::OK.encode()).await?,

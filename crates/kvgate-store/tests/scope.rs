@@ -190,12 +190,12 @@ async fn a_contract_over_its_quota_makes_room_from_its_own_chunks() {
         default: Some(2000),
         overrides: [("acme".to_string(), 1000)].into(),
     };
-    let store = Store::with_quotas(
+    let store = Store::with(
         1 << 20,
         1 << 16,
         Scopes::new(&cfg, Unscoped::Refuse).unwrap(),
         AuditLog::disabled(),
-        quotas,
+        kvgate_store::Extras { quotas, disk: None },
     );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();

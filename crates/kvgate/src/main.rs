@@ -241,12 +241,24 @@ async fn main() -> Result<()> {
             let scopes = kvgate_store::Scopes::new(&cfg.contracts, cfg.unscoped)?;
             // The store's own chain: never the gateway's file.
             let audit = kvgate_auth::audit::AuditLog::start(&cfg.contracts.audit)?;
-            let store = kvgate_store::Store::with_quotas(
+            let disk = match (&cfg.disk, scopes.contracts()) {
+                (Some(d), Some(registry)) => Some(kvgate_store::disk::DiskTier::open(
+                    &d.dir,
+                    d.max_bytes,
+                    registry,
+                )?),
+                _ => None,
+            };
+            let extras = kvgate_store::Extras {
+                quotas: cfg.quotas(),
+                disk,
+            };
+            let store = kvgate_store::Store::with(
                 cfg.memory_bytes,
                 cfg.max_chunk_bytes,
                 scopes,
                 audit,
-                cfg.quotas(),
+                extras,
             );
             let admin = tokio::net::TcpListener::bind(&cfg.admin_listen).await?;
             tracing::info!(addr = %admin.local_addr()?, "store admin listening");

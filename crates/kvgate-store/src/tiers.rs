@@ -1,0 +1,134 @@
+//! How the tiers work together: memory first; a chunk evicted from memory is
+//! written back to disk (sealed), if a disk tier is configured and the chunk
+//! has a contract (shared chunks never leave memory); a GET that misses in
+//! memory reads the disk and promotes what it finds; EXIST asks both; a
+//! shred empties both. Every step is audited with its tier.
+
+use std::sync::Arc;
+
+use crate::memory::Chunk;
+use crate::scope::Owner;
+use crate::server::Store;
+
+/// Which tier answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Memory,
+    Disk,
+}
+
+impl Tier {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Memory => "memory",
+            Tier::Disk => "disk",
+        }
+    }
+}
+
+/// LMCache's key inside a physical slot (`owner NUL ... NUL key`).
+fn key_of(slot: &str) -> &str {
+    slot.rsplit('\u{0}').next().unwrap_or_default()
+}
+
+/// The model field of an LMCache key (bound into the frame's AAD).
+fn model_of(slot: &str) -> &str {
+    key_of(slot).split('@').next().unwrap_or_default()
+}
+
+impl Store {
+    /// Stores a chunk in memory; what memory evicts goes to disk.
+    pub(crate) fn put_chunk(&self, slot: String, chunk: Chunk) {
+        let owner = chunk.owner.clone();
+        let bytes = chunk.data.len();
+        let quota = self.quotas.of(&owner);
+        match self.memory.put(slot.clone(), chunk, quota) {
+            Ok(evicted) => {
+                self.record(&owner, key_of(&slot), "put", bytes, Tier::Memory);
+                for (s, c) in evicted {
+                    self.demote(&s, &c);
+                }
+            }
+            Err(_) => self.record(&owner, key_of(&slot), "put_too_large", bytes, Tier::Memory),
+        }
+    }
+
+    fn demote(&self, slot: &str, c: &Chunk) {
+        let contract = match (&self.disk, &c.owner) {
+            (Some(_), Owner::Contract(id)) => self.scopes.contracts().and_then(|r| r.get(id)),
+            _ => None,
+        };
+        let (Some(disk), Some(contract)) = (&self.disk, contract) else {
+            self.record(
+                &c.owner,
+                key_of(slot),
+                "evicted",
+                c.data.len(),
+                Tier::Memory,
+            );
+            return;
+        };
+        match disk.put(&contract, model_of(slot), slot, c.meta, &c.data) {
+            Ok(evicted) => {
+                self.record(&c.owner, key_of(slot), "demoted", c.data.len(), Tier::Disk);
+                if !evicted.is_empty() {
+                    self.record(&c.owner, "", "disk_evicted", evicted.len(), Tier::Disk);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "disk tier write failed; chunk dropped");
+                self.record(
+                    &c.owner,
+                    key_of(slot),
+                    "evicted",
+                    c.data.len(),
+                    Tier::Memory,
+                );
+            }
+        }
+    }
+
+    /// The chunk from the first tier that has it (a disk hit is promoted).
+    pub(crate) fn get_chunk(&self, owner: &Owner, slot: &str) -> Option<(Arc<Chunk>, Tier)> {
+        if let Some(c) = self.memory.get(slot) {
+            return Some((c, Tier::Memory));
+        }
+        let (Some(disk), Owner::Contract(id)) = (&self.disk, owner) else {
+            return None;
+        };
+        let contract = self.scopes.contracts().and_then(|r| r.get(id))?;
+        let failures = disk.integrity_failures.get();
+        let Some(loaded) = disk.get(&contract, model_of(slot), slot) else {
+            if disk.integrity_failures.get() > failures {
+                self.record(owner, key_of(slot), "integrity_failure", 0, Tier::Disk);
+            }
+            return None;
+        };
+        let chunk = Chunk {
+            owner: owner.clone(),
+            meta: loaded.meta,
+            data: loaded.data,
+        };
+        let promoted = Arc::new(Chunk {
+            owner: chunk.owner.clone(),
+            meta: chunk.meta,
+            data: chunk.data.clone(),
+        });
+        self.put_chunk(slot.to_string(), chunk);
+        Some((promoted, Tier::Disk))
+    }
+
+    pub(crate) fn contains_chunk(&self, owner: &Owner, slot: &str) -> bool {
+        if self.memory.contains(slot) {
+            return true;
+        }
+        match (&self.disk, owner) {
+            (Some(disk), Owner::Contract(id)) => self
+                .scopes
+                .contracts()
+                .and_then(|r| r.get(id))
+                .is_some_and(|c| disk.contains(&c, slot)),
+            _ => false,
+        }
+    }
+}

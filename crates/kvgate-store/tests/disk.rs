@@ -1,0 +1,233 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The disk tier: what memory evicts is sealed to disk under keyed names,
+//! found again after a restart, promoted on a hit; a tampered file is a miss;
+//! a shred leaves no file behind. (A frame under another epoch, contract or
+//! key failing its tag is `tests/crypto.rs`.)
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kvgate_auth::audit::AuditLog;
+use kvgate_auth::{AuthConfig, KeyRef, Sentinel};
+use kvgate_store::disk::DiskTier;
+use kvgate_store::protocol::SERVER_HEADER_LEN;
+use kvgate_store::{ChunkKey, ChunkMeta, Command, Extras, Reply, Request, Scopes, Store, Unscoped};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn contracts(dir: &Path) -> AuthConfig {
+    let master = dir.join("master.key");
+    std::fs::write(&master, "disk tier test master key material").unwrap();
+    AuthConfig::for_api_keys(&[("ka", "acme")], KeyRef::File(master))
+}
+
+fn salt(cfg: &AuthConfig) -> String {
+    let s = Sentinel::new(cfg).unwrap();
+    let p = s.authenticate(Some("Bearer ka")).unwrap();
+    let a = s.authorize(p, "m").unwrap();
+    s.admit(a, 1).unwrap().cache_salt
+}
+
+const META: ChunkMeta = ChunkMeta {
+    fmt: 1,
+    dtype: 3,
+    shape: [2, 2, 16, 64],
+};
+
+fn key(hash: i64, salt: &str) -> ChunkKey {
+    ChunkKey::parse(&format!(
+        "/models/secret-model@1@0@{hash:x}@bfloat16@cachesalt%{salt}"
+    ))
+    .unwrap()
+}
+
+fn payload(h: i64) -> Vec<u8> {
+    (0..1000u32)
+        .map(|i| (i as u8) ^ (h as u8).wrapping_mul(31))
+        .collect()
+}
+
+async fn start(cfg: &AuthConfig, cache: &Path) -> (TcpStream, Arc<Store>) {
+    let scopes = Scopes::new(cfg, Unscoped::Refuse).unwrap();
+    let disk = DiskTier::open(cache, 1 << 20, scopes.contracts().unwrap()).unwrap();
+    let store = Store::with(
+        2000,
+        1 << 16,
+        scopes,
+        AuditLog::disabled(),
+        Extras {
+            quotas: Default::default(),
+            disk: Some(disk),
+        },
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(kvgate_store::serve(l, store.clone()));
+    (TcpStream::connect(addr).await.unwrap(), store)
+}
+
+fn header(command: Command, key: ChunkKey, length: u32) -> [u8; 186] {
+    Request {
+        command,
+        length,
+        meta: if command == Command::Put {
+            META
+        } else {
+            ChunkMeta::EMPTY
+        },
+        location: 0,
+        key,
+    }
+    .encode()
+}
+
+async fn put(s: &mut TcpStream, k: ChunkKey, data: &[u8]) {
+    s.write_all(&header(Command::Put, k, data.len() as u32))
+        .await
+        .unwrap();
+    s.write_all(data).await.unwrap();
+}
+
+/// PUTs get no reply: a HEALTH round trip says the store has taken them.
+async fn sync(s: &mut TcpStream) {
+    s.write_all(&header(Command::Health, key(0, "x"), 0))
+        .await
+        .unwrap();
+    let mut h = [0u8; SERVER_HEADER_LEN];
+    s.read_exact(&mut h).await.unwrap();
+}
+
+async fn get(s: &mut TcpStream, k: ChunkKey) -> Option<(ChunkMeta, Vec<u8>)> {
+    s.write_all(&header(Command::Get, k, 0)).await.unwrap();
+    let mut h = [0u8; SERVER_HEADER_LEN];
+    s.read_exact(&mut h).await.unwrap();
+    let r = Reply::decode(&h);
+    if r.code != 200 {
+        return None;
+    }
+    let mut data = vec![0u8; r.length as usize];
+    s.read_exact(&mut data).await.unwrap();
+    Some((r.meta, data))
+}
+
+fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for d in std::fs::read_dir(dir).unwrap().flatten() {
+        if d.path().is_dir() {
+            out.extend(
+                std::fs::read_dir(d.path())
+                    .unwrap()
+                    .flatten()
+                    .map(|f| f.path()),
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn evicted_chunks_are_sealed_to_disk_and_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = contracts(dir.path());
+    let salt = salt(&cfg);
+    let (mut s, store) = start(&cfg, &cache).await;
+    for h in 0..3 {
+        put(&mut s, key(h, &salt), &payload(h)).await;
+    }
+    sync(&mut s).await;
+    // Memory holds two; the oldest went to disk, sealed.
+    assert_eq!(store.memory.len(), 2);
+    let on_disk = files(&cache);
+    assert_eq!(on_disk.len(), 1);
+    let name = on_disk[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let parent = on_disk[0]
+        .parent()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    for n in [&name, &parent] {
+        assert!(
+            n.len() == 32 && n.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{n}"
+        );
+    }
+    let bytes = std::fs::read(&on_disk[0]).unwrap();
+    assert_eq!(bytes.len(), 1 + 12 + 24 + 1000 + 16);
+    assert!(
+        !bytes
+            .windows(32)
+            .any(|w| payload(0).windows(32).any(|p| p == w)),
+        "plaintext on disk"
+    );
+    for clear in ["acme", "secret-model", salt.as_str()] {
+        assert!(
+            !bytes.windows(clear.len()).any(|w| w == clear.as_bytes()),
+            "{clear} on disk"
+        );
+    }
+    // A hit from disk: the same bytes and meta, promoted to memory.
+    assert_eq!(get(&mut s, key(0, &salt)).await, Some((META, payload(0))));
+    assert_eq!(store.disk.as_ref().unwrap().stats.hits.get(), 1);
+
+    // A restart: the index is rebuilt from the directory.
+    drop(s);
+    let (mut s, store2) = start(&cfg, &cache).await;
+    let disk = store2.disk.as_ref().unwrap();
+    assert!(!disk.is_empty());
+    assert!(store2.memory.is_empty(), "memory starts empty");
+    assert_eq!(
+        disk.len(),
+        2,
+        "chunk 0 demoted, then chunk 1 when 0 came back"
+    );
+    let mut found = 0;
+    for h in 0..3 {
+        if let Some((meta, data)) = get(&mut s, key(h, &salt)).await {
+            assert_eq!((meta, data), (META, payload(h)));
+            found += 1;
+        }
+    }
+    assert_eq!(found, 2, "every chunk on disk reads back");
+}
+
+#[tokio::test]
+async fn a_tampered_file_is_a_miss_and_a_shred_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = contracts(dir.path());
+    let salt = salt(&cfg);
+    let (mut s, store) = start(&cfg, &cache).await;
+    for h in 0..4 {
+        put(&mut s, key(h, &salt), &payload(h)).await;
+    }
+    sync(&mut s).await;
+    let on_disk = files(&cache);
+    assert_eq!(on_disk.len(), 2);
+    // Flip one byte of one file: its chunk is a miss, counted, and gone.
+    let mut b = std::fs::read(&on_disk[0]).unwrap();
+    b[30] ^= 0x40;
+    std::fs::write(&on_disk[0], b).unwrap();
+    let hits: Vec<bool> = {
+        let mut v = Vec::new();
+        for h in 0..2 {
+            v.push(get(&mut s, key(h, &salt)).await.is_some());
+        }
+        v
+    };
+    assert_eq!(hits.iter().filter(|h| **h).count(), 1, "{hits:?}");
+    let disk = store.disk.as_ref().unwrap();
+    assert_eq!(disk.integrity_failures.get(), 1);
+
+    // A shred: nothing of the contract left in either tier, nor on disk.
+    let (chunks, _) = store.shred("acme");
+    assert!(chunks >= 3, "{chunks}");
+    assert!(store.memory.is_empty() && disk.is_empty());
+    assert!(files(&cache).is_empty());
+}
