@@ -213,6 +213,21 @@ pub struct StatusChange {
     pub changed: bool,
 }
 
+impl StatusChange {
+    fn new(contract: &str, suspended: bool, epoch: u64, changed: bool) -> Self {
+        Self {
+            contract: contract.to_string(),
+            status: if suspended {
+                ContractStatus::Suspended
+            } else {
+                ContractStatus::Active
+            },
+            epoch,
+            changed,
+        }
+    }
+}
+
 /// Every contract, by id. A reload swaps the whole map: requests already
 /// holding a contract keep it, new ones see the new map.
 pub struct ContractRegistry {
@@ -393,16 +408,7 @@ impl ContractRegistry {
         if changed {
             self.persist()?;
         }
-        Ok(StatusChange {
-            contract: id.to_string(),
-            status: if suspended {
-                ContractStatus::Suspended
-            } else {
-                ContractStatus::Active
-            },
-            epoch: c.epoch(),
-            changed,
-        })
+        Ok(StatusChange::new(id, suspended, c.epoch(), changed))
     }
 
     /// Suspends (`true`) or reactivates a contract. Either moves its salt
@@ -417,16 +423,7 @@ impl ContractRegistry {
             c.epoch.fetch_add(1, Ordering::AcqRel);
             self.persist()?;
         }
-        Ok(StatusChange {
-            contract: id.to_string(),
-            status: if suspended {
-                ContractStatus::Suspended
-            } else {
-                ContractStatus::Active
-            },
-            epoch: c.epoch(),
-            changed,
-        })
+        Ok(StatusChange::new(id, suspended, c.epoch(), changed))
     }
 
     fn persist(&self) -> Result<(), SetupError> {

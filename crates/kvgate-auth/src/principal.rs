@@ -230,6 +230,17 @@ fn entries(specs: &[ApiKeySpec], kind: &str) -> Result<Vec<KeyEntry>, SetupError
         .collect()
 }
 
+/// Whether an `Authorization` header value is `Bearer <token>` for the
+/// token whose SHA-256 is `expected` (compared in constant time): the check
+/// of the admin listeners' tokens, which name no contract.
+pub fn bearer_matches(authorization: Option<&str>, expected: &[u8; 32]) -> bool {
+    authorization
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() })
+        .is_some_and(|p| bool::from(p.ct_eq(expected)))
+}
+
 /// What the config holds for an API key: its SHA-256, hex.
 pub fn api_key_sha256(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))

@@ -13,8 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kvgate_openai::OpenAiError;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::Gateway;
 
@@ -41,19 +39,14 @@ pub(crate) fn routes(gw: &Arc<Gateway>, router: Router<Arc<Gateway>>) -> Router<
 fn admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), OpenAiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
-    let expected = gw
+        .and_then(|v| v.to_str().ok());
+    let expected: Option<[u8; 32]> = gw
         .cfg
         .admin_token_sha256
         .as_deref()
-        .and_then(|h| hex::decode(h).ok());
-    let ok = match (presented, expected) {
-        (Some(p), Some(e)) => bool::from(p[..].ct_eq(&e[..])),
-        _ => false,
-    };
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|b| b.try_into().ok());
+    let ok = expected.is_some_and(|e| kvgate_auth::principal::bearer_matches(presented, &e));
     if ok {
         return Ok(());
     }

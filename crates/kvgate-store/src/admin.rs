@@ -20,8 +20,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::scope::Owner;
 use crate::Store;
@@ -176,12 +174,9 @@ async fn metrics(State(a): State<Arc<Admin>>) -> Response {
 fn authorized(a: &Admin, headers: &HeaderMap) -> Result<(), OpenAiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| -> [u8; 32] { Sha256::digest(t.trim().as_bytes()).into() });
-    match (presented, &a.token_sha256) {
-        (Some(p), Some(e)) if bool::from(p.ct_eq(e)) => Ok(()),
+        .and_then(|v| v.to_str().ok());
+    match &a.token_sha256 {
+        Some(e) if kvgate_auth::principal::bearer_matches(presented, e) => Ok(()),
         _ => Err(OpenAiError::unauthorized("invalid admin token")),
     }
 }

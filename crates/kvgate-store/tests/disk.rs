@@ -8,31 +8,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kvgate_auth::audit::AuditLog;
-use kvgate_auth::{AuthConfig, KeyRef, Sentinel};
+use kvgate_auth::AuthConfig;
 use kvgate_store::disk::DiskTier;
-use kvgate_store::protocol::SERVER_HEADER_LEN;
-use kvgate_store::{ChunkKey, ChunkMeta, Command, Extras, Reply, Request, Scopes, Store, Unscoped};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use kvgate_store::{ChunkKey, Extras, Scopes, Store, Unscoped};
+
+mod common;
+use common::*;
 use tokio::net::TcpStream;
 
-fn contracts(dir: &Path) -> AuthConfig {
-    let master = dir.join("master.key");
-    std::fs::write(&master, "disk tier test master key material").unwrap();
-    AuthConfig::for_api_keys(&[("ka", "acme")], KeyRef::File(master))
-}
-
 fn salt(cfg: &AuthConfig) -> String {
-    let s = Sentinel::new(cfg).unwrap();
-    let p = s.authenticate(Some("Bearer ka")).unwrap();
-    let a = s.authorize(p, "m").unwrap();
-    s.admit(a, 1).unwrap().cache_salt
+    gateway_salt(cfg, "ka")
 }
-
-const META: ChunkMeta = ChunkMeta {
-    fmt: 1,
-    dtype: 3,
-    shape: [2, 2, 16, 64],
-};
 
 fn key(hash: i64, salt: &str) -> ChunkKey {
     ChunkKey::parse(&format!(
@@ -60,54 +46,8 @@ async fn start(cfg: &AuthConfig, cache: &Path) -> (TcpStream, Arc<Store>) {
             disk: Some(disk),
         },
     );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(kvgate_store::serve(l, store.clone()));
+    let addr = serve_store(store.clone()).await;
     (TcpStream::connect(addr).await.unwrap(), store)
-}
-
-fn header(command: Command, key: ChunkKey, length: u32) -> [u8; 186] {
-    Request {
-        command,
-        length,
-        meta: if command == Command::Put {
-            META
-        } else {
-            ChunkMeta::EMPTY
-        },
-        location: 0,
-        key,
-    }
-    .encode()
-}
-
-async fn put(s: &mut TcpStream, k: ChunkKey, data: &[u8]) {
-    s.write_all(&header(Command::Put, k, data.len() as u32))
-        .await
-        .unwrap();
-    s.write_all(data).await.unwrap();
-}
-
-/// PUTs get no reply: a HEALTH round trip says the store has taken them.
-async fn sync(s: &mut TcpStream) {
-    s.write_all(&header(Command::Health, key(0, "x"), 0))
-        .await
-        .unwrap();
-    let mut h = [0u8; SERVER_HEADER_LEN];
-    s.read_exact(&mut h).await.unwrap();
-}
-
-async fn get(s: &mut TcpStream, k: ChunkKey) -> Option<(ChunkMeta, Vec<u8>)> {
-    s.write_all(&header(Command::Get, k, 0)).await.unwrap();
-    let mut h = [0u8; SERVER_HEADER_LEN];
-    s.read_exact(&mut h).await.unwrap();
-    let r = Reply::decode(&h);
-    if r.code != 200 {
-        return None;
-    }
-    let mut data = vec![0u8; r.length as usize];
-    s.read_exact(&mut data).await.unwrap();
-    Some((r.meta, data))
 }
 
 fn files(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -129,7 +69,7 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
 async fn evicted_chunks_are_sealed_to_disk_and_come_back() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let cfg = contracts(dir.path());
+    let cfg = contracts(dir.path(), &[("ka", "acme")]);
     let salt = salt(&cfg);
     let (mut s, store) = start(&cfg, &cache).await;
     for h in 0..3 {
@@ -201,7 +141,7 @@ async fn evicted_chunks_are_sealed_to_disk_and_come_back() {
 async fn a_tampered_file_is_a_miss_and_a_shred_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let cfg = contracts(dir.path());
+    let cfg = contracts(dir.path(), &[("ka", "acme")]);
     let salt = salt(&cfg);
     let (mut s, store) = start(&cfg, &cache).await;
     for h in 0..4 {

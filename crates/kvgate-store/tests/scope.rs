@@ -7,68 +7,32 @@
 use std::sync::Arc;
 
 use kvgate_auth::audit::AuditLog;
-use kvgate_auth::{AuthConfig, KeyRef, Sentinel};
-use kvgate_store::protocol::SERVER_HEADER_LEN;
-use kvgate_store::{ChunkKey, ChunkMeta, Command, Owner, Reply, Request, Scopes, Store, Unscoped};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use kvgate_auth::AuthConfig;
+use kvgate_store::{ChunkKey, Owner, Scopes, Store, Unscoped};
+
+mod common;
+use common::*;
 use tokio::net::TcpStream;
-
-fn contracts(dir: &tempfile::TempDir) -> AuthConfig {
-    let master = dir.path().join("master.key");
-    std::fs::write(&master, "store scope test master key material").unwrap();
-    AuthConfig::for_api_keys(&[("ka", "acme"), ("kg", "globex")], KeyRef::File(master))
-}
-
-/// The salt the gateway puts in `kv_transfer_params` for `api_key`'s requests.
-fn gateway_salt(cfg: &AuthConfig, api_key: &str) -> String {
-    let s = Sentinel::new(cfg).unwrap();
-    let p = s.authenticate(Some(&format!("Bearer {api_key}"))).unwrap();
-    let a = s.authorize(p, "m").unwrap();
-    s.admit(a, 1).unwrap().cache_salt
-}
 
 fn key(hash: i64, salt: Option<&str>) -> ChunkKey {
     let tag = salt.map(|s| format!("@cachesalt%{s}")).unwrap_or_default();
     ChunkKey::parse(&format!("/models/tiny@1@0@{hash:x}@bfloat16{tag}")).unwrap()
 }
 
-fn header(command: Command, key: ChunkKey, length: u32) -> [u8; 186] {
-    Request {
-        command,
-        length,
-        meta: ChunkMeta::EMPTY,
-        location: 0,
-        key,
-    }
-    .encode()
-}
-
 async fn start(scopes: Scopes, audit: AuditLog) -> (std::net::SocketAddr, Arc<Store>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
     let store = Store::new(1 << 20, 1 << 16, scopes, audit);
-    tokio::spawn(kvgate_store::serve(l, store.clone()));
-    (addr, store)
+    (serve_store(store.clone()).await, store)
 }
 
-async fn exist(s: &mut TcpStream, k: ChunkKey) -> i32 {
-    s.write_all(&header(Command::Exist, k, 0)).await.unwrap();
-    let mut h = [0u8; SERVER_HEADER_LEN];
-    s.read_exact(&mut h).await.unwrap();
-    Reply::decode(&h).code
-}
-
-async fn put(s: &mut TcpStream, k: ChunkKey, n: usize) {
-    s.write_all(&header(Command::Put, k, n as u32))
-        .await
-        .unwrap();
-    s.write_all(&vec![7u8; n]).await.unwrap();
+/// Two contracts, acme (key `ka`) and globex (key `kg`).
+fn two(dir: &tempfile::TempDir) -> AuthConfig {
+    contracts(dir.path(), &[("ka", "acme"), ("kg", "globex")])
 }
 
 #[test]
 fn a_tag_maps_to_the_contract_whose_current_salt_it_is() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = contracts(&dir);
+    let cfg = two(&dir);
     let (acme, globex) = (gateway_salt(&cfg, "ka"), gateway_salt(&cfg, "kg"));
     let scopes = Scopes::new(&cfg, Unscoped::Refuse).unwrap();
     assert_eq!(
@@ -97,7 +61,7 @@ fn a_tag_maps_to_the_contract_whose_current_salt_it_is() {
 #[tokio::test]
 async fn refused_keys_are_not_stored_and_shredding_takes_one_contract() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = contracts(&dir);
+    let cfg = two(&dir);
     let (acme, globex) = (gateway_salt(&cfg, "ka"), gateway_salt(&cfg, "kg"));
     let mut audit_cfg = cfg.audit.clone();
     audit_cfg.path = Some(dir.path().join("store-audit.jsonl"));
@@ -107,17 +71,17 @@ async fn refused_keys_are_not_stored_and_shredding_takes_one_contract() {
     )
     .await;
     let mut s = TcpStream::connect(addr).await.unwrap();
-    put(&mut s, key(1, Some(&acme)), 1000).await;
-    put(&mut s, key(2, Some(&acme)), 1000).await;
-    put(&mut s, key(1, Some(&globex)), 500).await;
+    put(&mut s, key(1, Some(&acme)), &[7u8; 1000]).await;
+    put(&mut s, key(2, Some(&acme)), &[7u8; 1000]).await;
+    put(&mut s, key(1, Some(&globex)), &[7u8; 500]).await;
     // Refused PUTs: their payloads are read off, the connection goes on.
     put(
         &mut s,
         key(3, Some("ffffffffffffffffffffffffffffffff")),
-        700,
+        &[7u8; 700],
     )
     .await;
-    put(&mut s, key(4, None), 700).await;
+    put(&mut s, key(4, None), &[7u8; 700]).await;
     assert_eq!(exist(&mut s, key(1, Some(&acme))).await, 200);
     assert_eq!(exist(&mut s, key(1, Some(&globex))).await, 200);
     assert_eq!(
@@ -184,7 +148,7 @@ async fn refused_keys_are_not_stored_and_shredding_takes_one_contract() {
 #[tokio::test]
 async fn a_contract_over_its_quota_makes_room_from_its_own_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = contracts(&dir);
+    let cfg = two(&dir);
     let (acme, globex) = (gateway_salt(&cfg, "ka"), gateway_salt(&cfg, "kg"));
     let quotas = kvgate_store::Quotas {
         default: Some(2000),
@@ -197,13 +161,11 @@ async fn a_contract_over_its_quota_makes_room_from_its_own_chunks() {
         AuditLog::disabled(),
         kvgate_store::Extras { quotas, disk: None },
     );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(kvgate_store::serve(l, store.clone()));
+    let addr = serve_store(store.clone()).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     for h in 0..3 {
-        put(&mut s, key(h, Some(&globex)), 600).await;
-        put(&mut s, key(h, Some(&acme)), 600).await;
+        put(&mut s, key(h, Some(&globex)), &[7u8; 600]).await;
+        put(&mut s, key(h, Some(&acme)), &[7u8; 600]).await;
     }
     // acme keeps only its newest chunk (1000 B), globex all three (1800 B).
     assert_eq!(exist(&mut s, key(2, Some(&acme))).await, 200);
@@ -225,7 +187,7 @@ async fn a_contract_over_its_quota_makes_room_from_its_own_chunks() {
         1800
     );
     // A chunk over the quota itself is not kept, and costs acme nothing.
-    put(&mut s, key(9, Some(&acme)), 1200).await;
+    put(&mut s, key(9, Some(&acme)), &[7u8; 1200]).await;
     assert_eq!(exist(&mut s, key(9, Some(&acme))).await, 400);
     assert_eq!(exist(&mut s, key(2, Some(&acme))).await, 200);
 }
@@ -233,7 +195,7 @@ async fn a_contract_over_its_quota_makes_room_from_its_own_chunks() {
 #[tokio::test]
 async fn a_listener_bound_to_a_contract_scopes_untagged_keys_to_it() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = contracts(&dir);
+    let cfg = two(&dir);
     let (acme, globex) = (gateway_salt(&cfg, "ka"), gateway_salt(&cfg, "kg"));
     let store = Store::new(
         1 << 20,
@@ -260,14 +222,14 @@ async fn a_listener_bound_to_a_contract_scopes_untagged_keys_to_it() {
     let mut a = TcpStream::connect(acme_addr).await.unwrap();
     let mut g = TcpStream::connect(globex_addr).await.unwrap();
     // The same untagged key on both pods' listeners: two entries, one each.
-    put(&mut a, key(1, None), 300).await;
+    put(&mut a, key(1, None), &[7u8; 300]).await;
     assert_eq!(exist(&mut a, key(1, None)).await, 200);
     assert_eq!(
         exist(&mut g, key(1, None)).await,
         400,
         "globex does not see acme's"
     );
-    put(&mut g, key(1, None), 500).await;
+    put(&mut g, key(1, None), &[7u8; 500]).await;
     assert_eq!(exist(&mut g, key(1, None)).await, 200);
     assert_eq!(
         store.memory.owner_bytes(&Owner::Contract("acme".into())),
@@ -278,8 +240,8 @@ async fn a_listener_bound_to_a_contract_scopes_untagged_keys_to_it() {
         500
     );
     // A tag naming the listener's own contract is fine; another's is not.
-    put(&mut a, key(2, Some(&acme)), 100).await;
-    put(&mut a, key(3, Some(&globex)), 100).await;
+    put(&mut a, key(2, Some(&acme)), &[7u8; 100]).await;
+    put(&mut a, key(3, Some(&globex)), &[7u8; 100]).await;
     assert_eq!(exist(&mut a, key(2, Some(&acme))).await, 200);
     assert_eq!(exist(&mut a, key(3, Some(&globex))).await, 400);
     // Suspended: the pod's listener serves nothing of its contract.

@@ -5,53 +5,25 @@
 
 use std::sync::Arc;
 
-use kvgate_store::protocol::SERVER_HEADER_LEN;
-use kvgate_store::{ChunkKey, ChunkMeta, Command, Reply, Request, Store};
+use kvgate_store::{ChunkKey, Command, Reply, Store};
+
+mod common;
+use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn start(memory_bytes: u64, max_chunk: u32) -> (std::net::SocketAddr, Arc<Store>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
     let store = Store::new(
         memory_bytes,
         max_chunk,
         kvgate_store::Scopes::open(),
         kvgate_auth::audit::AuditLog::disabled(),
     );
-    tokio::spawn(kvgate_store::serve(l, store.clone()));
-    (addr, store)
+    (serve_store(store.clone()).await, store)
 }
 
 fn key(hash: i64) -> ChunkKey {
     ChunkKey::parse(&format!("/models/tiny@1@0@{hash:x}@bfloat16@cachesalt%abc")).unwrap()
-}
-
-const META: ChunkMeta = ChunkMeta {
-    fmt: 1,
-    dtype: 3,
-    shape: [2, 2, 256, 64],
-};
-
-fn request(command: Command, key: ChunkKey, length: u32) -> [u8; 186] {
-    Request {
-        command,
-        length,
-        meta: if command == Command::Put {
-            META
-        } else {
-            ChunkMeta::EMPTY
-        },
-        location: 0,
-        key,
-    }
-    .encode()
-}
-
-async fn reply(s: &mut TcpStream) -> Reply {
-    let mut h = [0u8; SERVER_HEADER_LEN];
-    s.read_exact(&mut h).await.unwrap();
-    Reply::decode(&h)
 }
 
 #[tokio::test]
@@ -61,40 +33,36 @@ async fn put_exist_get_as_lmcache_does() {
     // Two PUTs back to back, no reply awaited.
     let payloads: Vec<Vec<u8>> = (0..2u8).map(|i| vec![i + 1; 131_072]).collect();
     for (i, p) in payloads.iter().enumerate() {
-        s.write_all(&request(Command::Put, key(i as i64), p.len() as u32))
+        s.write_all(&header(Command::Put, key(i as i64), p.len() as u32))
             .await
             .unwrap();
         s.write_all(p).await.unwrap();
     }
     // Lookup: EXIST per chunk, stopping at the first miss.
     for (i, want) in [(0, 200), (1, 200), (2, 400)] {
-        s.write_all(&request(Command::Exist, key(i), 0))
+        s.write_all(&header(Command::Exist, key(i), 0))
             .await
             .unwrap();
         assert_eq!(reply(&mut s).await.code, want, "chunk {i}");
     }
     // Retrieve: the stored meta comes back with the payload.
-    s.write_all(&request(Command::Get, key(1), 0))
-        .await
-        .unwrap();
+    s.write_all(&header(Command::Get, key(1), 0)).await.unwrap();
     let r = reply(&mut s).await;
     assert_eq!((r.code, r.length, r.meta), (200, 131_072, META));
     let mut got = vec![0u8; r.length as usize];
     s.read_exact(&mut got).await.unwrap();
     assert_eq!(got, payloads[1]);
     // A miss is LMCache's exact miss header.
-    s.write_all(&request(Command::Get, key(9), 0))
-        .await
-        .unwrap();
+    s.write_all(&header(Command::Get, key(9), 0)).await.unwrap();
     assert_eq!(reply(&mut s).await, Reply::FAIL);
-    s.write_all(&request(Command::Health, key(0), 0))
+    s.write_all(&header(Command::Health, key(0), 0))
         .await
         .unwrap();
     assert_eq!(reply(&mut s).await, Reply::OK);
     // Another connection (another worker) sees the same chunks.
     let mut other = TcpStream::connect(addr).await.unwrap();
     other
-        .write_all(&request(Command::Exist, key(0), 0))
+        .write_all(&header(Command::Exist, key(0), 0))
         .await
         .unwrap();
     assert_eq!(reply(&mut other).await.code, 200);
@@ -106,7 +74,7 @@ async fn the_least_recently_used_chunk_goes_first() {
     let (addr, store) = start(3 * 1000, 1 << 20).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     let put = |h: i64| {
-        let mut b = request(Command::Put, key(h), 1000).to_vec();
+        let mut b = header(Command::Put, key(h), 1000).to_vec();
         b.extend(vec![h as u8; 1000]);
         b
     };
@@ -114,15 +82,13 @@ async fn the_least_recently_used_chunk_goes_first() {
         s.write_all(&put(h)).await.unwrap();
     }
     // Touch chunk 0, then a fourth PUT evicts chunk 1.
-    s.write_all(&request(Command::Get, key(0), 0))
-        .await
-        .unwrap();
+    s.write_all(&header(Command::Get, key(0), 0)).await.unwrap();
     let r = reply(&mut s).await;
     let mut sink = vec![0u8; r.length as usize];
     s.read_exact(&mut sink).await.unwrap();
     s.write_all(&put(3)).await.unwrap();
     for (h, want) in [(0, 200), (1, 400), (2, 200), (3, 200)] {
-        s.write_all(&request(Command::Exist, key(h), 0))
+        s.write_all(&header(Command::Exist, key(h), 0))
             .await
             .unwrap();
         assert_eq!(reply(&mut s).await.code, want, "chunk {h}");
@@ -136,25 +102,25 @@ async fn bad_input_closes_only_its_own_connection() {
     let (addr, store) = start(1 << 20, 4096).await;
     // An oversized PUT: refused before its payload is read or allocated.
     let mut big = TcpStream::connect(addr).await.unwrap();
-    big.write_all(&request(Command::Put, key(1), 1 << 30))
+    big.write_all(&header(Command::Put, key(1), 1 << 30))
         .await
         .unwrap();
     let mut buf = [0u8; 1];
     assert_eq!(big.read(&mut buf).await.unwrap(), 0, "closed");
     // An unknown command, and a key outside the grammar.
     let mut garbage = TcpStream::connect(addr).await.unwrap();
-    let mut h = request(Command::Get, key(1), 0);
+    let mut h = header(Command::Get, key(1), 0);
     h[0] = 42;
     garbage.write_all(&h).await.unwrap();
     assert_eq!(garbage.read(&mut buf).await.unwrap(), 0, "closed");
     let mut bad_key = TcpStream::connect(addr).await.unwrap();
-    let mut h = request(Command::Exist, key(1), 0);
+    let mut h = header(Command::Exist, key(1), 0);
     h[36..40].copy_from_slice(b"@@@@");
     bad_key.write_all(&h).await.unwrap();
     assert_eq!(bad_key.read(&mut buf).await.unwrap(), 0, "closed");
     // Others are still served.
     let mut good = TcpStream::connect(addr).await.unwrap();
-    good.write_all(&request(Command::Health, key(0), 0))
+    good.write_all(&header(Command::Health, key(0), 0))
         .await
         .unwrap();
     assert_eq!(reply(&mut good).await, Reply::OK);
