@@ -87,14 +87,27 @@ impl Contract {
         if subject.is_some() {
             return self.derive_salt(epoch, subject);
         }
+        self.with_salt(epoch, |s| s.to_string())
+    }
+
+    /// Whether `salt` is this contract's contract-wide salt now, compared in
+    /// constant time without copying it (the KV store asks this of every
+    /// contract for every chunk).
+    pub fn is_current_salt(&self, salt: &str) -> bool {
+        self.with_salt(self.epoch(), |s| {
+            bool::from(s.as_bytes().ct_eq(salt.as_bytes()))
+        })
+    }
+
+    /// `f` of the contract-wide salt of `epoch`, derived once per epoch.
+    fn with_salt<T>(&self, epoch: u64, f: impl FnOnce(&str) -> T) -> T {
         let mut cached = self.salt.lock();
+        if !matches!(&*cached, Some((e, _)) if *e == epoch) {
+            *cached = Some((epoch, Zeroizing::new(self.derive_salt(epoch, None))));
+        }
         match &*cached {
-            Some((e, salt)) if *e == epoch => salt.to_string(),
-            _ => {
-                let salt = self.derive_salt(epoch, None);
-                *cached = Some((epoch, Zeroizing::new(salt.clone())));
-                salt
-            }
+            Some((_, s)) => f(s),
+            None => f(""),
         }
     }
 

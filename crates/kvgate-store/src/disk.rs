@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use kvgate_auth::{Contract, ContractRegistry};
 use lru::LruCache;
@@ -63,6 +62,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// A file the tier removed to make room: its contract, its (keyed) name,
+/// its size.
+pub struct Evicted {
+    pub contract: String,
+    pub name: String,
+    pub bytes: u64,
 }
 
 /// A chunk read back from disk.
@@ -171,7 +178,7 @@ impl DiskTier {
         slot: &str,
         meta: ChunkMeta,
         data: &[u8],
-    ) -> Result<Vec<PathBuf>, DiskError> {
+    ) -> Result<Vec<Evicted>, DiskError> {
         let epoch = c.epoch();
         let mut plain = Zeroizing::new(Vec::with_capacity(META_LEN + data.len()));
         for v in [
@@ -209,7 +216,7 @@ impl DiskTier {
         Ok(self.evict_to_fit())
     }
 
-    fn evict_to_fit(&self) -> Vec<PathBuf> {
+    fn evict_to_fit(&self) -> Vec<Evicted> {
         let mut evicted = Vec::new();
         let mut inner = self.inner.lock();
         while inner.bytes > self.max_bytes {
@@ -219,7 +226,14 @@ impl DiskTier {
             inner.bytes -= e.bytes;
             let _ = std::fs::remove_file(&p);
             self.stats.evictions.inc();
-            evicted.push(p);
+            evicted.push(Evicted {
+                contract: e.contract,
+                name: p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                bytes: e.bytes,
+            });
         }
         evicted
     }
@@ -296,9 +310,4 @@ impl DiskTier {
         let _ = std::fs::remove_dir_all(self.dir.join(contract_dir(c)));
         (mine.len(), bytes)
     }
-}
-
-/// A contract by id, for the tiers.
-pub fn contract_of(registry: Option<&ContractRegistry>, id: &str) -> Option<Arc<Contract>> {
-    registry.and_then(|r| r.get(id))
 }

@@ -12,7 +12,6 @@
 
 use kvgate_auth::{AuthConfig, ContractRegistry, SetupError};
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 
 use crate::key::{ChunkKey, CACHE_SALT_TAG};
 
@@ -128,8 +127,7 @@ impl Scopes {
         // Every contract is compared, so timing says nothing of which matched.
         let mut owner = None;
         for c in registry.all() {
-            let current = c.cache_salt(None);
-            if bool::from(current.as_bytes().ct_eq(tag.as_bytes())) && !c.is_suspended() {
+            if c.is_current_salt(tag) && !c.is_suspended() {
                 owner = Some(c.id().to_string());
             }
         }

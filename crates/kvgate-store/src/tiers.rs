@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use kvgate_auth::audit::{kind, AuditRecord};
+
 use crate::memory::Chunk;
 use crate::scope::Owner;
 use crate::server::Store;
@@ -71,8 +73,14 @@ impl Store {
         match disk.put(&contract, model_of(slot), slot, c.meta, &c.data) {
             Ok(evicted) => {
                 self.record(&c.owner, key_of(slot), "demoted", c.data.len(), Tier::Disk);
-                if !evicted.is_empty() {
-                    self.record(&c.owner, "", "disk_evicted", evicted.len(), Tier::Disk);
+                for e in evicted {
+                    // Named by its file: already a keyed id.
+                    self.audit.record(
+                        AuditRecord::new(kind::CACHE)
+                            .contract(e.contract)
+                            .reason("evicted")
+                            .detail(serde_json::json!({"chunk": e.name, "bytes": e.bytes, "tier": "disk"})),
+                    );
                 }
             }
             Err(e) => {
