@@ -10,7 +10,7 @@ use kvgate_gateway::admin::ADMIN_CONTRACTS_PATH;
 use kvgate_gateway::{GatewayConfig, StoreAdminConfig};
 use kvgate_store::{ChunkKey, ChunkMeta, Command, Owner, Request, Scopes, Store, Unscoped};
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
 use common::*;
@@ -31,9 +31,19 @@ async fn put_chunk(addr: std::net::SocketAddr, salt: &str, hash: i64) {
     .encode();
     s.write_all(&header).await.unwrap();
     s.write_all(&[1u8; 100]).await.unwrap();
-    s.flush().await.unwrap();
-    // PUT has no reply: wait for the store to take it.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // PUT has no reply: a HEALTH round trip on the same connection says the
+    // store has taken it.
+    let health = Request {
+        command: Command::Health,
+        length: 0,
+        meta: ChunkMeta::EMPTY,
+        location: 0,
+        key: ChunkKey::parse("m@1@0@0@half").unwrap(),
+    }
+    .encode();
+    s.write_all(&health).await.unwrap();
+    let mut reply = [0u8; kvgate_store::protocol::SERVER_HEADER_LEN];
+    s.read_exact(&mut reply).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

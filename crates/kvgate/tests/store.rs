@@ -57,6 +57,10 @@ async fn the_store_process_serves_lm_clients() {
     assert_eq!(reply(&mut s).await, Reply::OK);
     s.write_all(&header(Command::Put, 4)).await.unwrap();
     s.write_all(b"kv!!").await.unwrap();
+    // PUT has no reply: a HEALTH round trip says the store has taken it
+    // before another connection asks for it.
+    s.write_all(&header(Command::Health, 0)).await.unwrap();
+    assert_eq!(reply(&mut s).await, Reply::OK);
     drop(s);
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.write_all(&header(Command::Get, 0)).await.unwrap();
