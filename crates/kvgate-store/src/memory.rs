@@ -92,9 +92,9 @@ impl MemoryTier {
     pub fn put(
         &self,
         key: String,
-        chunk: Chunk,
+        chunk: Arc<Chunk>,
         quota: Option<u64>,
-    ) -> Result<Vec<(String, Arc<Chunk>)>, Chunk> {
+    ) -> Result<Vec<(String, Arc<Chunk>)>, Arc<Chunk>> {
         let size = chunk.data.len() as u64;
         if size > self.max_bytes.min(quota.unwrap_or(u64::MAX)) {
             return Err(chunk);
@@ -102,7 +102,7 @@ impl MemoryTier {
         let mut evicted_all = Vec::new();
         let mut inner = self.inner.lock();
         let owner = chunk.owner.clone();
-        if let Some(old) = inner.chunks.put(key.clone(), Arc::new(chunk)) {
+        if let Some(old) = inner.chunks.put(key.clone(), chunk) {
             inner.remove(&old);
         }
         inner.add(&owner, size);

@@ -264,11 +264,11 @@ async fn connection(
                 read.read_exact(&mut data).await?;
                 store.put_chunk(
                     physical(&owner, &key),
-                    Chunk {
+                    Arc::new(Chunk {
                         owner,
                         meta: req.meta,
                         data,
-                    },
+                    }),
                 );
             }
             (Command::Get, Some(owner)) => {

@@ -40,7 +40,7 @@ fn model_of(slot: &str) -> &str {
 
 impl Store {
     /// Stores a chunk in memory; what memory evicts goes to disk.
-    pub(crate) fn put_chunk(&self, slot: String, chunk: Chunk) {
+    pub(crate) fn put_chunk(&self, slot: String, chunk: Arc<Chunk>) {
         let owner = chunk.owner.clone();
         let bytes = chunk.data.len();
         let quota = self.quotas.of(&owner);
@@ -112,17 +112,13 @@ impl Store {
             }
             return None;
         };
-        let chunk = Chunk {
+        // One buffer, shared by the reply and the memory tier.
+        let promoted = Arc::new(Chunk {
             owner: owner.clone(),
             meta: loaded.meta,
             data: loaded.data,
-        };
-        let promoted = Arc::new(Chunk {
-            owner: chunk.owner.clone(),
-            meta: chunk.meta,
-            data: chunk.data.clone(),
         });
-        self.put_chunk(slot.to_string(), chunk);
+        self.put_chunk(slot.to_string(), promoted.clone());
         Some((promoted, Tier::Disk))
     }
 
