@@ -230,6 +230,30 @@ impl CacheTrace {
     }
 }
 
+/// A timing probe's ROC AUC over `(ttft, cached)` samples: the chance that a
+/// cached candidate's TTFT is below an uncached one's (ties count
+/// half): 1.0 is a perfect probe, 0.5 chance.
+pub fn roc_auc(samples: &[(f64, bool)]) -> f64 {
+    let pos: Vec<f64> = samples.iter().filter(|s| s.1).map(|s| s.0).collect();
+    let neg: Vec<f64> = samples.iter().filter(|s| !s.1).map(|s| s.0).collect();
+    if pos.is_empty() || neg.is_empty() {
+        return 0.5;
+    }
+    let mut wins = 0.0;
+    for p in &pos {
+        for n in &neg {
+            wins += if p < n {
+                1.0
+            } else if p == n {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    wins / (pos.len() * neg.len()) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,5 +354,15 @@ mod tests {
         assert_eq!(d.len(), 3, "{d:?}");
         assert!(d[1].starts_with("request 2"));
         assert_eq!(leading_held(&[true, true, false, true]), 2);
+    }
+
+    #[test]
+    fn roc_auc_is_one_for_a_perfect_probe_and_half_for_none() {
+        let perfect = [(1.0, true), (2.0, true), (3.0, false), (4.0, false)];
+        assert_eq!(roc_auc(&perfect), 1.0);
+        let inverted = [(3.0, true), (4.0, true), (1.0, false), (2.0, false)];
+        assert_eq!(roc_auc(&inverted), 0.0);
+        let tied = [(1.0, true), (1.0, false)];
+        assert_eq!(roc_auc(&tied), 0.5);
     }
 }

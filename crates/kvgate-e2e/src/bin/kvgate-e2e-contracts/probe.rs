@@ -18,6 +18,8 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use kvgate_e2e::checks::roc_auc;
+
 use crate::fleet;
 
 const LENGTHS: [usize; 4] = [8, 16, 32, 64];
@@ -81,49 +83,11 @@ pub async fn run(work: &Path, candidates: usize) -> Result<Probe> {
         }
     }
     Ok(Probe {
-        auc_same: auc(&same),
-        auc_cross: auc(&cross),
+        auc_same: roc_auc(&same),
+        auc_cross: roc_auc(&cross),
     })
 }
 
 fn tokens(n: usize, rng: &mut StdRng) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(1000..20000)).collect()
-}
-
-/// The chance that a cached candidate's TTFT is below an uncached one's (ties
-/// count half): 1.0 is a perfect probe, 0.5 chance.
-fn auc(samples: &[(f64, bool)]) -> f64 {
-    let pos: Vec<f64> = samples.iter().filter(|s| s.1).map(|s| s.0).collect();
-    let neg: Vec<f64> = samples.iter().filter(|s| !s.1).map(|s| s.0).collect();
-    if pos.is_empty() || neg.is_empty() {
-        return 0.5;
-    }
-    let mut wins = 0.0;
-    for p in &pos {
-        for n in &neg {
-            wins += if p < n {
-                1.0
-            } else if p == n {
-                0.5
-            } else {
-                0.0
-            };
-        }
-    }
-    wins / (pos.len() * neg.len()) as f64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::auc;
-
-    #[test]
-    fn auc_is_one_for_a_perfect_probe_and_half_for_none() {
-        let perfect = [(1.0, true), (2.0, true), (3.0, false), (4.0, false)];
-        assert_eq!(auc(&perfect), 1.0);
-        let inverted = [(3.0, true), (4.0, true), (1.0, false), (2.0, false)];
-        assert_eq!(auc(&inverted), 0.0);
-        let tied = [(1.0, true), (1.0, false)];
-        assert_eq!(auc(&tied), 0.5);
-    }
 }

@@ -17,6 +17,8 @@ pub(crate) struct Credentials {
     /// Bearer tokens of tenant-a (EdDSA) and tenant-b (RS256).
     pub(crate) jwt_a: String,
     pub(crate) jwt_b: String,
+    /// Another subject of tenant-a (the timing probe's colleague).
+    pub(crate) jwt_a_colleague: String,
 }
 
 fn fixtures() -> Result<std::path::PathBuf> {
@@ -52,12 +54,14 @@ pub(crate) fn config(work: &Path) -> Result<(AuthConfig, Credentials)> {
         encode(&h, &claims, &key).context("signing a test token")
     };
     let ed = EncodingKey::from_ed_pem(&std::fs::read(dir.join("ed25519.pem"))?)?;
+    let colleague = token(Algorithm::EdDSA, "ed-1", ed.clone(), "tenant-a", "carol")?;
     let rsa = EncodingKey::from_rsa_pem(&std::fs::read(dir.join("rsa.pem"))?)?;
     Ok((
         cfg,
         Credentials {
             jwt_a: token(Algorithm::EdDSA, "ed-1", ed, "tenant-a", "alice")?,
             jwt_b: token(Algorithm::RS256, "rsa-1", rsa, "tenant-b", "bob")?,
+            jwt_a_colleague: colleague,
         },
     ))
 }

@@ -24,6 +24,7 @@ mod phase2;
 mod requests;
 mod summary;
 mod tier;
+mod timing;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -71,6 +72,9 @@ struct Args {
     /// Completion requests per family.
     #[arg(long, default_value_t = 30)]
     family_completions: usize,
+    /// Candidate documents of the timing probe (half cached by the victim).
+    #[arg(long, default_value_t = 300)]
+    probe_candidates: usize,
     /// First of the loopback ports the tier uses (about 75 above it).
     #[arg(long, default_value_t = 18100)]
     base_port: u16,

@@ -16,6 +16,7 @@ use crate::contracts;
 use crate::requests::{corpus_block_parity, explain, hits_on, send_checked, token_parity};
 use crate::summary::Summary;
 use crate::tier::{Fleet, Tier, EVENTS_MAX, EVENTS_QUIET, QWEN};
+use crate::timing;
 
 /// The multi-prefix routing workload: `prefixes` shared documents, each asked
 /// `per_prefix` questions, in a shuffled order.
@@ -258,5 +259,20 @@ pub(crate) async fn phase_qwen(t: &Tier, s: &mut Summary) -> Result<()> {
     eprintln!(
         "  contracts: API-key contract index {api_index}, vLLM {api_vllm}; after suspend + reactivate the same prompt hit {after_vllm} tokens at vLLM"
     );
+    let who = timing::Probers {
+        victim: jwt_a,
+        colleague: &creds.jwt_a_colleague,
+        attacker: jwt_b,
+    };
+    let started = std::time::Instant::now();
+    let probe = timing::run(http, &tenant, &fleet.served, &who, t.args.probe_candidates).await?;
+    eprintln!(
+        "  timing probe ({} candidates, {:.0?}): same-contract AUC {:.3}, cross-contract AUC {:.3}",
+        probe.candidates,
+        started.elapsed(),
+        probe.auc_same,
+        probe.auc_cross
+    );
+    s.timing = Some(probe);
     Ok(())
 }

@@ -4,6 +4,7 @@ use anyhow::Result;
 use kvgate_e2e::checks::{BlockParity, CacheTrace, TokenParity};
 
 use crate::families::{FamilyOutcome, TemplateParity};
+use crate::timing::TimingProbe;
 
 #[derive(Debug, Default)]
 pub(crate) struct Summary {
@@ -19,6 +20,8 @@ pub(crate) struct Summary {
     pub(crate) jwt_cross_hits: usize,
     /// After suspend + reactivate, tenant-a's prompt missed at vLLM.
     pub(crate) suspend_miss: Option<bool>,
+    /// The timing side channel through tenant-a's and tenant-b's gateway.
+    pub(crate) timing: Option<TimingProbe>,
     pub(crate) evicted_blocks: u64,
     pub(crate) probes: usize,
     pub(crate) probe_mismatches: Vec<String>,
@@ -51,7 +54,7 @@ impl Summary {
 
     pub(crate) fn line(&self) -> String {
         format!(
-            "e2e-vllm: token_parity={:.3} ({} requests) block_parity={:.3} ({} blocks, {} salted) hit_rate={:.3} oracle={:.3} rr_hit_rate={:.3} salt_cross_hits={} jwt_cross_hits={} suspend_miss={} resync={} (probes={} evicted_blocks={}) sim_fidelity={} (hits={} stored={} removed={})",
+            "e2e-vllm: token_parity={:.3} ({} requests) block_parity={:.3} ({} blocks, {} salted) hit_rate={:.3} oracle={:.3} rr_hit_rate={:.3} salt_cross_hits={} jwt_cross_hits={} suspend_miss={} probe_auc_same={} probe_auc_cross={} resync={} (probes={} evicted_blocks={}) sim_fidelity={} (hits={} stored={} removed={})",
             self.tokens.ratio(),
             self.tokens.total,
             self.blocks.ratio(),
@@ -67,6 +70,8 @@ impl Summary {
                 Some(false) => "FAILED",
                 None => "not-run",
             },
+            self.timing.map_or("not-run".into(), |p| format!("{:.3}", p.auc_same)),
+            self.timing.map_or("not-run".into(), |p| format!("{:.3}", p.auc_cross)),
             if self.resync_ok() { "ok" } else { "FAILED" },
             self.probes,
             self.evicted_blocks,
@@ -165,6 +170,14 @@ impl Summary {
         }
         if self.suspend_miss == Some(false) {
             f.push("contracts: after suspend + reactivate the prompt still hit at vLLM".into());
+        }
+        match self.timing {
+            None => f.push("timing probe: not run".into()),
+            Some(p) if p.auc_same < 0.9 || (p.auc_cross - 0.5).abs() > 0.1 => f.push(format!(
+                "timing probe: same-contract AUC {:.3} (needs >= 0.9), cross-contract {:.3} (needs 0.5 +- 0.1)",
+                p.auc_same, p.auc_cross
+            )),
+            Some(_) => {}
         }
         if !self.resync_ok() {
             f.push(format!(
