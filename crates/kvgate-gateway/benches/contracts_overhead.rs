@@ -13,7 +13,9 @@
 //! `request` record per request B served. Knobs (env): `CONTRACTS_BENCH_ROUNDS`
 //! (6), `CONTRACTS_BENCH_ROUND_MS` (3000), `CONTRACTS_BENCH_CLIENTS` (16);
 //! `CONTRACTS_BENCH_B=off` runs B without contracts (the A/A control: the
-//! bench's own bias, about 1.0x).
+//! bench's own bias, about 1.0x); `CONTRACTS_BENCH_MARKS=1` prints each
+//! round's start as CLOCK_MONOTONIC, to split a `perf record -k
+//! CLOCK_MONOTONIC` profile into A's rounds and B's.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -364,8 +366,20 @@ async fn main() -> ExitCode {
     let (mut a, mut b) = (Side::default(), Side::default());
     let (mut failed, mut b_served) = (warm_a.failed + warm_b.failed, warm_b.ok);
     for r in 0..rounds {
+        // For `perf record -k CLOCK_MONOTONIC`: a round's samples are told
+        // apart by these times (an Instant's Debug is its CLOCK_MONOTONIC).
+        let marks = std::env::var("CONTRACTS_BENCH_MARKS").is_ok();
+        if marks {
+            eprintln!("mark A {:?}", Instant::now());
+        }
         let pa = phase(&client, &url_a, clients, round).await;
+        if marks {
+            eprintln!("mark B {:?}", Instant::now());
+        }
         let pb = phase(&client, &url_b, clients, round).await;
+        if marks {
+            eprintln!("mark end {:?}", Instant::now());
+        }
         eprintln!(
             "round {}: off {:.0} req/s, on {:.0} req/s",
             r + 1,

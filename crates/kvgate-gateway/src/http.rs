@@ -91,25 +91,16 @@ async fn handle(
     let session = headers
         .get(gw.cfg.session_header.as_str())
         .and_then(|v| v.to_str().ok());
-    if let Some(a) = &prepared.admission {
-        let contract = a.contract.id().to_string();
-        gw.metrics
-            .contract_requests
-            .get_or_create(&crate::metrics::ContractLabels {
-                contract: contract.clone(),
-            })
-            .inc();
-        gw.metrics
-            .contract_tokens
-            .get_or_create(&crate::metrics::ContractTokenLabels {
-                contract,
-                kind: "prompt",
-            })
-            .inc_by(prepared.tokens.len() as u64);
-    }
+    let counters = prepared.admission.as_ref().map(|a| {
+        let c = gw.metrics.contract(a.contract.id());
+        c.requests.inc();
+        c.prompt_tokens.inc_by(prepared.tokens.len() as u64);
+        c
+    });
     let facts = RequestFacts {
         received,
         admission: prepared.admission.take(),
+        counters,
         pending,
     };
     let input = match prepared.routing_input(&gw, session) {

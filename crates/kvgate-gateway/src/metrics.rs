@@ -1,5 +1,7 @@
 //! The gateway's Prometheus metrics.
 
+use std::collections::HashMap;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -98,6 +100,8 @@ pub struct GatewayMetrics {
     pub kv_cache_hit_rate: Family<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub contract_requests: Family<ContractLabels, Counter>,
     pub contract_tokens: Family<ContractTokenLabels, Counter>,
+    /// Each contract's handles into the two families above.
+    contract_counters: parking_lot::RwLock<HashMap<String, ContractCounters>>,
     pub denied: Family<DenyLabels, Counter>,
     pub control_plane_errors: Counter,
     /// Contract status pushes to the KV store that failed after retries.
@@ -122,6 +126,7 @@ impl Default for GatewayMetrics {
             kv_cache_hit_rate: Family::default(),
             contract_requests: Family::default(),
             contract_tokens: Family::default(),
+            contract_counters: parking_lot::RwLock::default(),
             denied: Family::default(),
             control_plane_errors: Counter::default(),
             store_sync_errors: Counter::default(),
@@ -129,7 +134,46 @@ impl Default for GatewayMetrics {
     }
 }
 
+/// One contract's request and token counters, looked up once per contract:
+/// `Family::get_or_create` allocates and hashes its labels on every call,
+/// three times per request.
+#[derive(Clone, Debug)]
+pub struct ContractCounters {
+    pub requests: Counter,
+    pub prompt_tokens: Counter,
+    pub output_tokens: Counter,
+}
+
 impl GatewayMetrics {
+    pub fn contract(&self, id: &str) -> ContractCounters {
+        if let Some(c) = self.contract_counters.read().get(id) {
+            return c.clone();
+        }
+        let tokens = |kind| {
+            self.contract_tokens
+                .get_or_create(&ContractTokenLabels {
+                    contract: id.to_string(),
+                    kind,
+                })
+                .clone()
+        };
+        let c = ContractCounters {
+            requests: self
+                .contract_requests
+                .get_or_create(&ContractLabels {
+                    contract: id.to_string(),
+                })
+                .clone(),
+            prompt_tokens: tokens("prompt"),
+            output_tokens: tokens("output"),
+        };
+        self.contract_counters
+            .write()
+            .entry(id.to_string())
+            .or_insert(c)
+            .clone()
+    }
+
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "kvgate_requests",

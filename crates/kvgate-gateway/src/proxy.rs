@@ -24,6 +24,8 @@ use crate::Gateway;
 pub struct RequestFacts {
     pub received: Instant,
     pub admission: Option<kvgate_auth::Admission>,
+    /// The admitted contract's counters (with `admission`).
+    pub counters: Option<crate::metrics::ContractCounters>,
     pub pending: PendingRequest,
 }
 
@@ -235,14 +237,9 @@ impl Tracked {
         let output_tokens = self.usage.output_tokens();
         if let Some(a) = &self.facts.admission {
             a.charge_output(output_tokens);
-            self.gw
-                .metrics
-                .contract_tokens
-                .get_or_create(&crate::metrics::ContractTokenLabels {
-                    contract: a.contract.id().to_string(),
-                    kind: "output",
-                })
-                .inc_by(output_tokens);
+        }
+        if let Some(c) = &self.facts.counters {
+            c.output_tokens.inc_by(output_tokens);
         }
         audit_request(
             &self.gw,

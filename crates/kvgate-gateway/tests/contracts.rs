@@ -64,6 +64,24 @@ async fn no_privileged_field_or_header_of_the_client_reaches_the_engine() {
         assert_eq!(resp.status(), 200);
         resp.text().await.unwrap();
     }
+    // Each contract's counters, one request each.
+    let metrics = client
+        .get(format!("{gw_url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for contract in ["acme", "globex"] {
+        let line = format!("kvgate_contract_requests_total{{contract=\"{contract}\"}} 1\n");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+        for kind in ["prompt", "output"] {
+            let series =
+                format!("kvgate_contract_tokens_total{{contract=\"{contract}\",kind=\"{kind}\"}}");
+            assert!(metrics.contains(&series), "{series} in {metrics}");
+        }
+    }
     let bodies = u.bodies.lock().clone();
     let (a, b) = (&bodies[0], &bodies[1]);
     let salt = a["cache_salt"].as_str().unwrap();

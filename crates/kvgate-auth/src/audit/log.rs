@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use parking_lot::Mutex;
 
 use super::writer::Writer;
-use super::{read_key_file, AuditConfig, AuditError, AuditRecord, Checkpoint};
+use super::{encode_record, read_key_file, AuditConfig, AuditError, AuditRecord, Checkpoint};
 
 /// The audit log handle. Cheap to share (`&self` everywhere); records go
 /// through a bounded queue to the writer thread.
@@ -38,9 +38,8 @@ pub(super) struct Shared {
 }
 
 pub(super) enum Msg {
-    // Boxed: a bounded channel allocates all its slots up front, and a
-    // record is ~300 bytes (65536 of them would be ~20 MB).
-    Record(SystemTime, Box<AuditRecord>),
+    /// A record as its JSON object (`encode_record`).
+    Record(SystemTime, Vec<u8>),
     Flush(Ack),
     Close(Ack),
 }
@@ -132,10 +131,15 @@ impl AuditLog {
             inner.drop_one("log closed");
             return;
         }
-        match inner
-            .tx
-            .try_send(Msg::Record(SystemTime::now(), Box::new(rec)))
-        {
+        let time = SystemTime::now();
+        let body = match encode_record(&rec) {
+            Ok(b) => b,
+            Err(_) => {
+                inner.drop_one("record does not encode");
+                return;
+            }
+        };
+        match inner.tx.try_send(Msg::Record(time, body)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => inner.drop_one("queue full"),
             Err(TrySendError::Disconnected(_)) => inner.drop_one("writer stopped"),

@@ -607,3 +607,37 @@ fn key_file_strips_one_newline() {
     std::fs::write(&p, "\n").unwrap();
     assert!(read_key_file(&p).is_err());
 }
+
+#[test]
+fn a_line_is_its_record_with_seq_time_and_prev_first() {
+    #[derive(serde::Serialize)]
+    struct Flat<'a> {
+        seq: u64,
+        time: &'a str,
+        prev: &'a str,
+        #[serde(flatten)]
+        record: &'a AuditRecord,
+    }
+    let time = UNIX_EPOCH + Duration::from_millis(1_767_323_045_678);
+    let prev = [0xabu8; 32];
+    for rec in [
+        req(7).detail(serde_json::json!({"why": "a \"quoted\" reason"})),
+        AuditRecord::new(kind::AUDIT_OPEN),
+    ] {
+        let body = encode_record(&rec).unwrap();
+        let (line, hash) = encode_line(41, time, &prev, &body, None).unwrap();
+        let want = serde_json::to_vec(&Flat {
+            seq: 41,
+            time: &format_time(time),
+            prev: &hex::encode(prev),
+            record: &rec,
+        })
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(line.clone()).unwrap(),
+            String::from_utf8(want).unwrap()
+        );
+        assert_eq!(hash, <[u8; 32]>::from(Sha256::digest(&line)));
+    }
+    assert!(encode_line(0, time, &prev, b"[1]", None).is_err());
+}

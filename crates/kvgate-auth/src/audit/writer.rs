@@ -18,7 +18,8 @@ use super::files::{
 };
 use super::log::{AckResult, Msg, Shared};
 use super::{
-    decode_hash, encode_line, kind, AuditConfig, AuditError, AuditRecord, Checkpoint, FsyncPolicy,
+    decode_hash, encode_line, encode_record, kind, AuditConfig, AuditError, AuditRecord,
+    Checkpoint, FsyncPolicy,
 };
 
 /// Records written with one `write` at most.
@@ -166,7 +167,7 @@ impl Writer {
             }),
         };
         let open = AuditRecord::new(kind::AUDIT_OPEN).detail(detail.into());
-        w.push(SystemTime::now(), &open);
+        w.push_record(SystemTime::now(), &open);
         w.commit().map_err(io)?;
         w.sync_now().map_err(io)?;
         Ok(w)
@@ -199,7 +200,7 @@ impl Writer {
             let mut n = 0;
             while let Some(msg) = next.take() {
                 match msg {
-                    Msg::Record(t, rec) => self.push(t, &rec),
+                    Msg::Record(t, body) => self.push(t, &body),
                     ctrl => {
                         control = Some(ctrl);
                         break;
@@ -226,7 +227,7 @@ impl Writer {
                     let mut acks = vec![ack];
                     while let Ok(m) = rx.try_recv() {
                         match m {
-                            Msg::Record(t, rec) => self.push(t, &rec),
+                            Msg::Record(t, body) => self.push(t, &body),
                             Msg::Flush(a) | Msg::Close(a) => acks.push(a),
                         }
                     }
@@ -266,17 +267,25 @@ impl Writer {
         self.shared.checkpoint.lock().clone()
     }
 
-    /// Encodes a record as the next line of the pending batch, rotating
-    /// first if the line would take the file past `max_file_bytes`.
-    fn push(&mut self, time: SystemTime, rec: &AuditRecord) {
-        let mut line = self.encode(time, rec);
+    /// One of the writer's own records (open, close, drops): encoded here.
+    fn push_record(&mut self, time: SystemTime, rec: &AuditRecord) {
+        match encode_record(rec) {
+            Ok(body) => self.push(time, &body),
+            Err(e) => self.lost(1, &e),
+        }
+    }
+
+    /// Adds an encoded record as the next line of the pending batch,
+    /// rotating first if the line would take the file past `max_file_bytes`.
+    fn push(&mut self, time: SystemTime, body: &[u8]) {
+        let mut line = self.encode(time, body);
         if let (Some(max), Some((l, _))) = (self.max_file_bytes, &line) {
             let size = self.file_len + self.buf.len() as u64;
             if size > 0 && size + l.len() as u64 + 1 > max {
                 let _ = self.commit();
                 self.rotate();
                 // The chain may have moved back if that commit failed.
-                line = self.encode(time, rec);
+                line = self.encode(time, body);
             }
         }
         let Some((line, hash)) = line else {
@@ -292,9 +301,9 @@ impl Writer {
         self.pend_prev = hash;
     }
 
-    fn encode(&mut self, time: SystemTime, rec: &AuditRecord) -> Option<(Vec<u8>, [u8; 32])> {
+    fn encode(&mut self, time: SystemTime, body: &[u8]) -> Option<(Vec<u8>, [u8; 32])> {
         let key = self.key.as_ref().map(|k| k.as_slice());
-        match encode_line(self.pend_seq, time, &self.pend_prev, rec, key) {
+        match encode_line(self.pend_seq, time, &self.pend_prev, body, key) {
             Ok(l) => Some(l),
             Err(e) => {
                 self.lost(1, &e);
@@ -361,7 +370,7 @@ impl Writer {
             self.dropped_noted = total;
             let rec = AuditRecord::new(kind::RECORDS_DROPPED)
                 .detail(serde_json::json!({ "count": count, "total": total }));
-            self.push(SystemTime::now(), &rec);
+            self.push_record(SystemTime::now(), &rec);
         }
     }
 
@@ -438,7 +447,7 @@ impl Writer {
             "written": self.shared.written.load(Ordering::Relaxed) + 1,
             "dropped": self.shared.dropped.load(Ordering::Relaxed),
         }));
-        self.push(SystemTime::now(), &close);
+        self.push_record(SystemTime::now(), &close);
         let written = self.commit();
         let synced = self.sync_now();
         let cp = self.checkpoint();
