@@ -11,6 +11,10 @@
 //! At start the index of what is on disk is rebuilt from the directory
 //! (least recently modified first out); files of contracts no longer
 //! configured are removed.
+//!
+//! The key a file is sealed under also takes a random salt that a shred
+//! destroys (`shred_keys.rs`): after a shred no copy of the contract's files
+//! opens, even for someone who holds its key material.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +28,7 @@ use zeroize::Zeroizing;
 use crate::crypto::{open, seal, Binding, DataKey};
 use crate::memory::TierStats;
 use crate::protocol::ChunkMeta;
+use crate::shred_keys::{disk_key, ShredKeys, STATE_FILE};
 
 /// Bytes of a chunk's meta at the head of its plaintext.
 const META_LEN: usize = 24;
@@ -38,6 +43,7 @@ pub struct DiskTier {
     dir: PathBuf,
     max_bytes: u64,
     inner: Mutex<Inner>,
+    keys: Mutex<ShredKeys>,
     pub stats: TierStats,
     /// Frames that did not open (torn, tampered, another epoch's).
     pub integrity_failures: Counter,
@@ -96,10 +102,19 @@ impl DiskTier {
             .iter()
             .map(|c| (contract_dir(c), c.id().to_string()))
             .collect();
+        let mut keys = ShredKeys::load(dir)?;
+        keys.retain(&by_dir.keys().cloned().collect::<Vec<_>>())?;
         let mut found: Vec<(std::time::SystemTime, PathBuf, Entry)> = Vec::new();
         for d in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
             let name = d.file_name().to_string_lossy().into_owned();
             let path = d.path();
+            if !path.is_dir() {
+                // The key state, or its temporary file from a crash.
+                if name != STATE_FILE {
+                    let _ = std::fs::remove_file(&path);
+                }
+                continue;
+            }
             let Some(contract) = by_dir.get(&name) else {
                 // A contract no longer configured: its chunks can never be
                 // read again, so they go.
@@ -135,6 +150,7 @@ impl DiskTier {
             dir: dir.to_path_buf(),
             max_bytes,
             inner: Mutex::new(Inner { files, bytes }),
+            keys: Mutex::new(keys),
             stats: TierStats::default(),
             integrity_failures: Counter::default(),
         };
@@ -192,7 +208,10 @@ impl DiskTier {
             plain.extend_from_slice(&v.to_le_bytes());
         }
         plain.extend_from_slice(data);
-        let key = DataKey::new(c.data_key(epoch));
+        let key = self.key(c, epoch, true)?.ok_or_else(|| DiskError::Io {
+            path: self.dir.join(STATE_FILE),
+            source: std::io::Error::other("no disk key"),
+        })?;
         let frame = seal(&key, &Self::binding(c, epoch, model, slot), &plain);
         let path = self.path(c, slot);
         if let Some(parent) = path.parent() {
@@ -254,7 +273,15 @@ impl DiskTier {
             self.stats.misses.inc();
             return None;
         };
-        let key = DataKey::new(c.data_key(c.epoch()));
+        let key = match self.key(c, c.epoch(), false) {
+            Ok(Some(k)) => k,
+            // Shredded (or an epoch never written): nothing here can open.
+            Ok(None) | Err(_) => {
+                self.stats.misses.inc();
+                self.remove(&path);
+                return None;
+            }
+        };
         match open(&key, &Self::binding(c, c.epoch(), model, slot), &frame) {
             Ok(plain) if plain.len() >= META_LEN => {
                 let int = |i: usize| {
@@ -290,8 +317,18 @@ impl DiskTier {
         let _ = std::fs::remove_file(path);
     }
 
-    /// Removes every file of contract `c`: (files, bytes).
+    /// The key `c`'s chunks are sealed under at `epoch` (made if `create`).
+    fn key(&self, c: &Contract, epoch: u64, create: bool) -> Result<Option<DataKey>, DiskError> {
+        let salt = self.keys.lock().salt(&contract_dir(c), epoch, create)?;
+        Ok(salt.map(|s| disk_key(&c.data_key(epoch), &s)))
+    }
+
+    /// Removes every file of contract `c`: (files, bytes). Its salts go
+    /// first, so even a copy of a file taken before never opens again.
     pub fn shred(&self, c: &Contract) -> (usize, u64) {
+        if let Err(e) = self.keys.lock().forget(&contract_dir(c)) {
+            tracing::error!(error = %e, "disk tier: the shredded contract's salts could not be saved as gone");
+        }
         let mut inner = self.inner.lock();
         let mine: Vec<PathBuf> = inner
             .files

@@ -18,6 +18,7 @@ pub mod memory;
 pub mod protocol;
 pub mod scope;
 pub mod server;
+pub mod shred_keys;
 pub mod tiers;
 
 pub use config::{StoreConfig, StoreConfigError};

@@ -171,3 +171,75 @@ async fn a_tampered_file_is_a_miss_and_a_shred_leaves_nothing() {
     assert!(store.memory.is_empty() && disk.is_empty());
     assert!(files(&cache).is_empty());
 }
+
+#[tokio::test]
+async fn a_shred_destroys_the_key_so_a_copy_taken_before_never_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = contracts(dir.path(), &[("ka", "acme"), ("kb", "globex")]);
+    let (salt_a, salt_b) = (salt(&cfg), gateway_salt(&cfg, "kb"));
+    let (mut s, store) = start(&cfg, &cache).await;
+    for h in 0..3 {
+        put(&mut s, key(h, &salt_a), &payload(h)).await;
+        put(&mut s, key(100 + h, &salt_b), &payload(h)).await;
+    }
+    sync(&mut s).await;
+    let state = cache.join(kvgate_store::shred_keys::STATE_FILE);
+    let before: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let contract_salts: Vec<String> = before["salts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|e| {
+            e.as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_str().unwrap().to_string())
+        })
+        .collect();
+    assert_eq!(contract_salts.len(), 2, "one salt per contract: {before}");
+    // Take a copy of everything on disk, then shred acme.
+    let copy = dir.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    let taken: Vec<(std::path::PathBuf, Vec<u8>)> = files(&cache)
+        .into_iter()
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    assert!(taken.len() >= 2, "both contracts have files on disk");
+    store.shred("acme");
+    drop(s);
+    drop(store);
+    let after = std::fs::read_to_string(&state).unwrap();
+    let gone: Vec<&String> = contract_salts
+        .iter()
+        .filter(|s| !after.contains(s.as_str()))
+        .collect();
+    assert_eq!(
+        gone.len(),
+        1,
+        "acme's salt is gone, globex's stays: {after}"
+    );
+    // Put every file back as it was and start again: acme's copies are
+    // misses (no key opens them), globex's still read.
+    for (p, b) in &taken {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b).unwrap();
+    }
+    let (mut s, store) = start(&cfg, &cache).await;
+    for h in 0..3 {
+        assert_eq!(get(&mut s, key(h, &salt_a)).await, None, "acme chunk {h}");
+    }
+    let mut globex = 0;
+    for h in 0..3 {
+        if let Some((_, data)) = get(&mut s, key(100 + h, &salt_b)).await {
+            assert_eq!(data, payload(h));
+            globex += 1;
+        }
+    }
+    assert!(globex >= 1, "globex's chunks on disk still read");
+    assert!(store.disk.as_ref().unwrap().stats.hits.get() >= 1);
+}
