@@ -54,6 +54,20 @@ pub struct DiskConfig {
     /// One directory (e.g. the pod's `emptyDir` at `/mnt/cache`).
     pub dir: std::path::PathBuf,
     pub max_bytes: u64,
+    /// `back` (default): a chunk is sealed to disk when memory evicts it.
+    /// `through`: also when it is stored, so a crash or restart of the
+    /// store loses no contract's chunk that disk has room for.
+    #[serde(default)]
+    pub write: WritePolicy,
+}
+
+/// When chunks reach the disk tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WritePolicy {
+    #[default]
+    Back,
+    Through,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,7 +21,7 @@ pub mod server;
 pub mod shred_keys;
 pub mod tiers;
 
-pub use config::{StoreConfig, StoreConfigError};
+pub use config::{StoreConfig, StoreConfigError, WritePolicy};
 pub use key::{ChunkKey, KeyError};
 pub use protocol::{ChunkMeta, Command, ProtocolError, Reply, Request};
 pub use scope::{Owner, ScopeError, Scopes, Unscoped};

@@ -53,12 +53,15 @@ impl Quotas {
 pub struct Extras {
     pub quotas: Quotas,
     pub disk: Option<crate::disk::DiskTier>,
+    /// When chunks reach the disk tier (`disk.write`).
+    pub write: crate::config::WritePolicy,
 }
 
 pub struct Store {
     pub memory: MemoryTier,
     /// Sealed chunks on disk (`disk:`); None: memory only.
     pub disk: Option<crate::disk::DiskTier>,
+    pub(crate) write: crate::config::WritePolicy,
     pub quotas: Quotas,
     pub scopes: Scopes,
     /// Every access, eviction and shred (`kind: cache`).
@@ -100,6 +103,7 @@ impl Store {
         Arc::new(Self {
             memory: MemoryTier::new(memory_bytes),
             disk: extras.disk,
+            write: extras.write,
             quotas: extras.quotas,
             scopes,
             audit,

@@ -1,6 +1,7 @@
 //! How the tiers work together: memory first; a chunk evicted from memory is
 //! written back to disk (sealed), if a disk tier is configured and the chunk
-//! has a contract (shared chunks never leave memory); a GET that misses in
+//! has a contract (shared chunks never leave memory), or, with `disk.write:
+//! through`, written to disk when it is stored as well; a GET that misses in
 //! memory reads the disk and promotes what it finds; EXIST asks both; a
 //! shred empties both. Every step is audited with its tier.
 
@@ -8,6 +9,7 @@ use std::sync::Arc;
 
 use kvgate_auth::audit::{kind, AuditRecord};
 
+use crate::config::WritePolicy;
 use crate::memory::Chunk;
 use crate::scope::Owner;
 use crate::server::Store;
@@ -39,8 +41,19 @@ fn model_of(slot: &str) -> &str {
 }
 
 impl Store {
-    /// Stores a chunk in memory; what memory evicts goes to disk.
+    /// Stores a client's chunk: in memory, and on disk too when writing
+    /// through; what memory evicts goes to disk.
     pub(crate) fn put_chunk(&self, slot: String, chunk: Arc<Chunk>) {
+        if self.write == WritePolicy::Through {
+            if let Some(contract) = self.contract_of(&chunk.owner) {
+                self.write_to_disk(&slot, &chunk, &contract, "written_through");
+            }
+        }
+        self.to_memory(slot, chunk);
+    }
+
+    /// Puts a chunk in memory (a client's, or one promoted from disk).
+    fn to_memory(&self, slot: String, chunk: Arc<Chunk>) {
         let owner = chunk.owner.clone();
         let bytes = chunk.data.len();
         let quota = self.quotas.of(&owner);
@@ -55,24 +68,52 @@ impl Store {
         }
     }
 
-    fn demote(&self, slot: &str, c: &Chunk) {
-        let contract = match (&self.disk, &c.owner) {
+    /// The chunk's contract, when a disk tier can hold it.
+    fn contract_of(&self, owner: &Owner) -> Option<Arc<kvgate_auth::Contract>> {
+        match (&self.disk, owner) {
             (Some(_), Owner::Contract(id)) => self.scopes.contracts().and_then(|r| r.get(id)),
             _ => None,
+        }
+    }
+
+    fn demote(&self, slot: &str, c: &Chunk) {
+        let on_disk = |contract: &kvgate_auth::Contract| {
+            self.write == WritePolicy::Through
+                && self
+                    .disk
+                    .as_ref()
+                    .is_some_and(|d| d.contains(contract, slot))
         };
-        let (Some(disk), Some(contract)) = (&self.disk, contract) else {
-            self.record(
-                &c.owner,
-                key_of(slot),
-                "evicted",
-                c.data.len(),
-                Tier::Memory,
-            );
+        // Written through already: memory just lets it go.
+        let demoted = self.contract_of(&c.owner).is_some_and(|contract| {
+            !on_disk(&contract) && self.write_to_disk(slot, c, &contract, "demoted")
+        });
+        if demoted {
             return;
+        }
+        self.record(
+            &c.owner,
+            key_of(slot),
+            "evicted",
+            c.data.len(),
+            Tier::Memory,
+        );
+    }
+
+    /// Seals a chunk to disk (audited as `what`); false if that failed.
+    fn write_to_disk(
+        &self,
+        slot: &str,
+        c: &Chunk,
+        contract: &kvgate_auth::Contract,
+        what: &'static str,
+    ) -> bool {
+        let Some(disk) = &self.disk else {
+            return false;
         };
-        match disk.put(&contract, model_of(slot), slot, c.meta, &c.data) {
+        match disk.put(contract, model_of(slot), slot, c.meta, &c.data) {
             Ok(evicted) => {
-                self.record(&c.owner, key_of(slot), "demoted", c.data.len(), Tier::Disk);
+                self.record(&c.owner, key_of(slot), what, c.data.len(), Tier::Disk);
                 for e in evicted {
                     // Named by its file: already a keyed id.
                     self.audit.record(
@@ -82,16 +123,11 @@ impl Store {
                             .detail(serde_json::json!({"chunk": e.name, "bytes": e.bytes, "tier": "disk"})),
                     );
                 }
+                true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "disk tier write failed; chunk dropped");
-                self.record(
-                    &c.owner,
-                    key_of(slot),
-                    "evicted",
-                    c.data.len(),
-                    Tier::Memory,
-                );
+                tracing::warn!(error = %e, "disk tier write failed; chunk not on disk");
+                false
             }
         }
     }
@@ -118,7 +154,7 @@ impl Store {
             meta: loaded.meta,
             data: loaded.data,
         });
-        self.put_chunk(slot.to_string(), promoted.clone());
+        self.to_memory(slot.to_string(), promoted.clone());
         Some((promoted, Tier::Disk))
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use kvgate_auth::audit::AuditLog;
 use kvgate_auth::AuthConfig;
 use kvgate_store::disk::DiskTier;
-use kvgate_store::{ChunkKey, Extras, Scopes, Store, Unscoped};
+use kvgate_store::{ChunkKey, Extras, Scopes, Store, Unscoped, WritePolicy};
 
 mod common;
 use common::*;
@@ -34,6 +34,14 @@ fn payload(h: i64) -> Vec<u8> {
 }
 
 async fn start(cfg: &AuthConfig, cache: &Path) -> (TcpStream, Arc<Store>) {
+    start_writing(cfg, cache, WritePolicy::Back).await
+}
+
+async fn start_writing(
+    cfg: &AuthConfig,
+    cache: &Path,
+    write: WritePolicy,
+) -> (TcpStream, Arc<Store>) {
     let scopes = Scopes::new(cfg, Unscoped::Refuse).unwrap();
     let disk = DiskTier::open(cache, 1 << 20, scopes.contracts().unwrap()).unwrap();
     let store = Store::with(
@@ -44,6 +52,7 @@ async fn start(cfg: &AuthConfig, cache: &Path) -> (TcpStream, Arc<Store>) {
         Extras {
             quotas: Default::default(),
             disk: Some(disk),
+            write,
         },
     );
     let addr = serve_store(store.clone()).await;
@@ -242,4 +251,52 @@ async fn a_shred_destroys_the_key_so_a_copy_taken_before_never_opens() {
     }
     assert!(globex >= 1, "globex's chunks on disk still read");
     assert!(store.disk.as_ref().unwrap().stats.hits.get() >= 1);
+}
+
+#[tokio::test]
+async fn writing_through_puts_every_chunk_on_disk_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = contracts(dir.path(), &[("ka", "acme")]);
+    let salt = salt(&cfg);
+    for (write, want) in [(WritePolicy::Back, 0), (WritePolicy::Through, 2)] {
+        let cache = dir.path().join(format!("cache-{write:?}"));
+        let (mut s, store) = start_writing(&cfg, &cache, write).await;
+        // Two chunks: both fit in memory, so nothing is evicted.
+        for h in 0..2 {
+            put(&mut s, key(h, &salt), &payload(h)).await;
+        }
+        sync(&mut s).await;
+        assert_eq!(store.memory.len(), 2, "{write:?}");
+        assert_eq!(files(&cache).len(), want, "{write:?}: files on disk");
+        // A third evicts the oldest from memory: written back now, or
+        // already on disk (not written twice).
+        put(&mut s, key(2, &salt), &payload(2)).await;
+        sync(&mut s).await;
+        let disk = store.disk.as_ref().unwrap();
+        assert_eq!(
+            disk.len(),
+            if write == WritePolicy::Through { 3 } else { 1 }
+        );
+        // After a restart every chunk on disk reads back.
+        drop(s);
+        drop(store);
+        let (mut s, _store) = start_writing(&cfg, &cache, write).await;
+        let back = read_back(&mut s, &salt).await;
+        assert_eq!(
+            back,
+            if write == WritePolicy::Through { 3 } else { 1 },
+            "{write:?}"
+        );
+    }
+}
+
+async fn read_back(s: &mut TcpStream, salt: &str) -> usize {
+    let mut n = 0;
+    for h in 0..3 {
+        if let Some((_, data)) = get(s, key(h, salt)).await {
+            assert_eq!(data, payload(h));
+            n += 1;
+        }
+    }
+    n
 }

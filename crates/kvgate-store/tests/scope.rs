@@ -159,7 +159,10 @@ async fn a_contract_over_its_quota_makes_room_from_its_own_chunks() {
         1 << 16,
         Scopes::new(&cfg, Unscoped::Refuse).unwrap(),
         AuditLog::disabled(),
-        kvgate_store::Extras { quotas, disk: None },
+        kvgate_store::Extras {
+            quotas,
+            ..Default::default()
+        },
     );
     let addr = serve_store(store.clone()).await;
     let mut s = TcpStream::connect(addr).await.unwrap();

@@ -252,6 +252,7 @@ async fn main() -> Result<()> {
             let extras = kvgate_store::Extras {
                 quotas: cfg.quotas(),
                 disk,
+                write: cfg.disk.as_ref().map(|d| d.write).unwrap_or_default(),
             };
             let store = kvgate_store::Store::with(
                 cfg.memory_bytes,
