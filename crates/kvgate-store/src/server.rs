@@ -209,7 +209,7 @@ pub async fn serve_scoped(listener: TcpListener, store: Arc<Store>, bound: Optio
         let store = store.clone();
         let bound = bound.clone();
         tokio::spawn(async move {
-            match connection(stream, &store, bound.as_deref()).await {
+            match connection(stream, store.clone(), bound.as_deref()).await {
                 Ok(()) => {}
                 Err(ConnectionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
                 Err(e) => {
@@ -230,9 +230,26 @@ fn physical(owner: &Owner, key: &str) -> String {
     }
 }
 
+/// Runs `f` on the store where blocking is allowed when a disk tier may be
+/// touched (reads, writes and fsyncs must not stall the runtime's workers);
+/// inline otherwise, where it is memory only. The connection waits for it
+/// either way, so its requests stay in order.
+async fn on_store<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> T + Send + 'static,
+) -> Result<T, ConnectionError> {
+    if store.disk.is_none() {
+        return Ok(f(store));
+    }
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| ConnectionError::Io(std::io::Error::other(e.to_string())))
+}
+
 async fn connection(
     stream: TcpStream,
-    store: &Store,
+    store: Arc<Store>,
     bound: Option<&str>,
 ) -> Result<(), ConnectionError> {
     let (read, mut write) = stream.into_split();
@@ -266,17 +283,23 @@ async fn connection(
                 };
                 let mut data = Zeroizing::new(vec![0u8; req.length as usize]);
                 read.read_exact(&mut data).await?;
-                store.put_chunk(
-                    physical(&owner, &key),
-                    Arc::new(Chunk {
-                        owner,
-                        meta: req.meta,
-                        data,
-                    }),
-                );
+                let slot = physical(&owner, &key);
+                let chunk = Arc::new(Chunk {
+                    owner,
+                    meta: req.meta,
+                    data,
+                });
+                on_store(&store, move |st| st.put_chunk(slot, chunk)).await?;
             }
             (Command::Get, Some(owner)) => {
-                match slot.as_deref().and_then(|s| store.get_chunk(&owner, s)) {
+                let found = match slot.clone() {
+                    Some(s) => {
+                        let o = owner.clone();
+                        on_store(&store, move |st| st.get_chunk(&o, &s)).await?
+                    }
+                    None => None,
+                };
+                match found {
                     Some((chunk, tier)) => {
                         let length = u32::try_from(chunk.data.len()).unwrap_or(u32::MAX);
                         // The client reads the header with one recv(36).
