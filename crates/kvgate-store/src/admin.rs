@@ -78,16 +78,24 @@ pub fn router(store: Arc<Store>, token_sha256: Option<[u8; 32]>, service: &str) 
         "Bytes held per configured contract",
         contract_bytes.clone(),
     );
-    {
-        // The tier's own counters, incremented where they happen.
-        let memory = registry.sub_registry_with_label(("tier".into(), "memory".into()));
-        let stats = &store.memory.stats;
-        memory.register("kvgate_store_hits", "GET hits", stats.hits.clone());
-        memory.register("kvgate_store_misses", "GET misses", stats.misses.clone());
-        memory.register(
+    // Each tier's own counters, incremented where they happen.
+    let tiers = std::iter::once(("memory", &store.memory.stats))
+        .chain(store.disk.as_ref().map(|d| ("disk", &d.stats)));
+    for (tier, stats) in tiers {
+        let sub = registry.sub_registry_with_label(("tier".into(), tier.into()));
+        sub.register("kvgate_store_hits", "GET hits", stats.hits.clone());
+        sub.register("kvgate_store_misses", "GET misses", stats.misses.clone());
+        sub.register(
             "kvgate_store_evictions",
             "Chunks evicted to make room",
             stats.evictions.clone(),
+        );
+    }
+    if let Some(d) = &store.disk {
+        registry.register(
+            "kvgate_store_integrity_failures",
+            "Sealed chunks that did not open (tampered, torn, or another epoch's): each a miss",
+            d.integrity_failures.clone(),
         );
     }
     registry.register(
@@ -150,6 +158,15 @@ async fn metrics(State(a): State<Arc<Admin>>) -> Response {
     a.chunks
         .get_or_create(&memory)
         .set(i64::try_from(a.store.memory.len()).unwrap_or(i64::MAX));
+    if let Some(d) = &a.store.disk {
+        let disk = TierLabels { tier: "disk" };
+        a.bytes
+            .get_or_create(&disk)
+            .set(i64::try_from(d.bytes()).unwrap_or(i64::MAX));
+        a.chunks
+            .get_or_create(&disk)
+            .set(i64::try_from(d.len()).unwrap_or(i64::MAX));
+    }
     if let Some(reg) = a.store.scopes.contracts() {
         // One series per configured contract: bounded by the config.
         for c in reg.all() {

@@ -173,6 +173,26 @@ async fn a_tampered_file_is_a_miss_and_a_shred_leaves_nothing() {
     assert_eq!(hits.iter().filter(|h| **h).count(), 1, "{hits:?}");
     let disk = store.disk.as_ref().unwrap();
     assert_eq!(disk.integrity_failures.get(), 1);
+    // The disk tier's counters and sizes are on the admin listener.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = l.local_addr().unwrap();
+    let router = kvgate_store::admin::router(store.clone(), None, "svc");
+    tokio::spawn(async move { axum::serve(l, router).await.unwrap() });
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "kvgate_store_integrity_failures_total 1\n".to_string(),
+        "kvgate_store_misses_total{tier=\"disk\"} 1\n".into(),
+        "kvgate_store_hits_total{tier=\"disk\"} 1\n".into(),
+        format!("kvgate_store_chunks{{tier=\"disk\"}} {}\n", disk.len()),
+        format!("kvgate_store_bytes{{tier=\"disk\"}} {}\n", disk.bytes()),
+    ] {
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
 
     // A shred: nothing of the contract left in either tier, nor on disk.
     let (chunks, _) = store.shred("acme");
