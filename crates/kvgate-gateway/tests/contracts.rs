@@ -65,14 +65,7 @@ async fn no_privileged_field_or_header_of_the_client_reaches_the_engine() {
         resp.text().await.unwrap();
     }
     // Each contract's counters, one request each.
-    let metrics = client
-        .get(format!("{gw_url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&client, &gw_url).await;
     for contract in ["acme", "globex"] {
         let line = format!("kvgate_contract_requests_total{{contract=\"{contract}\"}} 1\n");
         assert!(metrics.contains(&line), "{line} in {metrics}");

@@ -169,14 +169,7 @@ async fn a_suspension_at_the_gateway_shreds_the_contract_in_the_store() {
         .await
         .unwrap();
     assert_eq!(denied.status(), 401);
-    let metrics = client
-        .get(format!("{store_url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&client, &store_url).await;
     assert!(
         metrics.contains("kvgate_store_contract_bytes{contract=\"acme\"} 100"),
         "{metrics}"

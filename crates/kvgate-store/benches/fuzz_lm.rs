@@ -27,6 +27,8 @@ use kvgate_auth::audit::AuditLog;
 use kvgate_store::crypto::{open, seal, Binding, DataKey};
 use kvgate_store::protocol::{CLIENT_HEADER_LEN, SERVER_HEADER_LEN};
 use kvgate_store::{ChunkKey, ChunkMeta, Command, Reply, Request, Scopes, Store};
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -41,24 +43,19 @@ const FRAME_CASES: u64 = 100_000;
 const CONNECTIONS: u64 = 2_000;
 const MAX_CHUNK: u32 = 1 << 16;
 
-/// xorshift64*: deterministic, dependency-free, good enough to pick mutations.
-struct Rng(u64);
+/// The fuzzer's deterministic randomness.
+struct Rng(StdRng);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.random()
     }
 
     fn below(&mut self, n: usize) -> usize {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            self.0.random_range(0..n)
         }
     }
 }
@@ -357,7 +354,7 @@ async fn framing(rng: &mut Rng) -> Result<(u64, u64, u64), String> {
 
 fn main() -> ExitCode {
     let started = std::time::Instant::now();
-    let mut rng = Rng(0x6c6d_2f2f_6675_7a7a);
+    let mut rng = Rng(StdRng::seed_from_u64(0x6c6d_2f2f_6675_7a7a));
     let result = headers(&mut rng).and_then(|(ok, refused)| {
         let sealed = frames(&mut rng)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
