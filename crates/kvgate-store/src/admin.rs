@@ -79,9 +79,20 @@ pub fn router(store: Arc<Store>, token_sha256: Option<[u8; 32]>, service: &str) 
         contract_bytes.clone(),
     );
     // Each tier's own counters, incremented where they happen.
-    let tiers = std::iter::once(("memory", &store.memory.stats))
-        .chain(store.disk.as_ref().map(|d| ("disk", &d.stats)));
-    for (tier, stats) in tiers {
+    let lower = store
+        .disk
+        .as_ref()
+        .map(|d| ("disk", &d.stats, &d.integrity_failures))
+        .into_iter()
+        .chain(
+            store
+                .redis
+                .as_ref()
+                .map(|r| ("redis", &r.stats, &r.integrity_failures)),
+        );
+    let tiers = std::iter::once(("memory", &store.memory.stats, None))
+        .chain(lower.map(|(t, s, f)| (t, s, Some(f))));
+    for (tier, stats, integrity_failures) in tiers {
         let sub = registry.sub_registry_with_label(("tier".into(), tier.into()));
         sub.register("kvgate_store_hits", "GET hits", stats.hits.clone());
         sub.register("kvgate_store_misses", "GET misses", stats.misses.clone());
@@ -90,12 +101,19 @@ pub fn router(store: Arc<Store>, token_sha256: Option<[u8; 32]>, service: &str) 
             "Chunks evicted to make room",
             stats.evictions.clone(),
         );
+        if let Some(f) = integrity_failures {
+            sub.register(
+                "kvgate_store_integrity_failures",
+                "Sealed chunks that did not open (tampered, torn, or another epoch's): each a miss",
+                f.clone(),
+            );
+        }
     }
-    if let Some(d) = &store.disk {
+    if let Some(r) = &store.redis {
         registry.register(
-            "kvgate_store_integrity_failures",
-            "Sealed chunks that did not open (tampered, torn, or another epoch's): each a miss",
-            d.integrity_failures.clone(),
+            "kvgate_store_redis_errors",
+            "Redis commands that failed (server down, timeout): each a miss or a chunk not written",
+            r.errors.clone(),
         );
     }
     registry.register(
@@ -166,6 +184,15 @@ async fn metrics(State(a): State<Arc<Admin>>) -> Response {
         a.chunks
             .get_or_create(&disk)
             .set(i64::try_from(d.len()).unwrap_or(i64::MAX));
+    }
+    if let Some(r) = &a.store.redis {
+        let redis = TierLabels { tier: "redis" };
+        a.bytes
+            .get_or_create(&redis)
+            .set(i64::try_from(r.bytes()).unwrap_or(i64::MAX));
+        a.chunks
+            .get_or_create(&redis)
+            .set(i64::try_from(r.len()).unwrap_or(i64::MAX));
     }
     if let Some(reg) = a.store.scopes.contracts() {
         // One series per configured contract: bounded by the config.

@@ -46,6 +46,27 @@ pub struct StoreConfig {
     pub contract_listeners: Vec<ContractListener>,
     /// The disk tier (sealed chunks; needs contracts). Unset: memory only.
     pub disk: Option<DiskConfig>,
+    /// The Redis/Valkey tier (sealed chunks, shared by every store on the
+    /// server; needs contracts). Unset: none.
+    pub redis: Option<RedisConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// One server: `redis://[:password@]host:6379[/db]` (or `rediss://`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Or a Redis Cluster: some of its nodes' URLs (the rest are found).
+    #[serde(default)]
+    pub cluster: Vec<String>,
+    /// Bytes this store keeps in Redis (oldest it wrote first out).
+    pub max_bytes: u64,
+    /// `back` (default): a chunk is sealed to Redis when memory evicts it.
+    /// `through`: also when it is stored, so every store on the server
+    /// sees it at once.
+    #[serde(default)]
+    pub write: WritePolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +113,7 @@ impl Default for StoreConfig {
             quota_overrides: Default::default(),
             contract_listeners: Vec::new(),
             disk: None,
+            redis: None,
         }
     }
 }
@@ -108,6 +130,10 @@ pub enum StoreConfigError {
     ListenerContract(String),
     #[error("disk needs contracts: chunks are sealed under their contract's key, and shared chunks never leave memory")]
     DiskWithoutContracts,
+    #[error("redis needs contracts: chunks are sealed under their contract's key, and shared chunks never leave memory")]
+    RedisWithoutContracts,
+    #[error("redis needs exactly one of url (one server) or cluster (its nodes)")]
+    RedisServers,
 }
 
 impl StoreConfig {
@@ -138,6 +164,17 @@ impl StoreConfig {
             }
             if self.contracts.contracts.is_empty() {
                 return Err(StoreConfigError::DiskWithoutContracts);
+            }
+        }
+        if let Some(r) = &self.redis {
+            if r.max_bytes == 0 {
+                return Err(StoreConfigError::Zero("redis.max_bytes"));
+            }
+            if r.url.is_some() != r.cluster.is_empty() {
+                return Err(StoreConfigError::RedisServers);
+            }
+            if self.contracts.contracts.is_empty() {
+                return Err(StoreConfigError::RedisWithoutContracts);
             }
         }
         if self.contract_quota_bytes == Some(0) || self.quota_overrides.values().any(|q| *q == 0) {

@@ -20,38 +20,26 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use kvgate_auth::{Contract, ContractRegistry};
-use lru::LruCache;
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
-use zeroize::Zeroizing;
 
-use crate::crypto::{open, seal, Binding, DataKey};
+use crate::crypto::DataKey;
+use crate::ledger::Ledger;
 use crate::memory::TierStats;
 use crate::protocol::ChunkMeta;
-use crate::shred_keys::{disk_key, ShredKeys, STATE_FILE};
-
-/// Bytes of a chunk's meta at the head of its plaintext.
-const META_LEN: usize = 24;
-
-/// What is on disk: by (contract id, physical name).
-struct Entry {
-    contract: String,
-    bytes: u64,
-}
+pub use crate::sealed::Loaded;
+use crate::sealed::{open_chunk, seal_chunk, Place};
+use crate::shred_keys::{salted_key, ShredKeys, DISK_KEY_INFO, STATE_FILE};
 
 pub struct DiskTier {
     dir: PathBuf,
     max_bytes: u64,
-    inner: Mutex<Inner>,
+    /// What is on disk, by path.
+    files: Mutex<Ledger<PathBuf>>,
     keys: Mutex<ShredKeys>,
     pub stats: TierStats,
     /// Frames that did not open (torn, tampered, another epoch's).
     pub integrity_failures: Counter,
-}
-
-struct Inner {
-    files: LruCache<PathBuf, Entry>,
-    bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,12 +66,6 @@ pub struct Evicted {
     pub bytes: u64,
 }
 
-/// A chunk read back from disk.
-pub struct Loaded {
-    pub meta: ChunkMeta,
-    pub data: Zeroizing<Vec<u8>>,
-}
-
 fn contract_dir(c: &Contract) -> String {
     c.keyed_id(b"kvgate disk directory")
 }
@@ -104,7 +86,7 @@ impl DiskTier {
             .collect();
         let mut keys = ShredKeys::load(dir)?;
         keys.retain(&by_dir.keys().cloned().collect::<Vec<_>>())?;
-        let mut found: Vec<(std::time::SystemTime, PathBuf, Entry)> = Vec::new();
+        let mut found: Vec<(std::time::SystemTime, PathBuf, &str, u64)> = Vec::new();
         for d in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
             let name = d.file_name().to_string_lossy().into_owned();
             let path = d.path();
@@ -129,27 +111,18 @@ impl DiskTier {
                     continue;
                 }
                 let modified = m.modified().unwrap_or(std::time::UNIX_EPOCH);
-                found.push((
-                    modified,
-                    p,
-                    Entry {
-                        contract: contract.clone(),
-                        bytes: m.len(),
-                    },
-                ));
+                found.push((modified, p, contract, m.len()));
             }
         }
-        found.sort_by_key(|(t, _, _)| *t);
-        let mut files = LruCache::unbounded();
-        let mut bytes = 0;
-        for (_, p, e) in found {
-            bytes += e.bytes;
-            files.put(p, e);
+        found.sort_by_key(|(t, ..)| *t);
+        let mut files = Ledger::new();
+        for (_, p, contract, bytes) in found {
+            files.insert(p, contract, bytes);
         }
         let tier = Self {
             dir: dir.to_path_buf(),
             max_bytes,
-            inner: Mutex::new(Inner { files, bytes }),
+            files: Mutex::new(files),
             keys: Mutex::new(keys),
             stats: TierStats::default(),
             integrity_failures: Counter::default(),
@@ -159,11 +132,11 @@ impl DiskTier {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.inner.lock().bytes
+        self.files.lock().bytes()
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().files.len()
+        self.files.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -174,15 +147,6 @@ impl DiskTier {
         self.dir
             .join(contract_dir(c))
             .join(c.keyed_id(slot.as_bytes()))
-    }
-
-    fn binding<'a>(c: &'a Contract, epoch: u64, model: &'a str, slot: &'a str) -> Binding<'a> {
-        Binding {
-            contract: c.id(),
-            epoch,
-            model,
-            chunk_key: slot,
-        }
     }
 
     /// Seals and writes a chunk of contract `c` (`slot`: its physical key in
@@ -196,23 +160,12 @@ impl DiskTier {
         data: &[u8],
     ) -> Result<Vec<Evicted>, DiskError> {
         let epoch = c.epoch();
-        let mut plain = Zeroizing::new(Vec::with_capacity(META_LEN + data.len()));
-        for v in [
-            meta.fmt,
-            meta.dtype,
-            meta.shape[0],
-            meta.shape[1],
-            meta.shape[2],
-            meta.shape[3],
-        ] {
-            plain.extend_from_slice(&v.to_le_bytes());
-        }
-        plain.extend_from_slice(data);
         let key = self.key(c, epoch, true)?.ok_or_else(|| DiskError::Io {
             path: self.dir.join(STATE_FILE),
             source: std::io::Error::other("no disk key"),
         })?;
-        let frame = seal(&key, &Self::binding(c, epoch, model, slot), &plain);
+        let at = Place::new(c, epoch, model, slot);
+        let frame = seal_chunk(&key, &at, meta, data);
         let path = self.path(c, slot);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
@@ -220,54 +173,39 @@ impl DiskTier {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, &frame).map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        let mut inner = self.inner.lock();
-        if let Some(old) = inner.files.put(
-            path,
-            Entry {
-                contract: c.id().to_string(),
-                bytes: frame.len() as u64,
-            },
-        ) {
-            inner.bytes -= old.bytes;
-        }
-        inner.bytes += frame.len() as u64;
-        drop(inner);
+        self.files.lock().insert(path, c.id(), frame.len() as u64);
         Ok(self.evict_to_fit())
     }
 
     fn evict_to_fit(&self) -> Vec<Evicted> {
-        let mut evicted = Vec::new();
-        let mut inner = self.inner.lock();
-        while inner.bytes > self.max_bytes {
-            let Some((p, e)) = inner.files.pop_lru() else {
-                break;
-            };
-            inner.bytes -= e.bytes;
-            let _ = std::fs::remove_file(&p);
-            self.stats.evictions.inc();
-            evicted.push(Evicted {
-                contract: e.contract,
-                name: p
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                bytes: e.bytes,
-            });
-        }
-        evicted
+        let over = self.files.lock().over(self.max_bytes);
+        over.into_iter()
+            .map(|(p, e)| {
+                let _ = std::fs::remove_file(&p);
+                self.stats.evictions.inc();
+                Evicted {
+                    contract: e.contract,
+                    name: p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    bytes: e.bytes,
+                }
+            })
+            .collect()
     }
 
     /// Whether a chunk is on disk (not opened: EXIST is asked for every
     /// chunk of every lookup).
     pub fn contains(&self, c: &Contract, slot: &str) -> bool {
-        self.inner.lock().files.contains(&self.path(c, slot))
+        self.files.lock().contains(&self.path(c, slot))
     }
 
     /// Reads and opens a chunk. A frame that does not open is removed and
     /// counted: a miss, never data.
     pub fn get(&self, c: &Contract, model: &str, slot: &str) -> Option<Loaded> {
         let path = self.path(c, slot);
-        let known = self.inner.lock().files.get(&path).is_some();
+        let known = self.files.lock().touch(&path);
         let frame = known.then(|| std::fs::read(&path).ok()).flatten();
         let Some(frame) = frame else {
             self.stats.misses.inc();
@@ -282,25 +220,13 @@ impl DiskTier {
                 return None;
             }
         };
-        match open(&key, &Self::binding(c, c.epoch(), model, slot), &frame) {
-            Ok(plain) if plain.len() >= META_LEN => {
-                let int = |i: usize| {
-                    let mut b = [0u8; 4];
-                    b.copy_from_slice(&plain[4 * i..4 * i + 4]);
-                    i32::from_le_bytes(b)
-                };
-                let meta = ChunkMeta {
-                    fmt: int(0),
-                    dtype: int(1),
-                    shape: [int(2), int(3), int(4), int(5)],
-                };
+        let at = Place::new(c, c.epoch(), model, slot);
+        match open_chunk(&key, &at, &frame) {
+            Some(loaded) => {
                 self.stats.hits.inc();
-                Some(Loaded {
-                    meta,
-                    data: Zeroizing::new(plain[META_LEN..].to_vec()),
-                })
+                Some(loaded)
             }
-            _ => {
+            None => {
                 self.integrity_failures.inc();
                 self.stats.misses.inc();
                 self.remove(&path);
@@ -310,17 +236,14 @@ impl DiskTier {
     }
 
     fn remove(&self, path: &Path) {
-        let mut inner = self.inner.lock();
-        if let Some(e) = inner.files.pop(path) {
-            inner.bytes -= e.bytes;
-        }
+        self.files.lock().remove(&path.to_path_buf());
         let _ = std::fs::remove_file(path);
     }
 
     /// The key `c`'s chunks are sealed under at `epoch` (made if `create`).
     fn key(&self, c: &Contract, epoch: u64, create: bool) -> Result<Option<DataKey>, DiskError> {
         let salt = self.keys.lock().salt(&contract_dir(c), epoch, create)?;
-        Ok(salt.map(|s| disk_key(&c.data_key(epoch), &s)))
+        Ok(salt.map(|s| salted_key(&c.data_key(epoch), &s, DISK_KEY_INFO)))
     }
 
     /// Removes every file of contract `c`: (files, bytes). Its salts go
@@ -329,22 +252,8 @@ impl DiskTier {
         if let Err(e) = self.keys.lock().forget(&contract_dir(c)) {
             tracing::error!(error = %e, "disk tier: the shredded contract's salts could not be saved as gone");
         }
-        let mut inner = self.inner.lock();
-        let mine: Vec<PathBuf> = inner
-            .files
-            .iter()
-            .filter(|(_, e)| e.contract == c.id())
-            .map(|(p, _)| p.clone())
-            .collect();
-        let mut bytes = 0;
-        for p in &mine {
-            if let Some(e) = inner.files.pop(p) {
-                inner.bytes -= e.bytes;
-                bytes += e.bytes;
-            }
-        }
-        drop(inner);
+        let mine = self.files.lock().take_contract(c.id());
         let _ = std::fs::remove_dir_all(self.dir.join(contract_dir(c)));
-        (mine.len(), bytes)
+        (mine.len(), mine.iter().map(|(_, e)| e.bytes).sum())
     }
 }

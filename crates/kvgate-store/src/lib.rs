@@ -2,26 +2,29 @@
 //! tier, speaking LMCache's `lm://` protocol so an LMCache user only changes
 //! `remote_url`.
 //!
-//! This first step owns the wire format (`protocol.rs`, `key.rs`, checked
-//! against vectors made by LMCache's own code), the memory tier
-//! (`memory.rs`: LRU, bounded in bytes, buffers zeroized when dropped) and
-//! the listener (`server.rs`). Contract scoping, encryption at rest, the
-//! disk and Redis tiers, the admin listener and auditing are the next steps
-//! (see the README).
+//! It owns the wire format (`protocol.rs`, `key.rs`, checked against vectors
+//! made by LMCache's own code), the listener (`server.rs`), contract scoping
+//! (`scope.rs`), the tiers (`memory.rs`, `disk.rs`, `redis_tier.rs`, and how
+//! they work together in `tiers.rs`), encryption at rest (`crypto.rs`,
+//! `sealed.rs`, `shred_keys.rs`) and the admin listener (`admin.rs`); the
+//! README says what each guarantees.
 
 pub mod admin;
 pub mod config;
 pub mod crypto;
 pub mod disk;
 pub mod key;
+mod ledger;
 pub mod memory;
 pub mod protocol;
+pub mod redis_tier;
 pub mod scope;
+mod sealed;
 pub mod server;
 pub mod shred_keys;
 pub mod tiers;
 
-pub use config::{StoreConfig, StoreConfigError, WritePolicy};
+pub use config::{RedisConfig, StoreConfig, StoreConfigError, WritePolicy};
 pub use key::{ChunkKey, KeyError};
 pub use protocol::{ChunkMeta, Command, ProtocolError, Reply, Request};
 pub use scope::{Owner, ScopeError, Scopes, Unscoped};

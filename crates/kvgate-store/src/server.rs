@@ -55,6 +55,8 @@ pub struct Extras {
     pub disk: Option<crate::disk::DiskTier>,
     /// When chunks reach the disk tier (`disk.write`).
     pub write: crate::config::WritePolicy,
+    /// Sealed chunks in Redis/Valkey (`redis:`), shared by every store on it.
+    pub redis: Option<crate::redis_tier::RedisTier>,
 }
 
 pub struct Store {
@@ -62,6 +64,8 @@ pub struct Store {
     /// Sealed chunks on disk (`disk:`); None: memory only.
     pub disk: Option<crate::disk::DiskTier>,
     pub(crate) write: crate::config::WritePolicy,
+    /// Sealed chunks in Redis/Valkey (`redis:`); None: no shared tier.
+    pub redis: Option<crate::redis_tier::RedisTier>,
     pub quotas: Quotas,
     pub scopes: Scopes,
     /// Every access, eviction and shred (`kind: cache`).
@@ -104,6 +108,7 @@ impl Store {
             memory: MemoryTier::new(memory_bytes),
             disk: extras.disk,
             write: extras.write,
+            redis: extras.redis,
             quotas: extras.quotas,
             scopes,
             audit,
@@ -119,15 +124,10 @@ impl Store {
     /// written again.
     pub fn shred(&self, contract: &str) -> (usize, u64) {
         self.shreds.inc();
-        let (mut chunks, mut bytes) = self.memory.shred(&Owner::Contract(contract.to_string()));
-        if let (Some(disk), Some(c)) = (
-            &self.disk,
-            self.scopes.contracts().and_then(|r| r.get(contract)),
-        ) {
-            let (n, b) = disk.shred(&c);
-            chunks += n;
-            bytes += b;
-        }
+        let (memory_chunks, memory_bytes) =
+            self.memory.shred(&Owner::Contract(contract.to_string()));
+        let (lower_chunks, lower_bytes) = self.shred_lower(contract);
+        let (chunks, bytes) = (memory_chunks + lower_chunks, memory_bytes + lower_bytes);
         tracing::info!(contract, chunks, bytes, "contract shredded");
         self.audit.record(
             AuditRecord::new(kind::CACHE)
@@ -230,15 +230,15 @@ fn physical(owner: &Owner, key: &str) -> String {
     }
 }
 
-/// Runs `f` on the store where blocking is allowed when a disk tier may be
-/// touched (reads, writes and fsyncs must not stall the runtime's workers);
-/// inline otherwise, where it is memory only. The connection waits for it
+/// Runs `f` on the store where blocking is allowed when a disk or Redis tier
+/// may be touched (file reads, fsyncs and Redis round trips must not stall
+/// the runtime's workers); inline otherwise, where it is memory only. The connection waits for it
 /// either way, so its requests stay in order.
 async fn on_store<T: Send + 'static>(
     store: &Arc<Store>,
     f: impl FnOnce(&Store) -> T + Send + 'static,
 ) -> Result<T, ConnectionError> {
-    if store.disk.is_none() {
+    if store.disk.is_none() && store.redis.is_none() {
         return Ok(f(store));
     }
     let store = store.clone();
@@ -316,9 +316,16 @@ async fn connection(
                 }
             }
             (Command::Exist, Some(owner)) => {
-                let hit = slot
-                    .as_deref()
-                    .is_some_and(|s| store.contains_chunk(&owner, s));
+                let hit = match slot.clone() {
+                    // Memory and disk answer from their indexes; Redis is
+                    // asked, off the runtime's workers.
+                    Some(s) if store.redis.is_some() => {
+                        let o = owner.clone();
+                        on_store(&store, move |st| st.contains_chunk(&o, &s)).await?
+                    }
+                    Some(s) => store.contains_chunk(&owner, &s),
+                    None => false,
+                };
                 let reply = if hit { Reply::OK } else { Reply::FAIL };
                 write.write_all(&reply.encode()).await?;
                 let what = if hit { "exist_hit" } else { "exist_miss" };

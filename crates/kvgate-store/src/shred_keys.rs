@@ -27,7 +27,9 @@ use crate::disk::DiskError;
 
 /// The state file's name, inside the disk tier's directory.
 pub const STATE_FILE: &str = "keys.state";
-const DISK_KEY_INFO: &[u8] = b"kvgate-store disk key v1";
+/// Each tier derives its own keys (HKDF info), so no frame moves between tiers.
+pub(crate) const DISK_KEY_INFO: &[u8] = b"kvgate-store disk key v1";
+pub(crate) const REDIS_KEY_INFO: &[u8] = b"kvgate-store redis key v1";
 
 type Salt = Zeroizing<[u8; 32]>;
 
@@ -161,12 +163,12 @@ impl ShredKeys {
     }
 }
 
-/// The disk key: the contract's data key for the epoch, salted by the
-/// shreddable salt.
-pub(crate) fn disk_key(data_key: &[u8; 32], salt: &[u8; 32]) -> DataKey {
+/// A tier's key: the contract's data key for the epoch, salted by the
+/// shreddable salt, for the tier named by `info`.
+pub(crate) fn salted_key(data_key: &[u8; 32], salt: &[u8; 32], info: &[u8]) -> DataKey {
     let hk = Hkdf::<Sha256>::new(Some(salt), data_key);
     let mut out = Zeroizing::new([0u8; 32]);
     // 32 bytes is far below HKDF-SHA256's 8160-byte limit: cannot fail.
-    let _ = hk.expand(DISK_KEY_INFO, out.as_mut_slice());
+    let _ = hk.expand(info, out.as_mut_slice());
     DataKey::new(out)
 }

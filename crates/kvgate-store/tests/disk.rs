@@ -53,6 +53,7 @@ async fn start_writing(
             quotas: Default::default(),
             disk: Some(disk),
             write,
+            ..Default::default()
         },
     );
     let addr = serve_store(store.clone()).await;
@@ -174,18 +175,9 @@ async fn a_tampered_file_is_a_miss_and_a_shred_leaves_nothing() {
     let disk = store.disk.as_ref().unwrap();
     assert_eq!(disk.integrity_failures.get(), 1);
     // The disk tier's counters and sizes are on the admin listener.
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = l.local_addr().unwrap();
-    let router = kvgate_store::admin::router(store.clone(), None, "svc");
-    tokio::spawn(async move { axum::serve(l, router).await.unwrap() });
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = admin_metrics(store.clone()).await;
     for line in [
-        "kvgate_store_integrity_failures_total 1\n".to_string(),
+        "kvgate_store_integrity_failures_total{tier=\"disk\"} 1\n".to_string(),
         "kvgate_store_misses_total{tier=\"disk\"} 1\n".into(),
         "kvgate_store_hits_total{tier=\"disk\"} 1\n".into(),
         format!("kvgate_store_chunks{{tier=\"disk\"}} {}\n", disk.len()),

@@ -253,6 +253,11 @@ async fn main() -> Result<()> {
                 quotas: cfg.quotas(),
                 disk,
                 write: cfg.disk.as_ref().map(|d| d.write).unwrap_or_default(),
+                redis: cfg
+                    .redis
+                    .as_ref()
+                    .map(kvgate_store::redis_tier::RedisTier::open)
+                    .transpose()?,
             };
             let store = kvgate_store::Store::with(
                 cfg.memory_bytes,

@@ -84,4 +84,20 @@ async fn the_store_process_serves_lm_clients() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("memory_bytes"));
+    // So is a Redis tier named both as one server and as a cluster.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("store.yaml");
+    std::fs::write(
+        &cfg,
+        "redis: {url: 'redis://127.0.0.1:1', cluster: ['redis://127.0.0.1:2'], max_bytes: 1000}\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .args(["store", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exactly one of url"), "{err}");
 }

@@ -11,6 +11,8 @@ use kvgate_store::{ChunkKey, ChunkMeta, Command, Reply, Request, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub mod redis_server;
+
 /// The meta every test PUT carries (a bf16 KV_2LTD chunk).
 pub const META: ChunkMeta = ChunkMeta {
     fmt: 1,
@@ -94,4 +96,18 @@ pub fn gateway_salt(cfg: &AuthConfig, api_key: &str) -> String {
     let p = s.authenticate(Some(&format!("Bearer {api_key}"))).unwrap();
     let a = s.authorize(p, "m").unwrap();
     s.admit(a, 1).unwrap().cache_salt
+}
+
+/// The store's `/metrics`, from its admin listener on a loopback port.
+pub async fn admin_metrics(store: Arc<Store>) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = l.local_addr().unwrap();
+    let router = kvgate_store::admin::router(store, None, "svc");
+    tokio::spawn(async move { axum::serve(l, router).await.unwrap() });
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
