@@ -183,6 +183,41 @@ async fn writing_through_shares_at_once_and_a_tampered_value_is_a_miss() {
 }
 
 #[tokio::test]
+async fn redis_dump_holds_no_plaintext() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = contracts(dir.path(), &[("ka", "acme")]);
+    let salt = gateway_salt(&cfg, "ka");
+    let redis = single(&server, WritePolicy::Through, 1 << 20);
+    let (mut s, store) = start(&cfg, &redis).await;
+    let canary: Vec<u8> = b"KVGATE-CANARY-7f3a"
+        .iter()
+        .copied()
+        .cycle()
+        .take(1000)
+        .collect();
+    for h in 0..4 {
+        put(&mut s, key(h, &salt), &canary).await;
+    }
+    sync(&mut s).await;
+    assert_eq!(redis_of(&store).len(), 4);
+    let dump = server.dump();
+    assert!(dump.len() > 4 * 1000, "the dump holds the four frames");
+    for clear in [
+        b"CANARY".as_slice(),
+        b"acme",
+        b"secret-model",
+        salt.as_bytes(),
+    ] {
+        assert!(
+            !dump.windows(clear.len()).any(|w| w == clear),
+            "{} in dump.rdb",
+            String::from_utf8_lossy(clear)
+        );
+    }
+}
+
+#[tokio::test]
 async fn the_bound_holds_oldest_first_out() {
     let server = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     children: Vec<Child>,
     pub ports: Vec<u16>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn binary() -> String {
@@ -36,6 +36,8 @@ fn spawn(dir: &Path, port: u16, cluster: bool) -> Child {
     cmd.current_dir(dir)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        // A dump shows values as they are (a test reads it for plaintext).
+        .args(["--rdbcompression", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     if cluster {
@@ -73,7 +75,7 @@ impl RedisServer {
         Self {
             children: vec![child],
             ports: vec![port],
-            _dir: dir,
+            dir,
         }
     }
 
@@ -92,7 +94,7 @@ impl RedisServer {
         let me = Self {
             children,
             ports,
-            _dir: dir,
+            dir,
         };
         // Slots by hand (what `redis-cli --cluster create` does): each node
         // takes a third, then they meet.
@@ -176,6 +178,14 @@ impl RedisServer {
             }
         }
         out
+    }
+
+    /// The first node's dump, as `SAVE` writes it to disk.
+    pub fn dump(&self) -> Vec<u8> {
+        redis::cmd("SAVE")
+            .query::<()>(&mut self.connection(self.ports[0]))
+            .unwrap();
+        std::fs::read(self.dir.path().join("dump.rdb")).unwrap()
     }
 
     /// Keys on one node.
