@@ -104,6 +104,9 @@ def main():
     expected = args.tokens // CHUNK * CHUNK  # full chunks only (save_unfull_chunk: false)
     engine = build_engine(args.url)
     out = {"role": args.role, "tokens": args.tokens}
+    # The key of the first chunk as the connector sends it (shows where the tag lands).
+    first = next(iter(engine.token_database.process_tokens(ids, request_configs=request_configs)), None)
+    out["first_key"] = first[2].to_string() if first else None
     try:
         if args.role == "store":
             engine.store(ids, kvcaches=kv, request_configs=request_configs)
@@ -121,7 +124,7 @@ def main():
             out["tokens_retrieved"] = n
             ok = hit == expected and n == expected and bool(mask[:n].all())
             ok = ok and all(torch.equal(g[:, :n], w[:, :n]) for g, w in zip(got, kv))
-        out["bit_exact"] = bool(ok)
+        out["bit_exact"] = bool(ok)  # store: every full chunk is on the server
     finally:
         LMCacheEngineBuilder.destroy("kvgate-e2e")
     print(json.dumps(out), flush=True)

@@ -131,6 +131,16 @@ pub fn router(store: Arc<Store>, token_sha256: Option<[u8; 32]>, service: &str) 
         "Contracts shredded",
         store.shreds.clone(),
     );
+    registry.register(
+        "kvgate_store_connections_refused",
+        "lm:// connections closed at accept: max_connections were open",
+        store.connections_refused.clone(),
+    );
+    registry.register(
+        "kvgate_store_timeouts",
+        "lm:// connections closed for a request or reply stalled past io_timeout_ms",
+        store.timeouts.clone(),
+    );
     let admin = Arc::new(Admin {
         store,
         token_sha256,

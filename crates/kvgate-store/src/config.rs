@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::scope::Unscoped;
-use crate::server::DEFAULT_MAX_CHUNK_BYTES;
+use crate::server::{
+    ConnectionLimits, DEFAULT_IO_TIMEOUT, DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_CONNECTIONS,
+};
 
 /// LMCache's examples serve `lm://` on 65432.
 pub const DEFAULT_STORE_LISTEN: &str = "0.0.0.0:65432";
@@ -44,6 +46,12 @@ pub struct StoreConfig {
     /// every chunk on one is its contract's, so an unmodified LMCache
     /// client needs no tag.
     pub contract_listeners: Vec<ContractListener>,
+    /// `lm://` connections open at once, over every listener; one more is
+    /// closed at accept.
+    pub max_connections: usize,
+    /// How long a request may take to arrive once begun, and a reply to be
+    /// taken, in milliseconds; a client stalled longer is disconnected.
+    pub io_timeout_ms: u64,
     /// The disk tier (sealed chunks; needs contracts). Unset: memory only.
     pub disk: Option<DiskConfig>,
     /// The Redis/Valkey tier (sealed chunks, shared by every store on the
@@ -112,6 +120,8 @@ impl Default for StoreConfig {
             contract_quota_bytes: None,
             quota_overrides: Default::default(),
             contract_listeners: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            io_timeout_ms: DEFAULT_IO_TIMEOUT.as_millis() as u64,
             disk: None,
             redis: None,
         }
@@ -143,6 +153,12 @@ impl StoreConfig {
         }
         if self.max_chunk_bytes == 0 {
             return Err(StoreConfigError::Zero("max_chunk_bytes"));
+        }
+        if self.max_connections == 0 {
+            return Err(StoreConfigError::Zero("max_connections"));
+        }
+        if self.io_timeout_ms == 0 {
+            return Err(StoreConfigError::Zero("io_timeout_ms"));
         }
         if u64::from(self.max_chunk_bytes) > self.memory_bytes {
             return Err(StoreConfigError::ChunkOverMemory {
@@ -188,6 +204,14 @@ impl StoreConfig {
         crate::server::Quotas {
             default: self.contract_quota_bytes,
             overrides: self.quota_overrides.clone(),
+        }
+    }
+
+    /// The connection limits, as the listeners apply them.
+    pub fn limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            io_timeout: std::time::Duration::from_millis(self.io_timeout_ms),
         }
     }
 

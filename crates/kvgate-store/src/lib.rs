@@ -28,4 +28,7 @@ pub use config::{RedisConfig, StoreConfig, StoreConfigError, WritePolicy};
 pub use key::{ChunkKey, KeyError};
 pub use protocol::{ChunkMeta, Command, ProtocolError, Reply, Request};
 pub use scope::{Owner, ScopeError, Scopes, Unscoped};
-pub use server::{serve, serve_scoped, Extras, Quotas, Store, DEFAULT_MAX_CHUNK_BYTES};
+pub use server::{
+    serve, serve_scoped, ConnectionLimits, Extras, Quotas, Store, DEFAULT_IO_TIMEOUT,
+    DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_CONNECTIONS,
+};

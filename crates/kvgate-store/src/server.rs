@@ -32,6 +32,15 @@ fn command_name(c: Command) -> &'static str {
 /// Llama-3-8B-sized model is 32 MiB; twice that leaves room.
 pub const DEFAULT_MAX_CHUNK_BYTES: u32 = 64 << 20;
 
+/// Connections open at once, over every listener, by default; one more is
+/// closed at accept (LMCache keeps one per worker, so a fleet of 64 8-GPU
+/// servers needs 512).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// How long a request may take to arrive once its first byte has (and a
+/// reply to be taken) by default; idle time between requests is not
+/// counted: LMCache keeps its connections open and quiet.
+pub const DEFAULT_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Bytes each contract may hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Quotas {
@@ -57,6 +66,24 @@ pub struct Extras {
     pub write: crate::config::WritePolicy,
     /// Sealed chunks in Redis/Valkey (`redis:`), shared by every store on it.
     pub redis: Option<crate::redis_tier::RedisTier>,
+    /// Connections at once and stalled-client timeouts.
+    pub limits: ConnectionLimits,
+}
+
+/// What one client may hold of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub io_timeout: std::time::Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            io_timeout: DEFAULT_IO_TIMEOUT,
+        }
+    }
 }
 
 pub struct Store {
@@ -78,6 +105,12 @@ pub struct Store {
     pub scope_refusals: Counter,
     /// Contracts shredded.
     pub shreds: Counter,
+    /// Connections closed at accept: `max_connections` were open.
+    pub connections_refused: Counter,
+    /// Connections closed for a request or reply stalled past `io_timeout`.
+    pub timeouts: Counter,
+    connection_slots: Arc<tokio::sync::Semaphore>,
+    io_timeout: std::time::Duration,
 }
 
 impl Store {
@@ -116,6 +149,10 @@ impl Store {
             protocol_errors: Counter::default(),
             scope_refusals: Counter::default(),
             shreds: Counter::default(),
+            connections_refused: Counter::default(),
+            timeouts: Counter::default(),
+            connection_slots: Arc::new(tokio::sync::Semaphore::new(extras.limits.max_connections)),
+            io_timeout: extras.limits.io_timeout,
         })
     }
 
@@ -186,6 +223,8 @@ enum ConnectionError {
     Protocol(#[from] ProtocolError),
     #[error("chunk of {length} bytes is over max_chunk_bytes ({max})")]
     TooLarge { length: u32, max: u32 },
+    #[error("request or reply stalled past {0:?}")]
+    Stalled(std::time::Duration),
 }
 
 /// Serves `listener` until the task is dropped.
@@ -205,13 +244,24 @@ pub async fn serve_scoped(listener: TcpListener, store: Arc<Store>, bound: Optio
                 continue;
             }
         };
+        let Ok(slot) = store.connection_slots.clone().try_acquire_owned() else {
+            store.connections_refused.inc();
+            tracing::warn!(%peer, "lm:// connection refused: max_connections open");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let store = store.clone();
         let bound = bound.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             match connection(stream, store.clone(), bound.as_deref()).await {
                 Ok(()) => {}
                 Err(ConnectionError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                Err(ConnectionError::Stalled(after)) => {
+                    store.timeouts.inc();
+                    tracing::warn!(%peer, ?after, "lm:// connection closed: client stalled");
+                }
                 Err(e) => {
                     store.protocol_errors.inc();
                     tracing::warn!(%peer, error = %e, "lm:// connection closed");
@@ -247,6 +297,17 @@ async fn on_store<T: Send + 'static>(
         .map_err(|e| ConnectionError::Io(std::io::Error::other(e.to_string())))
 }
 
+/// `io` within `limit`, or the connection is stalled.
+async fn within<T>(
+    limit: std::time::Duration,
+    io: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, ConnectionError> {
+    match tokio::time::timeout(limit, io).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ConnectionError::Stalled(limit)),
+    }
+}
+
 async fn connection(
     stream: TcpStream,
     store: Arc<Store>,
@@ -256,12 +317,16 @@ async fn connection(
     let mut read = BufReader::new(read);
     let mut header = [0u8; CLIENT_HEADER_LEN];
     loop {
-        match read.read_exact(&mut header).await {
-            Ok(_) => {}
+        // Idle between requests for as long as the client likes; once a
+        // request has begun, the rest must come within the timeout.
+        match read.read(&mut header[..1]).await {
             // The client hung up between requests.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
             Err(e) => return Err(e.into()),
         }
+        let t = store.io_timeout;
+        within(t, read.read_exact(&mut header[1..])).await?;
         let req = Request::decode(&header)?;
         let key = req.key.to_string();
         let owner = store.owner(&req, bound);
@@ -278,11 +343,11 @@ async fn connection(
                     // Refused, but the payload is read off so the next
                     // header is where the client put it.
                     let mut payload = (&mut read).take(u64::from(req.length));
-                    tokio::io::copy(&mut payload, &mut tokio::io::sink()).await?;
+                    within(t, tokio::io::copy(&mut payload, &mut tokio::io::sink())).await?;
                     continue;
                 };
                 let mut data = Zeroizing::new(vec![0u8; req.length as usize]);
-                read.read_exact(&mut data).await?;
+                within(t, read.read_exact(&mut data)).await?;
                 let slot = physical(&owner, &key);
                 let chunk = Arc::new(Chunk {
                     owner,
@@ -303,14 +368,13 @@ async fn connection(
                     Some((chunk, tier)) => {
                         let length = u32::try_from(chunk.data.len()).unwrap_or(u32::MAX);
                         // The client reads the header with one recv(36).
-                        write
-                            .write_all(&Reply::hit(length, chunk.meta).encode())
+                        within(t, write.write_all(&Reply::hit(length, chunk.meta).encode()))
                             .await?;
-                        write.write_all(&chunk.data).await?;
+                        within(t, write.write_all(&chunk.data)).await?;
                         store.record(&owner, &key, "get_hit", chunk.data.len(), tier);
                     }
                     None => {
-                        write.write_all(&Reply::FAIL.encode()).await?;
+                        within(t, write.write_all(&Reply::FAIL.encode())).await?;
                         store.record(&owner, &key, "get_miss", 0, Tier::Memory);
                     }
                 }
@@ -327,12 +391,14 @@ async fn connection(
                     None => false,
                 };
                 let reply = if hit { Reply::OK } else { Reply::FAIL };
-                write.write_all(&reply.encode()).await?;
+                within(t, write.write_all(&reply.encode())).await?;
                 let what = if hit { "exist_hit" } else { "exist_miss" };
                 store.record(&owner, &key, what, 0, Tier::Memory);
             }
-            (Command::Get | Command::Exist, None) => write.write_all(&Reply::FAIL.encode()).await?,
-            (Command::Health, _) => write.write_all(&Reply::OK.encode()).await?,
+            (Command::Get | Command::Exist, None) => {
+                within(t, write.write_all(&Reply::FAIL.encode())).await?
+            }
+            (Command::Health, _) => within(t, write.write_all(&Reply::OK.encode())).await?,
             // Listing keys would show other tenants' tags: not answered
             // (LMCache's own server sends no header for it either).
             (Command::List, _) => {}

@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! The `lm://` listener over real sockets, as LMCache's connector uses it:
 //! PUTs back to back without replies, EXIST then GET, the exact miss bytes,
-//! LRU eviction by bytes, and bad input closing only its own connection.
+//! LRU eviction by bytes, bad input closing only its own connection, stalled
+//! clients cut off (idle ones not), and connections past the limit refused.
 
 use std::sync::Arc;
 
@@ -127,4 +128,93 @@ async fn bad_input_closes_only_its_own_connection() {
     let errors = store.protocol_errors.get();
     assert_eq!(errors, 3);
     assert!(store.memory.is_empty());
+}
+
+async fn start_limited(
+    limits: kvgate_store::ConnectionLimits,
+) -> (std::net::SocketAddr, Arc<Store>) {
+    let store = Store::with(
+        1 << 20,
+        4096,
+        kvgate_store::Scopes::open(),
+        kvgate_auth::audit::AuditLog::disabled(),
+        kvgate_store::Extras {
+            limits,
+            ..Default::default()
+        },
+    );
+    (serve_store(store.clone()).await, store)
+}
+
+#[tokio::test]
+async fn a_stalled_request_is_cut_off_but_an_idle_connection_is_not() {
+    let (addr, store) = start_limited(kvgate_store::ConnectionLimits {
+        io_timeout: std::time::Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    // Half a header, then nothing: closed once the timeout has passed.
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(&header(Command::Put, key(1), 100)[..90])
+        .await
+        .unwrap();
+    // A whole header and half its payload: the same, and nothing stored.
+    let mut cut = TcpStream::connect(addr).await.unwrap();
+    cut.write_all(&header(Command::Put, key(2), 100))
+        .await
+        .unwrap();
+    cut.write_all(&[7u8; 50]).await.unwrap();
+    let mut buf = [0u8; 1];
+    let t = std::time::Instant::now();
+    assert_eq!(stalled.read(&mut buf).await.unwrap(), 0, "closed");
+    assert_eq!(cut.read(&mut buf).await.unwrap(), 0, "closed");
+    assert!(t.elapsed() >= std::time::Duration::from_millis(150));
+    assert_eq!(store.timeouts.get(), 2);
+    assert!(store.memory.is_empty(), "no partial chunk stored");
+    // The idle one, quiet for longer than the timeout, still works.
+    idle.write_all(&header(Command::Health, key(0), 0))
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut idle).await, Reply::OK);
+}
+
+#[tokio::test]
+async fn a_flood_of_connections_is_refused_past_the_limit() {
+    let (addr, store) = start_limited(kvgate_store::ConnectionLimits {
+        max_connections: 2,
+        ..Default::default()
+    })
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&header(Command::Health, key(0), 0))
+            .await
+            .unwrap();
+        assert_eq!(reply(&mut s).await, Reply::OK);
+        open.push(s);
+    }
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(third.read(&mut buf).await.unwrap(), 0, "closed at accept");
+    assert_eq!(store.connections_refused.get(), 1);
+    // One leaves: the next is served.
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.write_all(&header(Command::Health, key(0), 0)).await;
+        let mut h = [0u8; kvgate_store::protocol::SERVER_HEADER_LEN];
+        if s.read_exact(&mut h).await.is_ok() {
+            assert_eq!(Reply::decode(&h), Reply::OK);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a slot never came free"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -258,6 +258,7 @@ async fn main() -> Result<()> {
                     .as_ref()
                     .map(kvgate_store::redis_tier::RedisTier::open)
                     .transpose()?,
+                limits: cfg.limits(),
             };
             let store = kvgate_store::Store::with(
                 cfg.memory_bytes,
