@@ -312,3 +312,92 @@ async fn read_back(s: &mut TcpStream, salt: &str) -> usize {
     }
     n
 }
+
+/// A store over `cache` writing through, audited to `audit` (a restart is
+/// another call).
+async fn start_audited(cfg: &AuthConfig, cache: &Path, audit: &Path) -> (TcpStream, Arc<Store>) {
+    let scopes = Scopes::new(cfg, Unscoped::Refuse).unwrap();
+    let disk = DiskTier::open(cache, 1 << 20, scopes.contracts().unwrap()).unwrap();
+    let mut audit_cfg = cfg.audit.clone();
+    audit_cfg.path = Some(audit.to_path_buf());
+    let store = Store::with(
+        2000,
+        1 << 16,
+        scopes,
+        AuditLog::start(&audit_cfg).unwrap(),
+        Extras {
+            disk: Some(disk),
+            write: WritePolicy::Through,
+            ..Default::default()
+        },
+    );
+    let addr = serve_store(store.clone()).await;
+    (TcpStream::connect(addr).await.unwrap(), store)
+}
+
+#[tokio::test]
+async fn a_flipped_bit_a_swap_and_a_move_between_contracts_are_each_a_counted_audited_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = contracts(dir.path(), &[("ka", "acme"), ("kb", "globex")]);
+    let (salt_a, salt_b) = (salt(&cfg), gateway_salt(&cfg, "kb"));
+    let (mut s, store) = start_audited(&cfg, &cache, &dir.path().join("audit-1.jsonl")).await;
+    // Each PUT writes one new file: which is which, in order.
+    let mut file_of = Vec::new();
+    for (h, salt) in [
+        (0, &salt_a),
+        (1, &salt_a),
+        (2, &salt_a),
+        (0, &salt_b),
+        (1, &salt_b),
+    ] {
+        let before = files(&cache);
+        put(&mut s, key(h, salt), &payload(h)).await;
+        sync(&mut s).await;
+        let new: Vec<_> = files(&cache)
+            .into_iter()
+            .filter(|f| !before.contains(f))
+            .collect();
+        assert_eq!(new.len(), 1);
+        file_of.push(new[0].clone());
+    }
+    drop(s);
+    drop(store);
+    let read = |i: usize| std::fs::read(&file_of[i]).unwrap();
+    let (a0, a1, b0) = (read(0), read(1), read(3));
+    // acme's chunks 0 and 1 swapped; globex's chunk 0 moved into acme's
+    // chunk 2; one bit of globex's chunk 1 flipped. globex's chunk 0 stays.
+    std::fs::write(&file_of[0], &a1).unwrap();
+    std::fs::write(&file_of[1], &a0).unwrap();
+    std::fs::write(&file_of[2], &b0).unwrap();
+    let mut b1 = read(4);
+    b1[20] ^= 0x01;
+    std::fs::write(&file_of[4], &b1).unwrap();
+
+    // A restart: memory is empty, every read comes from disk.
+    let audit = dir.path().join("audit-2.jsonl");
+    let (mut s, store) = start_audited(&cfg, &cache, &audit).await;
+    for (h, salt) in [(0, &salt_a), (1, &salt_a), (2, &salt_a), (1, &salt_b)] {
+        assert_eq!(get(&mut s, key(h, salt)).await, None, "chunk {h}");
+    }
+    assert_eq!(get(&mut s, key(0, &salt_b)).await, Some((META, payload(0))));
+    assert_eq!(store.disk.as_ref().unwrap().integrity_failures.get(), 4);
+    store.audit.flush().unwrap();
+    let log = std::fs::read_to_string(&audit).unwrap();
+    let failures: Vec<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["reason"] == "integrity_failure")
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["contract"].as_str().unwrap(),
+                r["detail"]["tier"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        failures,
+        ["acme/disk", "acme/disk", "acme/disk", "globex/disk"]
+    );
+}
