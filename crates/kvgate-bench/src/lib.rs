@@ -10,6 +10,7 @@ pub mod peers;
 pub mod plot;
 pub mod report;
 pub mod runner;
+pub mod store;
 pub mod sweep;
 pub mod workload;
 

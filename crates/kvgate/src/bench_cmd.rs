@@ -29,6 +29,9 @@ pub enum BenchCommand {
     /// the peers' policies over fleet sizes, KV pressure, lengths, loads,
     /// staleness, bursts and conversations (deterministic, minutes).
     Sweep(crate::sweep_cmd::SweepArgs),
+    /// `lm://` PUT and GET MiB/s: kvgate store's memory and (encrypted)
+    /// disk tiers, LMCache's server and the loopback limit, in one run.
+    Store(crate::store_bench_cmd::StoreBenchArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -9,6 +9,7 @@ mod reload;
 mod sentinel_cmd;
 mod service;
 mod sim_cmd;
+mod store_bench_cmd;
 mod sweep_cmd;
 
 use std::path::PathBuf;
@@ -212,6 +213,7 @@ async fn main() -> Result<()> {
             match (args.cmd, args.run) {
                 (Some(bench_cmd::BenchCommand::Compare(c)), _) => compare_cmd::run(*c).await,
                 (Some(bench_cmd::BenchCommand::Sweep(s)), _) => sweep_cmd::run(s),
+                (Some(bench_cmd::BenchCommand::Store(s)), _) => store_bench_cmd::run(s).await,
                 (None, Some(run)) => bench_cmd::run(run).await,
                 (None, None) => anyhow::bail!(
                     "kvgate bench: give --target and --out, or a subcommand (see --help)"
