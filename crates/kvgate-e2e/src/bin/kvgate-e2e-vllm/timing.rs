@@ -7,10 +7,16 @@
 //! probe works); the attacker must be at chance (the contracts' salts keep
 //! vLLM's prefix cache apart).
 //!
-//! How long the documents are: on the tiny CPU model a miss of ~600 prompt
-//! tokens takes ~45-110 ms and a hit ~25-35 ms (measured by hand on this
-//! tier's engine), so candidates of ~650 and ~1300 tokens separate
-//! cleanly; each length is half cached, so length tells the prober nothing.
+//! How long the documents are: the tiny CPU model prefills ~30k tokens/s
+//! on a quiet 2-core box (a 1300-token miss ~45 ms against a hit's ~25-35
+//! ms: too close, AUC 0.79-0.81 in two CI runs) and far slower on a busy
+//! one, so candidates are ~2600 and ~5100 tokens: a miss costs 100-200 ms
+//! more than a hit whatever the box. Each length is half cached, so length
+//! tells the prober nothing.
+//! Open: the colleague's AUC was 1.000 in earlier runs and 0.79-0.88 in
+//! the last three (with either length), so some probes of cached documents
+//! look like misses or the reverse; next step: log each probe's time and
+//! the instance that served it.
 //! How many: at chance the AUC of n cached against n uncached samples has a
 //! standard deviation of sqrt((2n+1)/(12n²)), 0.033 for n = 150, so the
 //! ±0.1 band is 3 of them.
@@ -25,7 +31,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 /// Words per candidate document (a word is ~5 Qwen tokens here).
-const WORDS: [usize; 2] = [128, 256];
+const WORDS: [usize; 2] = [512, 1024];
 
 /// Who probes: the bearer tokens of the victim, its colleague (same
 /// contract, another subject) and the attacker (another contract).
