@@ -211,7 +211,10 @@ impl DiskTier {
             self.stats.misses.inc();
             return None;
         };
-        let key = match self.key(c, c.epoch(), false) {
+        // One read of the epoch: a suspension between two would make a good
+        // frame look tampered (and delete it).
+        let epoch = c.epoch();
+        let key = match self.key(c, epoch, false) {
             Ok(Some(k)) => k,
             // Shredded (or an epoch never written): nothing here can open.
             Ok(None) | Err(_) => {
@@ -220,7 +223,7 @@ impl DiskTier {
                 return None;
             }
         };
-        let at = Place::new(c, c.epoch(), model, slot);
+        let at = Place::new(c, epoch, model, slot);
         match open_chunk(&key, &at, &frame) {
             Some(loaded) => {
                 self.stats.hits.inc();

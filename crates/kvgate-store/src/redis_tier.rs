@@ -163,7 +163,7 @@ impl RedisTier {
         out
     }
 
-    /// Whether the server answers (the admin's `/ready`).
+    /// Whether the server answers (a PING through the pool).
     pub fn ping(&self) -> bool {
         self.with(|c| redis::cmd("PING").query::<String>(c)).is_ok()
     }
@@ -313,7 +313,10 @@ impl RedisTier {
             self.stats.misses.inc();
             None
         };
-        let Ok(Some(key)) = self.key(c, c.epoch(), false) else {
+        // One read of the epoch: a suspension between two would make a good
+        // frame look tampered (and delete it).
+        let epoch = c.epoch();
+        let Ok(Some(key)) = self.key(c, epoch, false) else {
             // Shredded, an epoch never written, or the server away.
             return miss();
         };
@@ -326,7 +329,7 @@ impl RedisTier {
                 }
                 Err(_) => return miss(),
             };
-        let at = Place::new(c, c.epoch(), model, slot);
+        let at = Place::new(c, epoch, model, slot);
         match open_chunk(&key, &at, &frame) {
             Some(loaded) => {
                 self.written.lock().touch(&name);
