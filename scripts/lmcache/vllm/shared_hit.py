@@ -1,22 +1,30 @@
 #!/usr/bin/env python3
-"""The requests and checks of shared_hit.sh, against two running vLLM-CPU
-instances (A, B) that share one `kvgate store` through LMCache.
+"""The requests and checks of shared_hit.sh: two vLLM-CPU instances (A served
+as qwen-a, B as qwen-b) behind `kvgate gateway`, sharing one `kvgate store`
+through LMCache, under two contracts (acme, globex) the gateway authenticates
+by API key and tags each request with.
 
-  shared_hit.py --a URL --b URL --store-admin URL --log-a FILE --log-b FILE
-                --model NAME [--tokens N] [--tags] [--startup-json JSON]
+  shared_hit.py before-restart --gateway URL --tokenize URL --store-admin URL
+      --key-acme K --key-globex K --state FILE --log-a FILE --log-b FILE
+      [--tokens N] [--startup-json JSON]
+  shared_hit.py after-restart  --gateway URL ... --state FILE --log-b FILE
 
-Phase `shared`: one long prompt (>= 4 full 256-token chunks) to A, greedy,
-8 tokens, logprobs; wait until the store holds A's chunks; the same prompt to
-B. B must load from the store (LMCache's "Retrieved N" log lines, vLLM's
-external prefix-cache counter, the store's memory hits) and produce A's tokens
-and logprobs exactly.
+before-restart:
+  shared     a long prompt (>= 4 full 256-token chunks) under acme to A (greedy,
+             8 tokens, logprobs), then to B: B loads every full chunk from the
+             store (LMCache's "Retrieved N" log lines, the store's GET hits
+             equal to the chunk count) and answers with A's tokens and
+             logprobs exactly;
+  contracts  another prompt under acme to A, then under globex to B: B loads
+             nothing and the store counts no hit; then under acme to B: it
+             loads every chunk (the contract, not a broken path, kept it out);
+  restart    a third prompt under acme to A, until its chunks are on disk.
+  Writes everything measured to --state.
+after-restart (the store and B restarted in between):
+  the third prompt under acme to B: every chunk loaded from the store's disk
+  tier, A's logprobs exactly. Prints one JSON object with both halves.
 
-Phase `tags` (--tags): another prompt to A tagged `lmcache.tag.cachesalt=X`,
-then to B tagged Y: B must find nothing (store hits unchanged, 0 retrieved).
-Then B's own prefix cache is reset and the prompt sent to B tagged X: now it
-must hit (the tag, not a broken path, kept it out).
-
-Prints one JSON object on stdout; exits 1 if a check fails.
+Exits 1 if a check fails.
 """
 import argparse
 import json
@@ -33,39 +41,47 @@ WORDS = (
     "request reply socket memory disk tier shard quota salt contract model prompt answer batch queue "
     "latency budget replica region zone window metric counter gauge trace span event replay index"
 ).split()
+MODEL = {"A": "qwen-a", "B": "qwen-b"}
 
 
-def http(url, body=None, timeout=600):
+def http(url, body=None, key=None, timeout=600):
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
     if data is not None:
         req.add_header("Content-Type", "application/json")
+    if key is not None:
+        req.add_header("Authorization", f"Bearer {key}")
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         raw = resp.read()
-    ctype = resp.headers.get("Content-Type", "")
-    return json.loads(raw) if "json" in ctype else raw.decode()
+        headers = resp.headers
+    ctype = headers.get("Content-Type", "")
+    return (json.loads(raw) if "json" in ctype else raw.decode()), headers
 
 
-def metrics(url, prefix):
-    """Sum of every sample whose series (name plus labels) starts with prefix."""
+def metric(url, series):
+    """Sum of every sample whose series (name plus labels) starts with `series`."""
     total, seen = 0.0, False
-    for line in http(f"{url}/metrics").splitlines():
-        if line.startswith(prefix):
+    for line in http(f"{url}/metrics")[0].splitlines():
+        if line.startswith(series):
             total += float(line.rsplit(" ", 1)[1])
             seen = True
-    return total if seen else None
+    return total if seen else 0.0
 
 
 def store_counts(admin):
     return {
-        "hits": metrics(admin, 'kvgate_store_hits_total{tier="memory"'),
-        "misses": metrics(admin, 'kvgate_store_misses_total{tier="memory"'),
-        "chunks": metrics(admin, 'kvgate_store_chunks{tier="memory"'),
+        f"{what}_{tier}": metric(admin, f'kvgate_store_{what}{{tier="{tier}"')
+        for what in ("hits_total", "chunks")
+        for tier in ("memory", "disk")
     }
 
 
-def make_prompt(url, model, tokens, seed):
-    """Deterministic text of just over `tokens` tokens (measured by the server)."""
+def hits(counts):
+    return counts["hits_total_memory"] + counts["hits_total_disk"]
+
+
+def make_prompt(url, tokens, seed):
+    """Deterministic text of just over `tokens` tokens (measured by the engine)."""
     rng = random.Random(seed)
     sentences = []
     n = 0
@@ -74,21 +90,19 @@ def make_prompt(url, model, tokens, seed):
             words = [rng.choice(WORDS) for _ in range(rng.randint(6, 14))]
             sentences.append(" ".join(words).capitalize() + ".")
         text = f"Document {seed}. " + " ".join(sentences)
-        n = http(f"{url}/tokenize", {"model": model, "prompt": text})["count"]
-    return text, n
+        n = http(f"{url}/tokenize", {"model": MODEL["A"], "prompt": text})[0]["count"]
+    return text
 
 
-def complete(url, model, prompt, tag=None):
-    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 1}
-    if tag is not None:
-        body["kv_transfer_params"] = {"lmcache.tag.cachesalt": tag}
+def complete(args, side, prompt, key):
+    body = {"model": MODEL[side], "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 1}
     started = time.monotonic()
-    out = http(f"{url}/v1/completions", body)
+    out, headers = http(f"{args.gateway}/v1/completions", body, key=key)
     choice = out["choices"][0]
     return {
         "seconds": round(time.monotonic() - started, 2),
+        "endpoint": headers.get("x-kvgate-endpoint"),
         "prompt_tokens": out["usage"]["prompt_tokens"],
-        "text": choice["text"],
         "tokens": choice["logprobs"]["tokens"],
         "logprobs": choice["logprobs"]["token_logprobs"],
     }
@@ -98,7 +112,6 @@ class LogTail:
     """What LMCache logged in one instance's log since the last mark."""
 
     RETRIEVED = re.compile(r"Retrieved (\d+) out of (\d+) required tokens")
-    HIT = re.compile(r"LMCache hit tokens: (\d+)")
     STORED = re.compile(r"Stored (\d+) out of total (\d+) tokens")
 
     def __init__(self, path):
@@ -114,25 +127,19 @@ class LogTail:
             text = f.read().decode(errors="replace")
         return {
             "retrieved_tokens": sum(int(m.group(1)) for m in self.RETRIEVED.finditer(text)),
-            "lookup_hit_tokens": [int(m.group(1)) for m in self.HIT.finditer(text)],
             "stored_tokens": sum(int(m.group(1)) for m in self.STORED.finditer(text)),
             "shim_errors": text.count("kvgate shim:"),
         }
 
 
-def wait_chunks(admin, want, timeout=60.0):
-    """PUTs are fire-and-forget: wait until the store holds `want` chunks."""
+def wait_chunks(admin, tier, want, timeout=60.0):
+    """PUTs are fire-and-forget: wait until the store holds `want` chunks in `tier`."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        held = store_counts(admin)["chunks"] or 0
-        if held >= want:
+    while True:
+        held = store_counts(admin)[f"chunks_{tier}"]
+        if held >= want or time.monotonic() > deadline:
             return held
         time.sleep(0.25)
-    return store_counts(admin)["chunks"] or 0
-
-
-def external_hits(url):
-    return metrics(url, "vllm:external_prefix_cache_hits")
 
 
 def same(a, b):
@@ -144,105 +151,131 @@ def same(a, b):
     }
 
 
-def one(args, logs, prompt, url_b, tag_a, tag_b, chunks_before):
-    """A, wait for its chunks in the store, then B; the numbers of one pair."""
-    log_a, log_b = logs
-    r = {}
+def on_a(args, log_a, prompt, key):
+    """A computes the prompt; waits until the store holds its full chunks."""
+    before = store_counts(args.store_admin)
     log_a.mark()
-    r["A"] = complete(args.a, args.model, prompt, tag_a)
-    full = r["A"]["prompt_tokens"] // CHUNK
-    r["store_chunks_after_A"] = wait_chunks(args.store_admin, chunks_before + full)
+    r = {"A": complete(args, "A", prompt, key)}
+    r["full_chunks"] = r["A"]["prompt_tokens"] // CHUNK
+    r["store_disk_chunks_after_A"] = wait_chunks(
+        args.store_admin, "disk", before["chunks_disk"] + r["full_chunks"]
+    )
+    r["store_disk_chunks_added"] = r["store_disk_chunks_after_A"] - before["chunks_disk"]
     time.sleep(0.5)
     r["A_lmcache"] = log_a.read()
-    r["store_before_B"] = store_counts(args.store_admin)
-    ext_before = external_hits(url_b)
-    log_b.mark()
-    r["B"] = complete(url_b, args.model, prompt, tag_b)
-    time.sleep(0.5)
-    r["B_lmcache"] = log_b.read()
-    r["store_after_B"] = store_counts(args.store_admin)
-    ext_after = external_hits(url_b)
-    r["B_vllm_external_prefix_cache_hits"] = (
-        None if ext_after is None else ext_after - (ext_before or 0)
-    )
-    r["store_memory_hits_delta"] = (r["store_after_B"]["hits"] or 0) - (r["store_before_B"]["hits"] or 0)
-    r["full_chunks"] = full
-    r["compare"] = same(r["A"], r["B"])
     return r
+
+
+def on_b(args, log_b, prompt, key, label="B"):
+    """B asks for the prompt; what it loaded and what the store served."""
+    before = store_counts(args.store_admin)
+    log_b.mark()
+    r = {label: complete(args, "B", prompt, key)}
+    time.sleep(0.5)
+    after = store_counts(args.store_admin)
+    r[f"{label}_lmcache"] = log_b.read()
+    r[f"{label}_store_hits"] = hits(after) - hits(before)
+    r[f"{label}_store_disk_hits"] = after["hits_total_disk"] - before["hits_total_disk"]
+    return r
+
+
+def check_endpoints(args, r, failures, where):
+    for side in ("A", "B", "B_acme", "B_globex"):
+        if side in r:
+            want = args.endpoint_b if side.startswith("B") else args.tokenize
+            if r[side]["endpoint"] != want:
+                failures.append(f"{where}: {side} was served by {r[side]['endpoint']}, not {want}")
+
+
+def check_loaded(r, label, failures, where):
+    """B loaded every full chunk, the store served each, and A's answer came back."""
+    want = r["full_chunks"] * CHUNK
+    loaded = r[f"{label}_lmcache"]["retrieved_tokens"]
+    served = r[f"{label}_store_hits"]
+    if loaded != want or served != r["full_chunks"]:
+        failures.append(f"{where}: {label} loaded {loaded} tokens (want {want}), store GET hits {served}"
+                        f" (want {r['full_chunks']})")
+    cmp = same(r["A"], r[label])
+    r[f"compare_A_{label}"] = cmp
+    if not (cmp["tokens_identical"] and cmp["logprobs_identical"]):
+        failures.append(f"{where}: A's and {label}'s greedy tokens/logprobs differ")
+
+
+def before_restart(args):
+    log_a, log_b = LogTail(args.log_a), LogTail(args.log_b)
+    out = {"startup": json.loads(args.startup_json), "failures": []}
+    failures = out["failures"]
+
+    # shared: A computes under acme, B loads under acme.
+    prompt = make_prompt(args.tokenize, args.tokens, seed=1)
+    r = on_a(args, log_a, prompt, args.key_acme)
+    r.update(on_b(args, log_b, prompt, args.key_acme))
+    if r["full_chunks"] < 4:
+        failures.append(f"shared: the prompt has only {r['full_chunks']} full chunks")
+    if r["store_disk_chunks_added"] < r["full_chunks"]:
+        failures.append("shared: the store does not hold A's chunks")
+    check_loaded(r, "B", failures, "shared")
+    check_endpoints(args, r, failures, "shared")
+    out["shared"] = r
+
+    # contracts: A computes under acme; B under globex loads nothing, under acme all of it.
+    prompt = make_prompt(args.tokenize, args.tokens, seed=2)
+    c = on_a(args, log_a, prompt, args.key_acme)
+    c.update(on_b(args, log_b, prompt, args.key_globex, label="B_globex"))
+    if c["B_globex_lmcache"]["retrieved_tokens"] != 0 or c["B_globex_store_hits"] != 0:
+        failures.append(f"contracts: B under globex loaded {c['B_globex_lmcache']['retrieved_tokens']}"
+                        f" tokens, store hits +{c['B_globex_store_hits']}")
+    c.update(on_b(args, log_b, prompt, args.key_acme, label="B_acme"))
+    check_loaded(c, "B_acme", failures, "contracts")
+    check_endpoints(args, c, failures, "contracts")
+    out["contracts"] = c
+
+    # restart, first half: A computes under acme, its chunks sealed to disk.
+    prompt = make_prompt(args.tokenize, args.tokens, seed=3)
+    s = on_a(args, log_a, prompt, args.key_acme)
+    if s["store_disk_chunks_added"] < s["full_chunks"]:
+        failures.append("restart: A's chunks did not reach the disk tier")
+    out["restart"] = s
+    out["restart_prompt_seed"] = 3
+    with open(args.state, "w") as f:
+        json.dump(out, f, indent=1)
+    return not failures
+
+
+def after_restart(args):
+    with open(args.state) as f:
+        out = json.load(f)
+    failures = out["failures"]
+    s = out["restart"]
+    prompt = make_prompt(args.tokenize, args.tokens, seed=out["restart_prompt_seed"])
+    log_b = LogTail(args.log_b)
+    s.update(on_b(args, log_b, prompt, args.key_acme))
+    check_loaded(s, "B", failures, "restart")
+    if s["B_store_disk_hits"] != s["full_chunks"]:
+        failures.append(f"restart: {s['B_store_disk_hits']} of B's hits came from disk (want {s['full_chunks']})")
+    check_endpoints(args, s, failures, "restart")
+    out["ok"] = not failures
+    print(json.dumps(out, indent=1))
+    return out["ok"]
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--a", required=True)
-    ap.add_argument("--b", required=True)
+    ap.add_argument("phase", choices=["before-restart", "after-restart"])
+    ap.add_argument("--gateway", required=True)
+    ap.add_argument("--tokenize", required=True, help="instance A's own URL (tokenize; its endpoint name)")
+    ap.add_argument("--endpoint-b", required=True, help="instance B's URL (its endpoint name)")
     ap.add_argument("--store-admin", required=True)
-    ap.add_argument("--log-a", required=True)
+    ap.add_argument("--key-acme", required=True)
+    ap.add_argument("--key-globex", required=True)
+    ap.add_argument("--state", required=True)
+    ap.add_argument("--log-a")
     ap.add_argument("--log-b", required=True)
-    ap.add_argument("--model", required=True)
     ap.add_argument("--tokens", type=int, default=1400)
-    ap.add_argument("--tags", action="store_true")
     ap.add_argument("--startup-json", default="{}")
     args = ap.parse_args()
-    logs = (LogTail(args.log_a), LogTail(args.log_b))
-    out = {"startup": json.loads(args.startup_json)}
-    failures = []
-
-    # Phase 1: the shared namespace.
-    prompt, n = make_prompt(args.a, args.model, args.tokens, seed=1)
-    before = store_counts(args.store_admin)
-    out["store_before"] = before
-    p = one(args, logs, prompt, args.b, None, None, before["chunks"] or 0)
-    out["shared"] = p
-    loaded = p["B_lmcache"]["retrieved_tokens"]
-    want = p["full_chunks"] * CHUNK
-    if p["full_chunks"] < 4:
-        failures.append(f"prompt has only {p['full_chunks']} full chunks")
-    if p["store_chunks_after_A"] - (before["chunks"] or 0) < p["full_chunks"]:
-        failures.append("the store does not hold A's chunks")
-    if loaded < want or p["store_memory_hits_delta"] <= 0:
-        failures.append(f"B loaded {loaded} tokens (want {want}), store hits +{p['store_memory_hits_delta']}")
-    if not (p["compare"]["tokens_identical"] and p["compare"]["logprobs_identical"]):
-        failures.append("A's and B's greedy tokens/logprobs differ")
-
-    # Phase 2: different tags, no hit; the same tag, a hit.
-    if args.tags:
-        prompt2, _ = make_prompt(args.a, args.model, args.tokens, seed=2)
-        chunks = store_counts(args.store_admin)["chunks"] or 0
-        t = one(args, logs, prompt2, args.b, "tenant-x", "tenant-y", chunks)
-        out["tags_differ"] = t
-        if t["B_lmcache"]["retrieved_tokens"] != 0 or t["store_memory_hits_delta"] != 0:
-            failures.append(
-                f"B with another tag loaded {t['B_lmcache']['retrieved_tokens']} tokens,"
-                f" store hits +{t['store_memory_hits_delta']}"
-            )
-        # Positive control: B forgets its own prefix cache, then asks with A's tag.
-        http(f"{args.b}/reset_prefix_cache", {})
-        time.sleep(0.5)
-        s_before = store_counts(args.store_admin)
-        logs[1].mark()
-        c = complete(args.b, args.model, prompt2, "tenant-x")
-        time.sleep(0.5)
-        s_after = store_counts(args.store_admin)
-        ctl = {
-            "B": c,
-            "B_lmcache": logs[1].read(),
-            "store_memory_hits_delta": (s_after["hits"] or 0) - (s_before["hits"] or 0),
-            "compare_with_A": same(t["A"], c),
-        }
-        out["tags_same"] = ctl
-        if ctl["B_lmcache"]["retrieved_tokens"] < t["full_chunks"] * CHUNK or ctl["store_memory_hits_delta"] <= 0:
-            failures.append("B with A's tag did not load from the store")
-        if not ctl["compare_with_A"]["logprobs_identical"]:
-            failures.append("B with A's tag: logprobs differ from A's")
-
-    out["ok"] = not failures
-    out["failures"] = failures
-    for phase in ("shared", "tags_differ"):
-        for side in ("A", "B"):
-            if phase in out:
-                out[phase][side].pop("text", None)
-    print(json.dumps(out, indent=1))
-    sys.exit(0 if out["ok"] else 1)
+    ok = before_restart(args) if args.phase == "before-restart" else after_restart(args)
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
