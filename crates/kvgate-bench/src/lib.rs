@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod compare;
+pub mod envoy;
 pub mod fake_backend;
 pub mod fleet_model;
 pub mod overhead;

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+pub use crate::envoy::{envoy_config, envoy_epp_config, EppEnvoy};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RouterKind {
@@ -15,6 +17,9 @@ pub enum RouterKind {
     SglangRouter,
     VllmRouter,
     Envoy,
+    /// Envoy with its ext_proc filter calling `kvgate epp` (the Gateway API
+    /// Inference Extension's layout), the policy kvgate's.
+    EnvoyEpp,
 }
 
 /// A router and the policy it runs, e.g. `sglang-router:cache_aware`.
@@ -26,7 +31,7 @@ pub struct RouterSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    #[error("router spec {0:?}: expected kvgate:POLICY, sglang-router:POLICY, vllm-router:POLICY or envoy")]
+    #[error("router spec {0:?}: expected kvgate:POLICY, envoy-epp:POLICY, sglang-router:POLICY, vllm-router:POLICY or envoy")]
     BadSpec(String),
     #[error("{name}: needs {what}")]
     Missing { name: String, what: &'static str },
@@ -63,6 +68,7 @@ impl RouterSpec {
             "sglang-router" | "sglang" => RouterKind::SglangRouter,
             "vllm-router" => RouterKind::VllmRouter,
             "envoy" => RouterKind::Envoy,
+            "envoy-epp" => RouterKind::EnvoyEpp,
             _ => return Err(PeerError::BadSpec(s.into())),
         };
         let policy = match (kind, policy) {
@@ -84,6 +90,7 @@ impl RouterSpec {
             RouterKind::SglangRouter => "sglang-router",
             RouterKind::VllmRouter => "vllm-router",
             RouterKind::Envoy => "envoy",
+            RouterKind::EnvoyEpp => "envoy+kvgate-epp",
         };
         format!("{kind} {}", self.policy)
     }
@@ -95,7 +102,12 @@ impl RouterSpec {
     /// A cache-aware policy of a peer (what kvgate's precise routing is
     /// measured against).
     pub fn is_peer_cache_aware(&self) -> bool {
-        self.kind != RouterKind::Kvgate && self.policy == "cache_aware"
+        !self.is_kvgate() && self.policy == "cache_aware"
+    }
+
+    /// kvgate routes it (as the gateway, or as Envoy's endpoint picker).
+    pub fn is_kvgate(&self) -> bool {
+        matches!(self.kind, RouterKind::Kvgate | RouterKind::EnvoyEpp)
     }
 }
 
@@ -105,6 +117,8 @@ pub struct LaunchContext {
     pub port: u16,
     /// Prometheus / admin port (the peers insist on binding one).
     pub aux_port: u16,
+    /// `envoy-epp`: the picker's ext_proc port (its gateway config says so too).
+    pub epp_port: u16,
     pub workers: Vec<String>,
     /// Directory with the peers' executables (a venv's `bin`).
     pub peers_bin: Option<PathBuf>,
@@ -121,6 +135,8 @@ pub struct LaunchPlan {
     pub program: PathBuf,
     pub args: Vec<String>,
     pub files: Vec<(PathBuf, String)>,
+    /// A process started first and stopped with it (Envoy's endpoint picker).
+    pub companion: Option<(PathBuf, Vec<String>)>,
 }
 
 impl RouterSpec {
@@ -160,6 +176,7 @@ impl RouterSpec {
                         "warn".into(),
                     ],
                     files: Vec::new(),
+                    companion: None,
                 }
             }
             RouterKind::SglangRouter => {
@@ -180,6 +197,7 @@ impl RouterSpec {
                     program: peer("sglang-router")?,
                     args,
                     files: Vec::new(),
+                    companion: None,
                 }
             }
             RouterKind::VllmRouter => {
@@ -202,6 +220,7 @@ impl RouterSpec {
                     program: peer("vllm-router")?,
                     args,
                     files: Vec::new(),
+                    companion: None,
                 }
             }
             RouterKind::Envoy => {
@@ -216,70 +235,49 @@ impl RouterSpec {
                         "warn".into(),
                     ],
                     files: vec![(config, envoy_config(ctx.port, ctx.aux_port, &ctx.workers))],
+                    companion: None,
+                }
+            }
+            RouterKind::EnvoyEpp => {
+                let gateway = ctx.kvgate_config.clone().ok_or(PeerError::Missing {
+                    name: self.name(),
+                    what: "a gateway config",
+                })?;
+                let config = ctx.scratch.join(format!("envoy-epp-{}.yaml", ctx.port));
+                let envoy = EppEnvoy {
+                    port: ctx.port,
+                    admin_port: ctx.aux_port,
+                    epp_port: ctx.epp_port,
+                    workers: ctx.workers.clone(),
+                    fail_open: false,
+                };
+                LaunchPlan {
+                    program: peer("envoy")?,
+                    args: vec![
+                        "--config-path".into(),
+                        config.display().to_string(),
+                        "--disable-hot-restart".into(),
+                        "--base-id".into(),
+                        ctx.port.to_string(),
+                        "--log-level".into(),
+                        "warn".into(),
+                    ],
+                    files: vec![(config, envoy_epp_config(&envoy))],
+                    companion: Some((
+                        ctx.kvgate_exe.clone(),
+                        vec![
+                            "epp".into(),
+                            "--config".into(),
+                            gateway.display().to_string(),
+                            "--log".into(),
+                            "warn".into(),
+                        ],
+                    )),
                 }
             }
         };
         Ok(plan)
     }
-}
-
-/// `http://host:port` -> (host, port).
-fn host_port(url: &str) -> Option<(&str, &str)> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    rest.trim_end_matches('/').rsplit_once(':')
-}
-
-/// A static Envoy: one listener, one round-robin cluster of the workers, no
-/// timeouts that a long stream could hit, no circuit breaking under load.
-pub fn envoy_config(port: u16, admin_port: u16, workers: &[String]) -> String {
-    let endpoints: String = workers
-        .iter()
-        .filter_map(|w| host_port(w))
-        .map(|(h, p)| {
-            format!(
-                "        - endpoint: {{address: {{socket_address: {{address: {h}, port_value: {p}}}}}}}\n"
-            )
-        })
-        .collect();
-    format!(
-        r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
-static_resources:
-  listeners:
-  - name: ingress
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          stream_idle_timeout: 0s
-          route_config:
-            virtual_hosts:
-            - name: engines
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: engines, timeout: 0s}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: engines
-    type: STATIC
-    lb_policy: ROUND_ROBIN
-    connect_timeout: 2s
-    circuit_breakers:
-      thresholds:
-      - {{max_connections: 100000, max_pending_requests: 100000, max_requests: 100000, max_retries: 100}}
-    load_assignment:
-      cluster_name: engines
-      endpoints:
-      - lb_endpoints:
-{endpoints}"#
-    )
 }
 
 /// A started router; dropping it stops its whole process group.
@@ -288,19 +286,22 @@ pub struct RouterProcess {
     pub url: String,
     pub log: PathBuf,
     child: tokio::process::Child,
+    companion: Option<tokio::process::Child>,
 }
 
 impl Drop for RouterProcess {
     fn drop(&mut self) {
-        #[cfg(unix)]
-        if let Some(pid) = self.child.id() {
-            // The Python launchers may leave helpers: signal the group.
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", "--", &format!("-{pid}")])
-                .stderr(Stdio::null())
-                .status();
+        for child in std::iter::once(&mut self.child).chain(self.companion.as_mut()) {
+            #[cfg(unix)]
+            if let Some(pid) = child.id() {
+                // The Python launchers may leave helpers: signal the group.
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", "--", &format!("-{pid}")])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            let _ = child.start_kill();
         }
-        let _ = self.child.start_kill();
     }
 }
 
@@ -325,25 +326,35 @@ impl RouterProcess {
         let log = ctx
             .scratch
             .join(format!("{}.log", spec.name().replace(' ', "-")));
-        let out = std::fs::File::create(&log).map_err(io(&log))?;
-        let err = out.try_clone().map_err(io(&log))?;
-        let mut cmd = tokio::process::Command::new(&plan.program);
-        cmd.args(&plan.args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .kill_on_drop(true);
-        #[cfg(unix)]
-        cmd.process_group(0);
-        let child = cmd.spawn().map_err(|source| PeerError::Spawn {
-            program: plan.program.display().to_string(),
-            source,
-        })?;
+        let start = |program: &Path, args: &[String], log: &Path| {
+            let out = std::fs::File::create(log).map_err(io(log))?;
+            let err = out.try_clone().map_err(io(log))?;
+            let mut cmd = tokio::process::Command::new(program);
+            cmd.args(args)
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .kill_on_drop(true);
+            #[cfg(unix)]
+            cmd.process_group(0);
+            cmd.spawn().map_err(|source| PeerError::Spawn {
+                program: program.display().to_string(),
+                source,
+            })
+        };
+        let companion = match &plan.companion {
+            Some((program, args)) => {
+                Some(start(program, args, &log.with_extension("companion.log"))?)
+            }
+            None => None,
+        };
+        let child = start(&plan.program, &plan.args, &log)?;
         Ok(Self {
             name: spec.name(),
             url: format!("http://127.0.0.1:{}", ctx.port),
             log,
             child,
+            companion,
         })
     }
 
@@ -362,6 +373,13 @@ impl RouterProcess {
                     name: self.name.clone(),
                     status: status.to_string(),
                     log_tail: log_tail(&self.log),
+                });
+            }
+            if let Some(Ok(Some(status))) = self.companion.as_mut().map(|c| c.try_wait()) {
+                return Err(PeerError::Exited {
+                    name: format!("{}'s companion", self.name),
+                    status: status.to_string(),
+                    log_tail: log_tail(&self.log.with_extension("companion.log")),
                 });
             }
             let probe = client
@@ -408,6 +426,7 @@ mod tests {
         LaunchContext {
             port: 30000,
             aux_port: 29100,
+            epp_port: 29200,
             workers: vec![
                 "http://127.0.0.1:9001".into(),
                 "http://127.0.0.1:9002".into(),

@@ -9,6 +9,8 @@ use kvgate_router::RouterConfig;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_GATEWAY_LISTEN: &str = "0.0.0.0:8080";
+/// `kvgate epp`'s ext_proc (gRPC) listener: the Inference Extension's EPP port.
+pub const DEFAULT_EPP_LISTEN: &str = "0.0.0.0:9002";
 /// Largest accepted request body (a long multi-turn chat fits comfortably).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 32 << 20;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
@@ -73,6 +75,9 @@ pub struct GatewayConfig {
     /// gateway's: every suspension and reactivation is pushed to it (a
     /// suspension there shreds the contract's chunks).
     pub store_admin: Option<StoreAdminConfig>,
+    /// `kvgate epp`: where Envoy's ext_proc filter reaches the endpoint
+    /// picker (gRPC; `listen` then serves metrics, probes and the admin API).
+    pub epp_listen: String,
 }
 
 /// `store_admin:`: the store's admin listener and its token.
@@ -113,6 +118,7 @@ impl Default for GatewayConfig {
             session_header: "x-session-id".to_string(),
             service: DEFAULT_SERVICE.to_string(),
             store_admin: None,
+            epp_listen: DEFAULT_EPP_LISTEN.to_string(),
         }
     }
 }

@@ -143,6 +143,11 @@ impl Gateway {
         &self.fleet
     }
 
+    /// The configuration it was started with.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.cfg
+    }
+
     /// Suspends or reactivates a contract: new requests refused (or
     /// admitted) at once, its salt epoch moved, and the index entries of its
     /// prompts dropped (nothing will look them up again).

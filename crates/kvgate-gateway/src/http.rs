@@ -241,23 +241,32 @@ fn rejected(e: BytesRejection) -> Response {
 
 /// A refused request: counted by code when the contract layer refused it.
 fn refused(gw: &Gateway, e: PrepareError) -> Response {
+    refusal(gw, e).into_response()
+}
+
+/// A refused request as the OpenAI error every front answers it with
+/// (counted by code when the contract layer refused it).
+pub fn refusal(gw: &Gateway, e: PrepareError) -> OpenAiError {
     if let PrepareError::Denied(d) = &e {
         gw.metrics
             .denied
             .get_or_create(&crate::metrics::DenyLabels { code: d.code() })
             .inc();
     }
-    prepare_error(e)
+    prepare_error_body(e)
 }
 
 fn prepare_error(e: PrepareError) -> Response {
+    prepare_error_body(e).into_response()
+}
+
+fn prepare_error_body(e: PrepareError) -> OpenAiError {
     let msg = e.to_string();
     match e {
         PrepareError::Denied(d) => denied(&d),
         PrepareError::UnknownModel(_) => OpenAiError::not_found(msg, e.param()),
         _ => OpenAiError::bad_request(msg, e.param()),
     }
-    .into_response()
 }
 
 /// A contract-layer refusal: its status, a string `code`, and `Retry-After`

@@ -12,8 +12,10 @@ mod control_plane;
 mod gateway;
 pub mod http;
 pub mod metrics;
+pub mod pick;
 pub mod pipeline;
 pub mod proxy;
+pub mod request_end;
 mod store_sync;
 mod usage;
 

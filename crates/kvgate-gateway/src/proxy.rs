@@ -11,12 +11,9 @@ use futures_util::StreamExt;
 use kvgate_fleet::{Endpoint, Routed, RoutingInput};
 use kvgate_router::{Decision, RequestGuard};
 
-use crate::metrics::{
-    LatencyLabels, ReasonLabels, RequestLabels, OUTCOME_ABORTED, OUTCOME_COMPLETED, OUTCOME_FAILED,
-    OUTCOME_REVOKED,
-};
+use crate::metrics::{RequestLabels, OUTCOME_COMPLETED, OUTCOME_FAILED, OUTCOME_REVOKED};
 use crate::pipeline::Kind;
-use crate::usage::UsageScan;
+use crate::request_end::{audit_request, record_routed, RequestEnd};
 use crate::Gateway;
 
 /// What the response's end needs to know of its request: when it came, its
@@ -95,22 +92,7 @@ pub async fn forward(
             decision,
             guard,
         } = gw.fleet.route(&input)?;
-        if attempt == 0 {
-            gw.metrics
-                .routing_duration
-                .observe(received.elapsed().as_secs_f64());
-            gw.metrics.prompt_tokens.inc_by(input.prompt_tokens as u64);
-            gw.metrics
-                .predicted_hit_tokens
-                .inc_by(decision.expected_cached_tokens);
-        }
-        gw.metrics
-            .decisions
-            .get_or_create(&ReasonLabels {
-                policy: gw.fleet.scheduler().config().policy.name().into(),
-                reason: decision.reason.into(),
-            })
-            .inc();
+        record_routed(gw, &input, &decision, received, attempt == 0);
         let mut upstream = gw
             .http
             .post(format!("{}{}", endpoint.cfg.url, kind.path()))
@@ -178,21 +160,11 @@ pub async fn forward(
     }
 }
 
-/// The response body's state: the load guard lives here, so it is released
-/// when the body ends or the client goes away; so is the request's count.
+/// The response body's state: its end (load guard, count, charge, audit)
+/// lives here, so it is released when the body ends or the client goes away.
 struct Tracked {
     inner: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
-    guard: RequestGuard,
-    first: bool,
-    gw: Arc<Gateway>,
-    labels: LatencyLabels,
-    status: u16,
-    facts: RequestFacts,
-    prompt_tokens: u64,
-    cached_tokens: u64,
-    usage: UsageScan,
-    /// Set once the request has been counted (ended or broke off).
-    counted: bool,
+    end: RequestEnd,
 }
 
 /// Where a request went.
@@ -201,66 +173,6 @@ struct RoutedTo<'a> {
     model: &'a str,
     prompt_tokens: u64,
     decision: &'a Decision,
-}
-
-/// The audit record of a request, with its contract and subject.
-fn audit_request(gw: &Gateway, facts: &RequestFacts, rec: kvgate_auth::audit::AuditRecord) {
-    let rec = match &facts.admission {
-        Some(a) => rec.contract(a.contract.id()).subject(&a.principal.subject),
-        None => rec,
-    };
-    gw.sentinel
-        .audit()
-        .record(rec.latency_ms(facts.received.elapsed().as_secs_f64() * 1e3));
-}
-
-impl Tracked {
-    fn count(&mut self, outcome: &'static str) {
-        if std::mem::replace(&mut self.counted, true) {
-            return;
-        }
-        self.gw
-            .metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                endpoint: self.labels.endpoint.clone(),
-                model: self.labels.model.clone(),
-                status: self.status,
-                outcome,
-            })
-            .inc();
-        self.gw
-            .metrics
-            .request_duration
-            .get_or_create(&self.labels)
-            .observe(self.facts.received.elapsed().as_secs_f64());
-        let output_tokens = self.usage.output_tokens();
-        if let Some(a) = &self.facts.admission {
-            a.charge_output(output_tokens);
-        }
-        if let Some(c) = &self.facts.counters {
-            c.output_tokens.inc_by(output_tokens);
-        }
-        audit_request(
-            &self.gw,
-            &self.facts,
-            kvgate_auth::audit::AuditRecord::new(kvgate_auth::audit::kind::REQUEST)
-                .model(&self.labels.model)
-                .endpoint(&self.labels.endpoint)
-                .status(self.status)
-                .prompt_tokens(self.prompt_tokens)
-                .cached_tokens(self.cached_tokens)
-                .output_tokens(output_tokens)
-                .reason(outcome),
-        );
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        // Dropped before its end: the client went away mid-response.
-        self.count(OUTCOME_ABORTED);
-    }
 }
 
 fn stream_back(
@@ -290,46 +202,28 @@ fn stream_back(
             format!("{} {}", decision.reason, decision.explain()),
         );
     }
+    let mut end = RequestEnd::new(gw, endpoint, model, prompt_tokens, decision, guard, facts);
+    end.set_status(status.as_u16());
     let tracked = Tracked {
         inner: resp.bytes_stream().boxed(),
-        guard,
-        first: true,
-        gw: gw.clone(),
-        labels: LatencyLabels {
-            endpoint: endpoint.name().to_string(),
-            model: model.to_string(),
-        },
-        status: status.as_u16(),
-        facts,
-        prompt_tokens,
-        cached_tokens: decision.expected_cached_tokens,
-        usage: UsageScan::default(),
-        counted: false,
+        end,
     };
     let stream = futures_util::stream::unfold(tracked, |mut t| async move {
         match t.inner.next().await {
-            Some(Ok(_)) if t.facts.admission.as_ref().is_some_and(|a| a.cut()) => {
-                t.count(OUTCOME_REVOKED);
+            Some(Ok(_)) if t.end.revoked() => {
+                t.end.count(OUTCOME_REVOKED);
                 Some((Err(std::io::Error::other("contract suspended")), t))
             }
             Some(Ok(chunk)) => {
-                t.usage.feed(&chunk);
-                if t.first {
-                    t.first = false;
-                    t.guard.first_token();
-                    t.gw.metrics
-                        .ttft
-                        .get_or_create(&t.labels)
-                        .observe(t.facts.received.elapsed().as_secs_f64());
-                }
+                t.end.body_chunk(&chunk);
                 Some((Ok::<Bytes, std::io::Error>(chunk), t))
             }
             Some(Err(e)) => {
-                t.count(OUTCOME_FAILED);
+                t.end.count(OUTCOME_FAILED);
                 Some((Err(std::io::Error::other(e)), t))
             }
             None => {
-                t.count(OUTCOME_COMPLETED);
+                t.end.count(OUTCOME_COMPLETED);
                 None
             }
         }

@@ -171,6 +171,7 @@ impl LayeredConfig for GatewayConfig {
             c.router.policy = parse_policy(v)?;
             Ok(())
         }),
+        ("KVGATE_EPP_LISTEN", |c, v| set(&mut c.epp_listen, v)),
     ];
 
     fn validate(&self) -> Result<()> {

@@ -74,6 +74,23 @@ enum Command {
         #[arg(long = "endpoint")]
         endpoints: Vec<String>,
     },
+    /// The endpoint picker of an Envoy gateway (Gateway API Inference
+    /// Extension, ext_proc on gRPC): the gateway's config, fleet and
+    /// routing; Envoy proxies, kvgate picks.
+    Epp {
+        /// YAML config file (the gateway's); env (KVGATE_*) and flags override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The ext_proc listen address (env KVGATE_EPP_LISTEN; default 0.0.0.0:9002).
+        #[arg(long)]
+        grpc_listen: Option<String>,
+        /// The HTTP listener: metrics, probes, admin API (env KVGATE_LISTEN).
+        #[arg(long)]
+        listen: Option<String>,
+        /// An endpoint, repeatable (as for `kvgate gateway`).
+        #[arg(long = "endpoint")]
+        endpoints: Vec<String>,
+    },
     /// Run simulated vLLM engines (OpenAI API, KV events, vLLM metrics) without a GPU.
     Sim(sim_cmd::SimArgs),
     /// Load-test an OpenAI endpoint with a published workload; writes a report.
@@ -128,6 +145,55 @@ async fn serve_gateway(
     // Writes what is queued and the checkpoint of the audit chain.
     gw.sentinel().audit().shutdown().await?;
     Ok(())
+}
+
+/// Serves the endpoint picker (ext_proc) and the gateway's HTTP side
+/// (metrics, probes, admin) until Ctrl-C or SIGTERM.
+async fn serve_epp(cfg: kvgate_gateway::GatewayConfig) -> Result<()> {
+    let grpc = tokio::net::TcpListener::bind(&cfg.epp_listen).await?;
+    let http = kvgate_tls::bind(&cfg.listen, cfg.tls.as_ref()).await?;
+    let discovery =
+        std::sync::Arc::new(kvgate_gateway::StaticDiscovery::new(cfg.endpoints.clone())?);
+    let gw = kvgate_gateway::Gateway::start(cfg, discovery).await?;
+    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr(), "endpoint picker listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let app = gw
+        .router()
+        .into_make_service_with_connect_info::<kvgate_tls::Peer>();
+    let mut http_stop = stop_rx.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.changed().await;
+            })
+            .await
+    });
+    let mut grpc_stop = stop_rx;
+    let grpc_task = tokio::spawn(kvgate_epp::serve(gw.clone(), grpc, async move {
+        let _ = grpc_stop.changed().await;
+    }));
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    grpc_task.await??;
+    http_task.await??;
+    gw.sentinel().audit().shutdown().await?;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM (what Kubernetes sends).
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }
 
 fn init_logs(filter: &str, pretty: bool) {
@@ -202,6 +268,28 @@ async fn main() -> Result<()> {
                 load: Box::new(load),
             });
             serve_gateway(cfg, reload).await
+        }
+        Command::Epp {
+            config,
+            grpc_listen,
+            listen,
+            endpoints,
+        } => {
+            init_logs(&cli.log, cli.pretty_logs);
+            let cfg = config::load(
+                config.as_deref(),
+                |k| std::env::var(k).ok(),
+                |c: &mut kvgate_gateway::GatewayConfig| {
+                    if let Some(v) = &grpc_listen {
+                        c.epp_listen = v.clone();
+                    }
+                    if let Some(v) = &listen {
+                        c.listen = v.clone();
+                    }
+                    endpoint_flags(&mut c.endpoints, &endpoints)
+                },
+            )?;
+            serve_epp(cfg).await
         }
         Command::Sim(args) => {
             init_logs(&cli.log, cli.pretty_logs);

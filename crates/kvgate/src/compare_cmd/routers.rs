@@ -54,10 +54,12 @@ pub(super) async fn reset_caches(fleet: &[RunningSim]) {
     }
 }
 
-/// A gateway config for `policy` in front of `endpoints`, written to `dir`.
+/// A gateway config for `policy` in front of `endpoints`, written to `dir`
+/// (for `envoy-epp`, the picker's: ext_proc on `epp_port`).
 fn gateway_config(
     spec: &RouterSpec,
     listen: u16,
+    epp_port: u16,
     endpoints: Vec<EndpointConfig>,
     dir: &std::path::Path,
 ) -> Result<PathBuf> {
@@ -77,11 +79,15 @@ fn gateway_config(
             })
             .collect(),
         metrics_interval_ms: 200,
+        epp_listen: format!("127.0.0.1:{epp_port}"),
         ..GatewayConfig::default()
     };
     cfg.router.policy = policy;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(format!("gateway-{}-{listen}.yaml", spec.policy));
+    let path = dir.join(format!(
+        "gateway-{}-{listen}.yaml",
+        spec.name().replace(' ', "-")
+    ));
     std::fs::write(&path, serde_yaml::to_string(&cfg)?)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
@@ -98,13 +104,29 @@ pub(super) async fn start_router(
     client: &reqwest::Client,
 ) -> Result<RouterProcess> {
     let port = free_port()?;
+    let epp_port = free_port()?;
     let kvgate_config = match spec.kind {
-        RouterKind::Kvgate => Some(gateway_config(spec, port, gateway_endpoints, scratch)?),
+        RouterKind::Kvgate => Some(gateway_config(
+            spec,
+            port,
+            epp_port,
+            gateway_endpoints,
+            scratch,
+        )?),
+        // The picker's HTTP side (metrics, probes) on a port of its own.
+        RouterKind::EnvoyEpp => Some(gateway_config(
+            spec,
+            free_port()?,
+            epp_port,
+            gateway_endpoints,
+            scratch,
+        )?),
         _ => None,
     };
     let ctx = LaunchContext {
         port,
         aux_port: free_port()?,
+        epp_port,
         workers: workers.to_vec(),
         peers_bin: args.peers_bin.clone(),
         kvgate_exe: std::env::current_exe()?,
