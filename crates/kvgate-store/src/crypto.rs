@@ -6,8 +6,8 @@
 //! moved to another key, contract or epoch fails its tag: a failed tag is a
 //! miss (and a metric and an audit record), never data.
 
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{Aes256Gcm, Key, KeyInit, Nonce};
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, Key, KeyInit, Nonce, Tag};
 use zeroize::Zeroizing;
 
 pub const FRAME_VERSION: u8 = 1;
@@ -69,13 +69,24 @@ impl Binding<'_> {
     }
 }
 
+/// Bytes before the ciphertext: version and nonce.
+const HEAD_LEN: usize = 1 + NONCE_LEN;
+
 /// Seals `plaintext` with a fresh random nonce.
 pub fn seal(key: &DataKey, binding: &Binding<'_>, plaintext: &[u8]) -> Vec<u8> {
-    seal_with_nonce(
+    seal_parts(key, binding, &[], plaintext)
+}
+
+/// Seals the plaintext `head` then `body` (e.g. a chunk's meta, then its
+/// bytes) with a fresh random nonce: one copy into the frame, encrypted in
+/// place there.
+pub fn seal_parts(key: &DataKey, binding: &Binding<'_>, head: &[u8], body: &[u8]) -> Vec<u8> {
+    seal_in_place(
         key,
         rand::random::<[u8; NONCE_LEN]>(),
-        Some(&binding.aad()),
-        plaintext,
+        &binding.aad(),
+        head,
+        body,
     )
 }
 
@@ -87,16 +98,32 @@ pub fn seal_with_nonce(
     aad: Option<&[u8]>,
     plaintext: &[u8],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + NONCE_LEN + plaintext.len() + TAG_LEN);
+    seal_in_place(key, nonce, aad.unwrap_or_default(), &[], plaintext)
+}
+
+fn seal_in_place(
+    key: &DataKey,
+    nonce: [u8; NONCE_LEN],
+    aad: &[u8],
+    head: &[u8],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEAD_LEN + head.len() + body.len() + TAG_LEN);
     out.push(FRAME_VERSION);
     out.extend_from_slice(&nonce);
-    let payload = Payload {
-        msg: plaintext,
-        aad: aad.unwrap_or_default(),
-    };
-    // AES-GCM fails only for messages over 64 GiB, far above any chunk.
-    if let Ok(ct) = key.cipher().encrypt(&Nonce::from(nonce), payload) {
-        out.extend_from_slice(&ct);
+    out.extend_from_slice(head);
+    out.extend_from_slice(body);
+    match key
+        .cipher()
+        .encrypt_in_place_detached(&Nonce::from(nonce), aad, &mut out[HEAD_LEN..])
+    {
+        Ok(tag) => out.extend_from_slice(&tag),
+        // AES-GCM fails only for messages over 64 GiB, far above any chunk:
+        // the plaintext is wiped, and the frame (too short) never opens.
+        Err(_) => {
+            zeroize::Zeroize::zeroize(&mut out);
+            out.truncate(HEAD_LEN);
+        }
     }
     out
 }
@@ -110,26 +137,56 @@ pub fn open(
     open_with_aad(key, Some(&binding.aad()), frame)
 }
 
+/// Opens a frame sealed by [`seal_parts`] in its own buffer (decrypted in
+/// place): fills `head` with the plaintext's first bytes and returns the
+/// rest in the same buffer, moved to its start, wiped when dropped.
+pub fn open_parts(
+    key: &DataKey,
+    binding: &Binding<'_>,
+    frame: Vec<u8>,
+    head: &mut [u8],
+) -> Result<Zeroizing<Vec<u8>>, IntegrityError> {
+    open_in_place(key, &binding.aad(), Zeroizing::new(frame), head)
+}
+
 /// Opens a frame with a given AAD (None: none).
 pub fn open_with_aad(
     key: &DataKey,
     aad: Option<&[u8]>,
     frame: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, IntegrityError> {
-    if frame.len() < 1 + NONCE_LEN + TAG_LEN {
+    open_in_place(
+        key,
+        aad.unwrap_or_default(),
+        Zeroizing::new(frame.to_vec()),
+        &mut [],
+    )
+}
+
+fn open_in_place(
+    key: &DataKey,
+    aad: &[u8],
+    mut frame: Zeroizing<Vec<u8>>,
+    head: &mut [u8],
+) -> Result<Zeroizing<Vec<u8>>, IntegrityError> {
+    if frame.len() < HEAD_LEN + head.len() + TAG_LEN {
         return Err(IntegrityError::Short);
     }
     if frame[0] != FRAME_VERSION {
         return Err(IntegrityError::Version(frame[0]));
     }
-    let (nonce, ct) = frame[1..].split_at(NONCE_LEN);
-    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| IntegrityError::Short)?;
-    let payload = Payload {
-        msg: ct,
-        aad: aad.unwrap_or_default(),
-    };
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&frame[1..HEAD_LEN]);
+    let end = frame.len() - TAG_LEN;
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&frame[end..]);
+    let tag = Tag::from(tag);
     key.cipher()
-        .decrypt(&Nonce::from(nonce), payload)
-        .map(Zeroizing::new)
-        .map_err(|_| IntegrityError::Tag)
+        .decrypt_in_place_detached(&Nonce::from(nonce), aad, &mut frame[HEAD_LEN..end], &tag)
+        .map_err(|_| IntegrityError::Tag)?;
+    let body = HEAD_LEN + head.len();
+    head.copy_from_slice(&frame[HEAD_LEN..body]);
+    frame.copy_within(body..end, 0);
+    frame.truncate(end - body);
+    Ok(frame)
 }

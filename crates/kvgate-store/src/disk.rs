@@ -224,7 +224,7 @@ impl DiskTier {
             }
         };
         let at = Place::new(c, epoch, model, slot);
-        match open_chunk(&key, &at, &frame) {
+        match open_chunk(&key, &at, frame) {
             Some(loaded) => {
                 self.stats.hits.inc();
                 Some(loaded)

@@ -322,7 +322,7 @@ impl RedisTier {
         };
         let frame =
             match self.with(|conn| redis::cmd("GET").arg(&name).query::<Option<Vec<u8>>>(conn)) {
-                Ok(Some(f)) => zeroize::Zeroizing::new(f),
+                Ok(Some(f)) => f,
                 Ok(None) => {
                     self.forget(&name);
                     return miss();
@@ -330,7 +330,7 @@ impl RedisTier {
                 Err(_) => return miss(),
             };
         let at = Place::new(c, epoch, model, slot);
-        match open_chunk(&key, &at, &frame) {
+        match open_chunk(&key, &at, frame) {
             Some(loaded) => {
                 self.written.lock().touch(&name);
                 self.stats.hits.inc();

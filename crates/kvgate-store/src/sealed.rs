@@ -6,7 +6,7 @@
 use kvgate_auth::Contract;
 use zeroize::Zeroizing;
 
-use crate::crypto::{open, seal, Binding, DataKey};
+use crate::crypto::{open_parts, seal_parts, Binding, DataKey};
 use crate::protocol::ChunkMeta;
 
 /// Bytes of a chunk's meta at the head of its plaintext.
@@ -48,33 +48,34 @@ impl<'a> Place<'a> {
     }
 }
 
-/// The chunk's frame under `key`.
+/// The chunk's frame under `key` (its bytes copied once, into the frame).
 pub(crate) fn seal_chunk(key: &DataKey, at: &Place<'_>, meta: ChunkMeta, data: &[u8]) -> Vec<u8> {
-    let mut plain = Zeroizing::new(Vec::with_capacity(META_LEN + data.len()));
-    for v in [
+    let mut head = [0u8; META_LEN];
+    for (i, v) in [
         meta.fmt,
         meta.dtype,
         meta.shape[0],
         meta.shape[1],
         meta.shape[2],
         meta.shape[3],
-    ] {
-        plain.extend_from_slice(&v.to_le_bytes());
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        head[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
     }
-    plain.extend_from_slice(data);
-    seal(key, &at.binding(), &plain)
+    seal_parts(key, &at.binding(), &head, data)
 }
 
-/// The chunk in `frame`, or None if the frame does not open there (torn,
-/// tampered, moved, another epoch's): a miss, never data.
-pub(crate) fn open_chunk(key: &DataKey, at: &Place<'_>, frame: &[u8]) -> Option<Loaded> {
-    let plain = open(key, &at.binding(), frame).ok()?;
-    if plain.len() < META_LEN {
-        return None;
-    }
+/// The chunk in `frame` (opened in its own buffer), or None if the frame
+/// does not open there (torn, tampered, moved, another epoch's): a miss,
+/// never data.
+pub(crate) fn open_chunk(key: &DataKey, at: &Place<'_>, frame: Vec<u8>) -> Option<Loaded> {
+    let mut head = [0u8; META_LEN];
+    let data = open_parts(key, &at.binding(), frame, &mut head).ok()?;
     let int = |i: usize| {
         let mut b = [0u8; 4];
-        b.copy_from_slice(&plain[4 * i..4 * i + 4]);
+        b.copy_from_slice(&head[4 * i..4 * i + 4]);
         i32::from_le_bytes(b)
     };
     Some(Loaded {
@@ -83,6 +84,6 @@ pub(crate) fn open_chunk(key: &DataKey, at: &Place<'_>, frame: &[u8]) -> Option<
             dtype: int(1),
             shape: [int(2), int(3), int(4), int(5)],
         },
-        data: Zeroizing::new(plain[META_LEN..].to_vec()),
+        data,
     })
 }

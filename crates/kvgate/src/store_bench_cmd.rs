@@ -280,9 +280,11 @@ pub async fn run(args: StoreBenchArgs) -> Result<()> {
 
     if let Some(cmd) = &args.lmcache_cmd {
         let port = free_port()?;
+        // `exec`: the server is the child itself, so dropping it stops the
+        // server (not only the shell, which left it running).
         let child = Command::new("sh")
             .arg("-c")
-            .arg(cmd.replace("{port}", &port.to_string()))
+            .arg(format!("exec {}", cmd.replace("{port}", &port.to_string())))
             .stdout(Stdio::null())
             .spawn()
             .context("starting LMCache's server")?;
