@@ -89,7 +89,8 @@ impl ExternalProcessor for EndpointPicker {
 }
 
 /// Serves ext_proc and gRPC health on `listener` until `shutdown` resolves.
-/// Readiness is SERVING while some endpoint is available.
+/// Readiness is SERVING while some endpoint is available and the gateway
+/// is not draining.
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: tokio::net::TcpListener,
@@ -102,7 +103,7 @@ pub async fn serve(
     let probe = gw.clone();
     let readiness = tokio::spawn(async move {
         loop {
-            let ready = probe.fleet().snapshot().iter().any(|e| e.is_available());
+            let ready = probe.is_ready();
             let status = if ready {
                 tonic_health::ServingStatus::Serving
             } else {

@@ -9,6 +9,9 @@ use kvgate_router::RouterConfig;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_GATEWAY_LISTEN: &str = "0.0.0.0:8080";
+/// How long a SIGTERM waits for in-flight requests (streams included) before
+/// exiting anyway: under Kubernetes' default 30 s grace before SIGKILL.
+pub const DEFAULT_DRAIN_GRACE_MS: u64 = 25_000;
 /// `kvgate epp`'s ext_proc (gRPC) listener: the Inference Extension's EPP port.
 pub const DEFAULT_EPP_LISTEN: &str = "0.0.0.0:9002";
 /// Largest accepted request body (a long multi-turn chat fits comfortably).
@@ -78,6 +81,9 @@ pub struct GatewayConfig {
     /// `kvgate epp`: where Envoy's ext_proc filter reaches the endpoint
     /// picker (gRPC; `listen` then serves metrics, probes and the admin API).
     pub epp_listen: String,
+    /// On SIGTERM: not-ready, no new connections, and this long for what is
+    /// in flight to finish before exiting.
+    pub drain_grace_ms: u64,
 }
 
 /// `store_admin:`: the store's admin listener and its token.
@@ -119,6 +125,7 @@ impl Default for GatewayConfig {
             service: DEFAULT_SERVICE.to_string(),
             store_admin: None,
             epp_listen: DEFAULT_EPP_LISTEN.to_string(),
+            drain_grace_ms: DEFAULT_DRAIN_GRACE_MS,
         }
     }
 }

@@ -50,6 +50,9 @@ pub struct Gateway {
     pub index_metrics: Arc<IndexerMetrics>,
     pub(crate) registry: Registry,
     pub(crate) render_failures: crate::pipeline::RenderFailures,
+    /// Set on SIGTERM: `/ready` answers 503 (and the picker's gRPC
+    /// readiness NOT_SERVING) while in-flight requests finish.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
@@ -127,6 +130,7 @@ impl Gateway {
             index_metrics,
             registry,
             render_failures: Default::default(),
+            draining: Default::default(),
             cfg,
         });
         if let Some(cp) = crate::control_plane::ControlPlane::from_config(&gw) {
@@ -146,6 +150,22 @@ impl Gateway {
     /// The configuration it was started with.
     pub fn config(&self) -> &GatewayConfig {
         &self.cfg
+    }
+
+    /// Goes not-ready for good (shutting down): load balancers stop sending
+    /// while what is in flight finishes.
+    pub fn start_drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Ready to take requests: not draining and some endpoint available.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.fleet.snapshot().iter().any(|e| e.is_available())
     }
 
     /// Suspends or reactivates a contract: new requests refused (or

@@ -207,6 +207,9 @@ async fn models(State(gw): State<Arc<Gateway>>) -> Response {
 /// 200 with details while some endpoint is available (render failures are
 /// listed: they degrade routing, not readiness), else 503.
 async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.is_draining() {
+        return no_endpoint("draining: shutting down");
+    }
     let endpoints = gw.fleet.snapshot();
     let available = endpoints.iter().filter(|e| e.is_available()).count();
     if available == 0 {

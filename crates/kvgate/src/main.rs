@@ -7,6 +7,7 @@ mod config;
 mod demo;
 mod reload;
 mod sentinel_cmd;
+mod serve;
 mod service;
 mod sim_cmd;
 mod store_bench_cmd;
@@ -116,86 +117,6 @@ enum Command {
     },
 }
 
-/// Serves a gateway until Ctrl-C, then writes the audit chain's checkpoint.
-/// With a config file, its changes are applied while serving (`reload.rs`).
-async fn serve_gateway(
-    cfg: kvgate_gateway::GatewayConfig,
-    reload: Option<reload::ConfigReload>,
-) -> Result<()> {
-    let listener = kvgate_tls::bind(&cfg.listen, cfg.tls.as_ref()).await?;
-    let discovery =
-        std::sync::Arc::new(kvgate_gateway::StaticDiscovery::new(cfg.endpoints.clone())?);
-    let gw = kvgate_gateway::Gateway::start(cfg.clone(), discovery).await?;
-    if let Some(reload) = reload {
-        gw.add_source(Box::new(reload::ConfigFile {
-            running: cfg,
-            reload,
-        }));
-    }
-    tracing::info!(addr = %listener.local_addr(), tls = listener.certs().is_some(), "gateway listening");
-    // Connect info carries the client certificate to the contract layer.
-    let app = gw
-        .router()
-        .into_make_service_with_connect_info::<kvgate_tls::Peer>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
-    // Writes what is queued and the checkpoint of the audit chain.
-    gw.sentinel().audit().shutdown().await?;
-    Ok(())
-}
-
-/// Serves the endpoint picker (ext_proc) and the gateway's HTTP side
-/// (metrics, probes, admin) until Ctrl-C or SIGTERM.
-async fn serve_epp(cfg: kvgate_gateway::GatewayConfig) -> Result<()> {
-    let grpc = tokio::net::TcpListener::bind(&cfg.epp_listen).await?;
-    let http = kvgate_tls::bind(&cfg.listen, cfg.tls.as_ref()).await?;
-    let discovery =
-        std::sync::Arc::new(kvgate_gateway::StaticDiscovery::new(cfg.endpoints.clone())?);
-    let gw = kvgate_gateway::Gateway::start(cfg, discovery).await?;
-    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr(), "endpoint picker listening");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let app = gw
-        .router()
-        .into_make_service_with_connect_info::<kvgate_tls::Peer>();
-    let mut http_stop = stop_rx.clone();
-    let http_task = tokio::spawn(async move {
-        axum::serve(http, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.changed().await;
-            })
-            .await
-    });
-    let mut grpc_stop = stop_rx;
-    let grpc_task = tokio::spawn(kvgate_epp::serve(gw.clone(), grpc, async move {
-        let _ = grpc_stop.changed().await;
-    }));
-    shutdown_signal().await;
-    let _ = stop_tx.send(true);
-    grpc_task.await??;
-    http_task.await??;
-    gw.sentinel().audit().shutdown().await?;
-    Ok(())
-}
-
-/// Ctrl-C or SIGTERM (what Kubernetes sends).
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-}
-
 fn init_logs(filter: &str, pretty: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -267,7 +188,7 @@ async fn main() -> Result<()> {
                 path,
                 load: Box::new(load),
             });
-            serve_gateway(cfg, reload).await
+            serve::gateway(cfg, reload).await
         }
         Command::Epp {
             config,
@@ -289,7 +210,7 @@ async fn main() -> Result<()> {
                     endpoint_flags(&mut c.endpoints, &endpoints)
                 },
             )?;
-            serve_epp(cfg).await
+            serve::epp(cfg).await
         }
         Command::Sim(args) => {
             init_logs(&cli.log, cli.pretty_logs);
@@ -378,7 +299,7 @@ async fn main() -> Result<()> {
         Command::Sentinel(args) => {
             init_logs(&cli.log, cli.pretty_logs);
             let reload = sentinel_cmd::reload(&args);
-            serve_gateway(sentinel_cmd::config(*args)?, reload).await
+            serve::gateway(sentinel_cmd::config(*args)?, reload).await
         }
     }
 }
