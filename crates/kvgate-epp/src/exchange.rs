@@ -39,6 +39,9 @@ use kvgate_openai::OpenAiError;
 
 use crate::wire::{self, Headers};
 
+/// Fallbacks named after the primary in the destination header.
+pub const MAX_FALLBACKS: usize = 2;
+
 pub struct Exchange {
     gw: Arc<Gateway>,
     received: Instant,
@@ -209,12 +212,19 @@ impl Exchange {
             Ok(p) => p,
             Err(e) => return self.refuse(e),
         };
-        let Some(dest) = host_port(&picked.endpoint.cfg.url).map(String::from) else {
+        let Some(primary) = host_port(&picked.endpoint.cfg.url).map(String::from) else {
             return self.refuse(OpenAiError::service_unavailable(
                 "the picked endpoint has no host:port",
                 None,
             ));
         };
+        // `primary[,fallback...]`: the next best by the decision's own cost,
+        // for Envoy to try if the primary cannot be reached.
+        let mut dest = primary.clone();
+        for f in self.fallbacks(&picked) {
+            dest.push(',');
+            dest.push_str(&f);
+        }
         let mut remove = vec!["content-length".to_string()];
         for name in headers.map.keys() {
             // The client's credential is the contract layer's, never the
@@ -225,11 +235,32 @@ impl Exchange {
                 remove.push(name.as_str().to_string());
             }
         }
-        let mut out = vec![wire::destination(&dest, Vec::new(), remove)];
+        let mut out = vec![wire::destination(&primary, &dest, Vec::new(), remove)];
         out.extend(wire::body_chunks(&picked.body, true));
-        self.destination = Some(dest);
+        self.destination = Some(primary);
         self.end = Some(picked.end);
         out
+    }
+
+    /// Up to [`MAX_FALLBACKS`] other eligible, available endpoints the
+    /// decision scored, cheapest first (none for policies that do not score).
+    fn fallbacks(&self, picked: &kvgate_gateway::pick::Picked) -> Vec<String> {
+        let eligible = self.eligible();
+        let fleet = self.gw.fleet().snapshot();
+        let mut scored: Vec<&kvgate_router::Score> = picked
+            .decision
+            .scores
+            .iter()
+            .filter(|s| s.endpoint != picked.endpoint.name())
+            .collect();
+        scored.sort_by(|a, b| a.cost.total_cmp(&b.cost));
+        scored
+            .into_iter()
+            .filter_map(|s| fleet.iter().find(|e| e.name() == s.endpoint))
+            .filter(|e| e.is_available() && eligible(e))
+            .filter_map(|e| host_port(&e.cfg.url).map(String::from))
+            .take(MAX_FALLBACKS)
+            .collect()
     }
 
     /// A request that names no model: any available endpoint, by load.
@@ -245,7 +276,7 @@ impl Exchange {
             ));
         };
         let dest = dest.to_string();
-        let mut out = vec![wire::destination(&dest, Vec::new(), Vec::new())];
+        let mut out = vec![wire::destination(&dest, &dest, Vec::new(), Vec::new())];
         if !self.body.is_empty() {
             out.extend(wire::body_chunks(&std::mem::take(&mut self.body), true));
         }

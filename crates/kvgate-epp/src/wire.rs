@@ -87,17 +87,20 @@ fn string_value(s: &str) -> Value {
 }
 
 /// The request-headers answer that names the destination: headers set and
-/// removed, the route cache cleared (the destination changed it), and the
-/// same destination under `envoy.lb` in the dynamic metadata.
+/// removed, the route cache cleared (the destination changed it). The header
+/// names the primary alone (Envoy's ORIGINAL_DST cluster takes one address);
+/// `envoy.lb` in the dynamic metadata has `primary[,fallback...]`, for load
+/// balancers that take fallbacks (Envoy's override_host policy).
 pub fn destination(
-    dest: &str,
+    primary: &str,
+    with_fallbacks: &str,
     set: Vec<HeaderValueOption>,
     remove: Vec<String>,
 ) -> ProcessingResponse {
-    let mut set_headers = vec![set_header(DESTINATION_HEADER, dest)];
+    let mut set_headers = vec![set_header(DESTINATION_HEADER, primary)];
     set_headers.extend(set);
     let lb = Struct {
-        fields: [(DESTINATION_HEADER.to_string(), string_value(dest))].into(),
+        fields: [(DESTINATION_HEADER.to_string(), string_value(with_fallbacks))].into(),
     };
     ProcessingResponse {
         dynamic_metadata: Some(Struct {

@@ -190,9 +190,16 @@ impl Stream {
     }
 }
 
-/// The destination a request-headers reply names, checked to be in both
-/// the header mutation and the `envoy.lb` metadata, with the route cache cleared.
+/// The destination a request-headers reply names: the header's primary,
+/// checked to lead the `envoy.lb` metadata's list, with the route cache cleared.
 fn destination(r: &ProcessingResponse) -> String {
+    let (primary, list) = destinations(r);
+    assert_eq!(list[0], primary);
+    primary
+}
+
+/// (the header's primary, the metadata's `primary[,fallback...]` list).
+fn destinations(r: &ProcessingResponse) -> (String, Vec<String>) {
     let Some(Response::RequestHeaders(h)) = &r.response else {
         panic!("not a request-headers reply: {r:?}");
     };
@@ -212,8 +219,8 @@ fn destination(r: &ProcessingResponse) -> String {
     let Some(Kind::StringValue(v)) = &lb.fields[DESTINATION_HEADER].kind else {
         panic!("no destination in envoy.lb");
     };
-    assert_eq!(v, &dest);
-    dest
+    assert!(!dest.contains(','), "the header names one address: {dest}");
+    (dest, v.split(',').map(String::from).collect())
 }
 
 fn removed_headers(r: &ProcessingResponse) -> Vec<String> {
@@ -292,12 +299,17 @@ async fn a_body_split_across_chunks_is_collected_then_answered_headers_then_body
     s.send(body(a, false, true)).await;
     s.silent().await;
     s.send(body(b, true, true)).await;
-    let dest = destination(&s.reply().await);
-    assert!(
-        p.engines.contains(&dest),
-        "{dest} is one of {:?}",
-        p.engines
+    let (primary, named) = destinations(&s.reply().await);
+    assert_eq!(
+        named.len(),
+        2,
+        "the primary, then the other engine as fallback: {named:?}"
     );
+    assert_eq!(named[0], primary);
+    assert_ne!(named[0], named[1]);
+    for n in &named {
+        assert!(p.engines.contains(n), "{n} is one of {:?}", p.engines);
+    }
     let sent: serde_json::Value = serde_json::from_str(CHAT).unwrap();
     assert_eq!(
         forwarded_body(&mut s).await,
@@ -340,7 +352,12 @@ async fn the_subset_hint_limits_the_pick_and_an_empty_match_is_503() {
         ))
         .await;
         s.send(body(CHAT.as_bytes(), true, true)).await;
-        assert_eq!(destination(&s.reply().await), only);
+        let (primary, named) = destinations(&s.reply().await);
+        assert_eq!(
+            (primary, named),
+            (only.clone(), vec![only.clone()]),
+            "no fallback outside the subset"
+        );
     }
     let mut s = Stream::open(&p).await;
     s.send(with_subset(
@@ -364,7 +381,10 @@ async fn a_header_only_request_is_answered_in_the_headers_phase() {
     ))
     .await;
     let dest = destination(&s.reply().await);
-    assert!(p.engines.contains(&dest));
+    assert!(
+        p.engines.contains(&dest),
+        "one endpoint for a request without a model: {dest}"
+    );
     // A path that is not an inference endpoint never reaches an engine.
     let mut s = Stream::open(&p).await;
     s.send(headers(
