@@ -197,20 +197,28 @@ async fn main() -> Result<()> {
             endpoints,
         } => {
             init_logs(&cli.log, cli.pretty_logs);
-            let cfg = config::load(
-                config.as_deref(),
-                |k| std::env::var(k).ok(),
-                |c: &mut kvgate_gateway::GatewayConfig| {
-                    if let Some(v) = &grpc_listen {
-                        c.epp_listen = v.clone();
-                    }
-                    if let Some(v) = &listen {
-                        c.listen = v.clone();
-                    }
-                    endpoint_flags(&mut c.endpoints, &endpoints)
-                },
-            )?;
-            serve::epp(cfg).await
+            let path = config.clone();
+            let load = move || -> Result<kvgate_gateway::GatewayConfig> {
+                config::load(
+                    path.as_deref(),
+                    |k| std::env::var(k).ok(),
+                    |c: &mut kvgate_gateway::GatewayConfig| {
+                        if let Some(v) = &grpc_listen {
+                            c.epp_listen = v.clone();
+                        }
+                        if let Some(v) = &listen {
+                            c.listen = v.clone();
+                        }
+                        endpoint_flags(&mut c.endpoints, &endpoints)
+                    },
+                )
+            };
+            let cfg = load()?;
+            let reload = config.map(|path| reload::ConfigReload {
+                path,
+                load: Box::new(load),
+            });
+            serve::epp(cfg, reload).await
         }
         Command::Sim(args) => {
             init_logs(&cli.log, cli.pretty_logs);

@@ -1,4 +1,4 @@
-//! Config reload on change for `kvgate gateway` and `kvgate sentinel`: the
+//! Config reload on change for `kvgate gateway`, `kvgate sentinel` and `kvgate epp`: the
 //! config file is checked every [`RELOAD_CHECK`] and, when it changed, loaded
 //! again exactly as at start (file, env, flags, validation). Its `contracts`
 //! section takes effect at once (credentials, contracts, statuses: see

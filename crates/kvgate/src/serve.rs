@@ -18,14 +18,7 @@ use crate::reload;
 /// serving (`reload.rs`).
 pub async fn gateway(cfg: GatewayConfig, reload: Option<reload::ConfigReload>) -> Result<()> {
     let listener = kvgate_tls::bind(&cfg.listen, cfg.tls.as_ref()).await?;
-    let discovery = Arc::new(StaticDiscovery::new(cfg.endpoints.clone())?);
-    let gw = Gateway::start(cfg.clone(), discovery).await?;
-    if let Some(reload) = reload {
-        gw.add_source(Box::new(reload::ConfigFile {
-            running: cfg,
-            reload,
-        }));
-    }
+    let gw = start(cfg, reload).await?;
     tracing::info!(addr = %listener.local_addr(), tls = listener.certs().is_some(), "gateway listening");
     let stop = Stop::new();
     let http = tokio::spawn(serve_http(gw.clone(), listener, stop.rx()));
@@ -33,12 +26,12 @@ pub async fn gateway(cfg: GatewayConfig, reload: Option<reload::ConfigReload>) -
 }
 
 /// Serves the endpoint picker (ext_proc on `epp_listen`) and the gateway's
-/// HTTP side (metrics, probes, admin) on `listen`.
-pub async fn epp(cfg: GatewayConfig) -> Result<()> {
+/// HTTP side (metrics, probes, admin) on `listen`; config changes as for the
+/// gateway.
+pub async fn epp(cfg: GatewayConfig, reload: Option<reload::ConfigReload>) -> Result<()> {
     let grpc = tokio::net::TcpListener::bind(&cfg.epp_listen).await?;
     let http = kvgate_tls::bind(&cfg.listen, cfg.tls.as_ref()).await?;
-    let discovery = Arc::new(StaticDiscovery::new(cfg.endpoints.clone())?);
-    let gw = Gateway::start(cfg, discovery).await?;
+    let gw = start(cfg, reload).await?;
     tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr(), "endpoint picker listening");
     let stop = Stop::new();
     let http = tokio::spawn(serve_http(gw.clone(), http, stop.rx()));
@@ -55,6 +48,20 @@ pub async fn epp(cfg: GatewayConfig) -> Result<()> {
         ],
     )
     .await
+}
+
+/// The gateway over the config's endpoints, following the config file's
+/// changes when there is one.
+async fn start(cfg: GatewayConfig, reload: Option<reload::ConfigReload>) -> Result<Arc<Gateway>> {
+    let discovery = Arc::new(StaticDiscovery::new(cfg.endpoints.clone())?);
+    let gw = Gateway::start(cfg.clone(), discovery).await?;
+    if let Some(reload) = reload {
+        gw.add_source(Box::new(reload::ConfigFile {
+            running: cfg,
+            reload,
+        }));
+    }
+    Ok(gw)
 }
 
 /// The signal every listener stops on.
