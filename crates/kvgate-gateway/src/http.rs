@@ -226,6 +226,8 @@ async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     gw.index_metrics.refresh_gauges(gw.index());
+    gw.metrics
+        .refresh_endpoints(&gw.fleet.snapshot(), &gw.cfg.service);
     let routed = gw.metrics.prompt_tokens.get();
     if routed > 0 {
         gw.metrics

@@ -58,6 +58,22 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+/// One endpoint of the fleet: its name and the model it serves first.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: String,
+    pub model: String,
+}
+
+/// An engine's KV use as KEDA triggers query it (`service`, as on `sentinel_*`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineServiceLabels {
+    pub service: String,
+    pub endpoint: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// Only configured contracts get here, so the label stays bounded.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ContractLabels {
@@ -106,6 +122,14 @@ pub struct GatewayMetrics {
     pub control_plane_errors: Counter,
     /// Contract status pushes to the KV store that failed after retries.
     pub store_sync_errors: Counter,
+    /// Per endpoint, set at scrape: requests kvgate has in flight there, the
+    /// engine's queue (its waiting requests) and KV use (0-1), as last scraped.
+    pub endpoint_in_flight: Family<EndpointLabels, Gauge>,
+    pub endpoint_queue_depth: Family<EndpointLabels, Gauge>,
+    pub endpoint_kv_usage: Family<EndpointLabels, FloatGauge>,
+    /// The engine's KV use again, as `vllm_gpu_cache_usage_perc{service}`:
+    /// the series our users' KEDA ScaledObjects scale on.
+    pub engine_kv_usage_by_service: Family<EngineServiceLabels, FloatGauge>,
 }
 
 impl Default for GatewayMetrics {
@@ -130,6 +154,10 @@ impl Default for GatewayMetrics {
             denied: Family::default(),
             control_plane_errors: Counter::default(),
             store_sync_errors: Counter::default(),
+            endpoint_in_flight: Family::default(),
+            endpoint_queue_depth: Family::default(),
+            endpoint_kv_usage: Family::default(),
+            engine_kv_usage_by_service: Family::default(),
         }
     }
 }
@@ -172,6 +200,43 @@ impl GatewayMetrics {
             .entry(id.to_string())
             .or_insert(c)
             .clone()
+    }
+
+    /// Sets the per-endpoint gauges from the fleet as it is now (endpoints
+    /// that left disappear).
+    pub fn refresh_endpoints(
+        &self,
+        endpoints: &[std::sync::Arc<kvgate_fleet::Endpoint>],
+        service: &str,
+    ) {
+        for f in [&self.endpoint_in_flight, &self.endpoint_queue_depth] {
+            f.clear();
+        }
+        self.endpoint_kv_usage.clear();
+        self.engine_kv_usage_by_service.clear();
+        for e in endpoints {
+            let load = e.load.snapshot();
+            let labels = EndpointLabels {
+                endpoint: e.name().to_string(),
+                model: e.cfg.models.first().cloned().unwrap_or_default(),
+            };
+            let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.endpoint_in_flight
+                .get_or_create(&labels)
+                .set(as_i64(load.in_flight));
+            self.endpoint_queue_depth
+                .get_or_create(&labels)
+                .set(as_i64(load.engine_waiting));
+            self.endpoint_kv_usage
+                .get_or_create(&labels)
+                .set(load.engine_kv_usage);
+            self.engine_kv_usage_by_service
+                .get_or_create(&EngineServiceLabels {
+                    service: service.to_string(),
+                    endpoint: labels.endpoint,
+                })
+                .set(load.engine_kv_usage);
+        }
     }
 
     pub fn register(&self, r: &mut Registry) {
@@ -260,6 +325,26 @@ impl GatewayMetrics {
             "kvgate_routing_duration_seconds",
             "Template + tokenize + keys + score time per request",
             self.routing_duration.clone(),
+        );
+        r.register(
+            "kvgate_endpoint_in_flight",
+            "Requests kvgate has in flight at each endpoint",
+            self.endpoint_in_flight.clone(),
+        );
+        r.register(
+            "kvgate_endpoint_queue_depth",
+            "Each engine's waiting requests, as last scraped",
+            self.endpoint_queue_depth.clone(),
+        );
+        r.register(
+            "kvgate_endpoint_kv_usage",
+            "Each engine's KV cache use (0-1), as last scraped",
+            self.endpoint_kv_usage.clone(),
+        );
+        r.register(
+            "vllm_gpu_cache_usage_perc",
+            "Each engine's KV cache use (0-1) by service, re-exported for autoscalers (KEDA)",
+            self.engine_kv_usage_by_service.clone(),
         );
     }
 }
