@@ -3,6 +3,7 @@
 //!
 //! - [`endpoint`]: the one endpoint description (YAML, flags, discovery), validated once;
 //! - [`discovery`]: where endpoint sets come from, as a stream of desired sets;
+//! - [`dns`]: discovery by a name's A/AAAA records (a headless Service);
 //! - [`fleet`]: the registry: endpoints, their event feeds, reconcile;
 //! - [`breaker`]: each endpoint's circuit breaker and health-check gate;
 //! - [`probes`]: health checks and engine-metrics scrapes ([`engine_metrics`]);
@@ -10,6 +11,7 @@
 
 pub mod breaker;
 pub mod discovery;
+pub mod dns;
 pub mod endpoint;
 pub mod engine_metrics;
 pub mod fleet;
@@ -18,6 +20,7 @@ pub mod route;
 
 pub use breaker::Ejection;
 pub use discovery::{Discovery, StaticDiscovery};
+pub use dns::{DnsDiscovery, DnsDiscoveryConfig};
 pub use endpoint::{validate_all, EndpointConfig, EndpointConfigError};
 pub use fleet::{Endpoint, EventFeeds, Fleet, IndexOnly, Unfollow};
 pub use probes::{spawn_probes, ProbeConfig};

@@ -35,6 +35,9 @@ pub struct GatewayConfig {
     /// client CA, mTLS and `contracts.client_certs`). Unset: plain HTTP.
     pub tls: Option<kvgate_tls::TlsConfig>,
     pub endpoints: Vec<EndpointConfig>,
+    /// Or the endpoints by DNS: a name's A/AAAA records (a headless
+    /// Service), re-resolved (`kvgate_fleet::dns`). Not with `endpoints`.
+    pub dns: Option<kvgate_fleet::DnsDiscoveryConfig>,
     /// TLS to `https://` endpoints: the CA they chain to and, for engines
     /// that require mTLS, kvgate's client certificate.
     pub upstream_tls: Option<kvgate_tls::ClientTlsConfig>,
@@ -102,6 +105,7 @@ impl Default for GatewayConfig {
             listen: DEFAULT_GATEWAY_LISTEN.to_string(),
             tls: None,
             endpoints: Vec::new(),
+            dns: None,
             upstream_tls: None,
             router: RouterConfig::default(),
             index: IndexConfig::default(),
@@ -149,6 +153,8 @@ pub enum ConfigError {
         "endpoint {0:?} is https: set upstream_tls.ca_file (the CA its certificate chains to)"
     )]
     HttpsWithoutUpstreamTls(String),
+    #[error("endpoints and dns are exclusive: one source of endpoints")]
+    EndpointsAndDns,
 }
 
 impl GatewayConfig {
@@ -156,6 +162,12 @@ impl GatewayConfig {
     /// passes here before a gateway starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         kvgate_fleet::validate_all(&self.endpoints)?;
+        if let Some(dns) = &self.dns {
+            if !self.endpoints.is_empty() {
+                return Err(ConfigError::EndpointsAndDns);
+            }
+            dns.validate()?;
+        }
         for (what, v) in [
             ("max_body_bytes", self.max_body_bytes as u64),
             ("health_interval_ms", self.health_interval_ms),

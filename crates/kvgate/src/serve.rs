@@ -53,7 +53,13 @@ pub async fn epp(cfg: GatewayConfig, reload: Option<reload::ConfigReload>) -> Re
 /// The gateway over the config's endpoints, following the config file's
 /// changes when there is one.
 async fn start(cfg: GatewayConfig, reload: Option<reload::ConfigReload>) -> Result<Arc<Gateway>> {
-    let discovery = Arc::new(StaticDiscovery::new(cfg.endpoints.clone())?);
+    let discovery: Arc<dyn kvgate_gateway::Discovery> = match &cfg.dns {
+        Some(dns) => Arc::new(
+            kvgate_fleet::DnsDiscovery::start(dns.clone(), kvgate_fleet::dns::system_resolver())
+                .await?,
+        ),
+        None => Arc::new(StaticDiscovery::new(cfg.endpoints.clone())?),
+    };
     let gw = Gateway::start(cfg.clone(), discovery).await?;
     if let Some(reload) = reload {
         gw.add_source(Box::new(reload::ConfigFile {
