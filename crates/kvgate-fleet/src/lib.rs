@@ -15,6 +15,7 @@ pub mod dns;
 pub mod endpoint;
 pub mod engine_metrics;
 pub mod fleet;
+pub mod k8s_config;
 pub mod probes;
 pub mod route;
 
@@ -23,6 +24,7 @@ pub use discovery::{Discovery, StaticDiscovery};
 pub use dns::{DnsDiscovery, DnsDiscoveryConfig};
 pub use endpoint::{validate_all, EndpointConfig, EndpointConfigError};
 pub use fleet::{Endpoint, EventFeeds, Fleet, IndexOnly, Unfollow};
+pub use k8s_config::K8sDiscoveryConfig;
 pub use probes::{spawn_probes, ProbeConfig};
 pub use route::{RouteQuery, Routed, RoutingInput};
 

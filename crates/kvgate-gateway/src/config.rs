@@ -38,6 +38,9 @@ pub struct GatewayConfig {
     /// Or the endpoints by DNS: a name's A/AAAA records (a headless
     /// Service), re-resolved (`kvgate_fleet::dns`). Not with `endpoints`.
     pub dns: Option<kvgate_fleet::DnsDiscoveryConfig>,
+    /// Or the Ready pods a label selector or an InferencePool names
+    /// (`kvgate-k8s`). Not with `endpoints` or `dns`.
+    pub kubernetes: Option<kvgate_fleet::K8sDiscoveryConfig>,
     /// TLS to `https://` endpoints: the CA they chain to and, for engines
     /// that require mTLS, kvgate's client certificate.
     pub upstream_tls: Option<kvgate_tls::ClientTlsConfig>,
@@ -106,6 +109,7 @@ impl Default for GatewayConfig {
             tls: None,
             endpoints: Vec::new(),
             dns: None,
+            kubernetes: None,
             upstream_tls: None,
             router: RouterConfig::default(),
             index: IndexConfig::default(),
@@ -153,7 +157,7 @@ pub enum ConfigError {
         "endpoint {0:?} is https: set upstream_tls.ca_file (the CA its certificate chains to)"
     )]
     HttpsWithoutUpstreamTls(String),
-    #[error("endpoints and dns are exclusive: one source of endpoints")]
+    #[error("endpoints, dns and kubernetes are exclusive: one source of endpoints")]
     EndpointsAndDns,
 }
 
@@ -162,10 +166,13 @@ impl GatewayConfig {
     /// passes here before a gateway starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         kvgate_fleet::validate_all(&self.endpoints)?;
+        let sources = usize::from(!self.endpoints.is_empty())
+            + usize::from(self.dns.is_some())
+            + usize::from(self.kubernetes.is_some());
+        if sources > 1 {
+            return Err(ConfigError::EndpointsAndDns);
+        }
         if let Some(dns) = &self.dns {
-            if !self.endpoints.is_empty() {
-                return Err(ConfigError::EndpointsAndDns);
-            }
             dns.validate()?;
         }
         for (what, v) in [
