@@ -53,12 +53,17 @@ pub async fn epp(cfg: GatewayConfig, reload: Option<reload::ConfigReload>) -> Re
 /// The gateway over the config's endpoints, following the config file's
 /// changes when there is one.
 async fn start(cfg: GatewayConfig, reload: Option<reload::ConfigReload>) -> Result<Arc<Gateway>> {
-    let discovery: Arc<dyn kvgate_gateway::Discovery> = match &cfg.dns {
-        Some(dns) => Arc::new(
+    let discovery: Arc<dyn kvgate_gateway::Discovery> = match (&cfg.dns, &cfg.kubernetes) {
+        (Some(dns), _) => Arc::new(
             kvgate_fleet::DnsDiscovery::start(dns.clone(), kvgate_fleet::dns::system_resolver())
                 .await?,
         ),
-        None => Arc::new(StaticDiscovery::new(cfg.endpoints.clone())?),
+        // In-cluster (the pod's service account), else the kubeconfig.
+        (None, Some(k8s)) => Arc::new(
+            kvgate_k8s::K8sDiscovery::start(k8s.clone(), kube::Client::try_default().await?)
+                .await?,
+        ),
+        (None, None) => Arc::new(StaticDiscovery::new(cfg.endpoints.clone())?),
     };
     let gw = Gateway::start(cfg.clone(), discovery).await?;
     if let Some(reload) = reload {
