@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::config::DEFAULT_RETRY_AFTER_SECS;
 use crate::pipeline::{prepare, Kind, PrepareError};
-use crate::proxy::{forward, PendingRequest, ProxyError, RequestFacts};
+use crate::proxy::{forward, PendingRequest, ProxyError};
 use crate::Gateway;
 
 /// What routing sees for a chat request: same body and auth as
@@ -91,18 +91,7 @@ async fn handle(
     let session = headers
         .get(gw.cfg.session_header.as_str())
         .and_then(|v| v.to_str().ok());
-    let counters = prepared.admission.as_ref().map(|a| {
-        let c = gw.metrics.contract(a.contract.id());
-        c.requests.inc();
-        c.prompt_tokens.inc_by(prepared.tokens.len() as u64);
-        c
-    });
-    let facts = RequestFacts {
-        received,
-        admission: prepared.admission.take(),
-        counters,
-        pending,
-    };
+    let facts = prepared.facts(&gw, received, pending);
     let input = match prepared.routing_input(&gw, session) {
         Ok(i) => i,
         Err(e) => return prepare_error(e),

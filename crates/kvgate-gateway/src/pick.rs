@@ -15,7 +15,7 @@ use kvgate_router::Decision;
 use crate::config::DEFAULT_RETRY_AFTER_SECS;
 use crate::http::refusal;
 use crate::pipeline::{prepare, Kind};
-use crate::proxy::{PendingRequest, RequestFacts};
+use crate::proxy::PendingRequest;
 use crate::request_end::{record_routed, RequestEnd};
 use crate::Gateway;
 
@@ -46,18 +46,7 @@ pub fn pick(
     let session = headers
         .get(gw.cfg.session_header.as_str())
         .and_then(|v| v.to_str().ok());
-    let counters = prepared.admission.as_ref().map(|a| {
-        let c = gw.metrics.contract(a.contract.id());
-        c.requests.inc();
-        c.prompt_tokens.inc_by(prepared.tokens.len() as u64);
-        c
-    });
-    let facts = RequestFacts {
-        received,
-        admission: prepared.admission.take(),
-        counters,
-        pending,
-    };
+    let facts = prepared.facts(gw, received, pending);
     let mut input = prepared
         .routing_input(gw, session)
         .map_err(|e| refusal(gw, e))?;

@@ -175,6 +175,28 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// What the request's end needs (`RequestFacts`): its admission taken
+    /// from here, its contract's counters, counted as admitted.
+    pub fn facts(
+        &mut self,
+        gw: &Gateway,
+        received: std::time::Instant,
+        pending: crate::proxy::PendingRequest,
+    ) -> crate::proxy::RequestFacts {
+        let counters = self.admission.as_ref().map(|a| {
+            let c = gw.metrics.contract(a.contract.id());
+            c.requests.inc();
+            c.prompt_tokens.inc_by(self.tokens.len() as u64);
+            c
+        });
+        crate::proxy::RequestFacts {
+            received,
+            admission: self.admission.take(),
+            counters,
+            pending,
+        }
+    }
+
     /// The fleet's routing input for this request (fails for a model no
     /// endpoint serves).
     pub fn routing_input<'a>(
