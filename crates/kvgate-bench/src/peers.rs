@@ -227,13 +227,7 @@ impl RouterSpec {
                 let config = ctx.scratch.join("envoy.yaml");
                 LaunchPlan {
                     program: peer("envoy")?,
-                    args: vec![
-                        "--config-path".into(),
-                        config.display().to_string(),
-                        "--disable-hot-restart".into(),
-                        "--log-level".into(),
-                        "warn".into(),
-                    ],
+                    args: envoy_args(&config, None),
                     files: vec![(config, envoy_config(ctx.port, ctx.aux_port, &ctx.workers))],
                     companion: None,
                 }
@@ -253,15 +247,7 @@ impl RouterSpec {
                 };
                 LaunchPlan {
                     program: peer("envoy")?,
-                    args: vec![
-                        "--config-path".into(),
-                        config.display().to_string(),
-                        "--disable-hot-restart".into(),
-                        "--base-id".into(),
-                        ctx.port.to_string(),
-                        "--log-level".into(),
-                        "warn".into(),
-                    ],
+                    args: envoy_args(&config, Some(ctx.port)),
                     files: vec![(config, envoy_epp_config(&envoy))],
                     companion: Some((
                         ctx.kvgate_exe.clone(),
@@ -278,6 +264,21 @@ impl RouterSpec {
         };
         Ok(plan)
     }
+}
+
+/// Envoy's command line for `config`; `base_id` keeps several Envoys on one
+/// host apart (their shared-memory regions).
+fn envoy_args(config: &Path, base_id: Option<u16>) -> Vec<String> {
+    let mut args = vec![
+        "--config-path".to_string(),
+        config.display().to_string(),
+        "--disable-hot-restart".into(),
+    ];
+    if let Some(id) = base_id {
+        args.extend(["--base-id".into(), id.to_string()]);
+    }
+    args.extend(["--log-level".into(), "warn".into()]);
+    args
 }
 
 /// A started router; dropping it stops its whole process group.
