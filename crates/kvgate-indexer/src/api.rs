@@ -1,4 +1,5 @@
 //! The index's HTTP service: locality queries, dumps, health and metrics.
+//! [`query_locality`] is the one locality query, the gRPC API's too.
 //!
 //! Errors use OpenAI's error shape, typed as vLLM types it ([`kvgate_openai`]),
 //! so clients of the gateway, the index and the engines parse one format.
@@ -147,13 +148,14 @@ async fn locality_get(
         OpenAiError::bad_request("missing query parameter 'tokens'", Some("tokens"))
     })?;
     let tokens = parse_token_list(&raw)?;
-    run_locality(
+    query_locality(
         &st,
         &model,
-        &tokens,
+        Prompt::Tokens(tokens),
         q.cache_salt.as_deref(),
         q.lora_name.as_deref(),
     )
+    .map(Json)
 }
 
 async fn locality_post(
@@ -162,33 +164,79 @@ async fn locality_post(
 ) -> Result<Json<LocalityResponse>, OpenAiError> {
     let Json(mut req) = body?;
     let chat = req.take_chat_body();
-    let tokens = match (req.tokens.take(), req.text.take(), chat) {
-        (Some(t), None, None) => t,
-        (None, Some(text), None) => tokenizer(&st, &req.model)?
-            .completion_tokens(&text)
-            .map_err(|e| OpenAiError::bad_request(e.to_string(), Some("text")))?,
-        (None, None, Some(chat)) => {
-            // The same reading of the chat fields as the gateway's and the engine's.
-            let input = ChatInput::from_openai(&chat)
-                .map_err(|e| OpenAiError::bad_request(e.to_string(), Some(e.field())))?;
-            tokenizer(&st, &req.model)?
-                .chat_tokens(&input)
-                .map_err(|e| OpenAiError::bad_request(e.to_string(), Some("messages")))?
-        }
-        _ => {
-            return Err(OpenAiError::bad_request(
-                "exactly one of 'tokens', 'text' or 'messages' is required",
-                Some("tokens"),
-            ))
-        }
-    };
-    run_locality(
+    let prompt = Prompt::one_of(req.tokens.take(), req.text.take(), chat)?;
+    query_locality(
         &st,
         &req.model,
-        &tokens,
+        prompt,
         req.cache_salt.as_deref(),
         req.lora_name.as_deref(),
     )
+    .map(Json)
+}
+
+/// A locality query's prompt, as both fronts (this HTTP API and
+/// [`crate::grpc`]) hand it to [`query_locality`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Token ids, after the chat template; matched as sent.
+    Tokens(Vec<u32>),
+    /// A completions-style prompt, tokenized with the model's tokenizer.
+    Text(String),
+    /// A chat completion body (`messages` and the template fields), read by
+    /// [`ChatInput::from_openai`], rendered and tokenized.
+    Chat(Value),
+}
+
+impl Prompt {
+    /// Exactly one of the three, or the 400 that names them.
+    pub fn one_of(
+        tokens: Option<Vec<u32>>,
+        text: Option<String>,
+        chat: Option<Value>,
+    ) -> Result<Self, OpenAiError> {
+        match (tokens, text, chat) {
+            (Some(t), None, None) => Ok(Self::Tokens(t)),
+            (None, Some(text), None) => Ok(Self::Text(text)),
+            (None, None, Some(chat)) => Ok(Self::Chat(chat)),
+            _ => Err(OpenAiError::bad_request(
+                "exactly one of 'tokens', 'text' or 'messages' is required",
+                Some("tokens"),
+            )),
+        }
+    }
+
+    /// The prompt's token ids, as the engine serving `model` computes them.
+    fn into_tokens(self, st: &ApiState, model: &str) -> Result<Vec<u32>, OpenAiError> {
+        match self {
+            Self::Tokens(t) => Ok(t),
+            Self::Text(text) => tokenizer(st, model)?
+                .completion_tokens(&text)
+                .map_err(|e| OpenAiError::bad_request(e.to_string(), Some("text"))),
+            Self::Chat(chat) => {
+                // The same reading of the chat fields as the gateway's and the engine's.
+                let input = ChatInput::from_openai(&chat)
+                    .map_err(|e| OpenAiError::bad_request(e.to_string(), Some(e.field())))?;
+                tokenizer(st, model)?
+                    .chat_tokens(&input)
+                    .map_err(|e| OpenAiError::bad_request(e.to_string(), Some("messages")))
+            }
+        }
+    }
+}
+
+/// The one locality query both fronts run: tokenizes `prompt` for `model`,
+/// looks it up, scores every endpoint serving the model and records the
+/// query metrics. Errors are the HTTP API's (400s, with the field at fault).
+pub fn query_locality(
+    st: &ApiState,
+    model: &str,
+    prompt: Prompt,
+    cache_salt: Option<&str>,
+    lora_name: Option<&str>,
+) -> Result<LocalityResponse, OpenAiError> {
+    let tokens = prompt.into_tokens(st, model)?;
+    run_locality(st, model, &tokens, cache_salt, lora_name)
 }
 
 fn tokenizer<'a>(
@@ -222,7 +270,7 @@ fn run_locality(
     tokens: &[u32],
     cache_salt: Option<&str>,
     lora_name: Option<&str>,
-) -> Result<Json<LocalityResponse>, OpenAiError> {
+) -> Result<LocalityResponse, OpenAiError> {
     let ctx = RequestContext {
         model,
         lora_name,
@@ -252,7 +300,7 @@ fn run_locality(
         u64::from(queried),
         u64::from(best),
     );
-    Ok(Json(resp))
+    Ok(resp)
 }
 
 /// Turns raw matches into scores: the matched blocks are credited fastest tier

@@ -89,6 +89,10 @@ pub const DEFAULT_INDEX_LISTEN: &str = "0.0.0.0:8090";
 pub struct IndexServiceConfig {
     /// Address of the HTTP API (`/v1/locality`, `/v1/index/dump`, `/metrics`).
     pub listen: String,
+    /// Address of the gRPC locality API (`kvgate.index.v1.Locality` and
+    /// `Scorer`, see `kvgate_indexer::grpc`, plus gRPC health); plaintext.
+    /// Unset: not served.
+    pub grpc_listen: Option<String>,
     /// TLS 1.3 on the API listener; see `kvgate_tls::TlsConfig`.
     pub tls: Option<kvgate_tls::TlsConfig>,
     /// Secret for block keys; replicas sharing dumps or gateways must share it.
@@ -110,6 +114,7 @@ impl Default for IndexServiceConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_INDEX_LISTEN.to_string(),
+            grpc_listen: None,
             tls: None,
             key_secret: None,
             index: IndexConfig::default(),
@@ -124,6 +129,7 @@ impl Default for IndexServiceConfig {
 impl LayeredConfig for IndexServiceConfig {
     const ENV: &'static [EnvOverride<Self>] = &[
         ("KVGATE_LISTEN", |c, v| set(&mut c.listen, v)),
+        ("KVGATE_GRPC_LISTEN", |c, v| set_some(&mut c.grpc_listen, v)),
         ("KVGATE_TLS_CERT_FILE", |c, v| {
             tls_file(&mut c.tls, TlsFile::Cert, v)
         }),
@@ -142,6 +148,14 @@ impl LayeredConfig for IndexServiceConfig {
     fn validate(&self) -> Result<()> {
         if let Some(t) = &self.tls {
             t.validate()?;
+            // A plaintext gRPC port next to a TLS (maybe mTLS) HTTP API would
+            // serve the same answers without either.
+            if self.grpc_listen.is_some() {
+                bail!("grpc_listen is plaintext and cannot be combined with tls");
+            }
+        }
+        if self.grpc_listen.as_deref().is_some_and(str::is_empty) {
+            bail!("grpc_listen must be an address (host:port) or unset");
         }
         if self.index.max_tracked_blocks == 0 {
             bail!("index.max_tracked_blocks must be > 0");
@@ -288,6 +302,7 @@ mod tests {
         };
         let cfg: IndexServiceConfig = load(Some(&p), env, index_flags(None, None, &[])).unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:2");
+        assert_eq!(cfg.grpc_listen, None, "gRPC is off unless set");
         assert_eq!(cfg.index.max_tracked_blocks, 20);
         assert_eq!(cfg.index.ttl_secs, Some(5));
         assert_eq!(cfg.sources.len(), 1);
@@ -303,6 +318,36 @@ mod tests {
             cfg.sources[1].replay.as_deref(),
             Some("tcp://127.0.0.1:6001")
         );
+    }
+
+    #[test]
+    fn grpc_listen_comes_from_the_file_or_the_env_and_is_plaintext_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.yaml");
+        std::fs::write(&p, "grpc_listen: 127.0.0.1:9003\n").unwrap();
+        let none = |_: &str| None;
+        let cfg: IndexServiceConfig = load(Some(&p), none, |_| Ok(())).unwrap();
+        assert_eq!(cfg.grpc_listen.as_deref(), Some("127.0.0.1:9003"));
+        let env = |k: &str| (k == "KVGATE_GRPC_LISTEN").then(|| "127.0.0.1:9004".to_string());
+        let cfg: IndexServiceConfig = load(Some(&p), env, |_| Ok(())).unwrap();
+        assert_eq!(cfg.grpc_listen.as_deref(), Some("127.0.0.1:9004"));
+        let cfg: IndexServiceConfig = load(None, env, |c: &mut IndexServiceConfig| {
+            c.grpc_listen = Some("127.0.0.1:9005".into());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(cfg.grpc_listen.as_deref(), Some("127.0.0.1:9005"));
+        let with_tls = |k: &str| match k {
+            "KVGATE_GRPC_LISTEN" => Some("127.0.0.1:9004".to_string()),
+            "KVGATE_TLS_CERT_FILE" => Some("/tls/tls.crt".to_string()),
+            "KVGATE_TLS_KEY_FILE" => Some("/tls/tls.key".to_string()),
+            _ => None,
+        };
+        let e = load::<IndexServiceConfig>(None, with_tls, |_| Ok(())).unwrap_err();
+        assert!(format!("{e:#}").contains("grpc_listen"), "{e:#}");
+        let empty = |k: &str| (k == "KVGATE_GRPC_LISTEN").then(String::new);
+        let e = load::<IndexServiceConfig>(None, empty, |_| Ok(())).unwrap_err();
+        assert!(format!("{e:#}").contains("grpc_listen"), "{e:#}");
     }
 
     #[test]

@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the global KV block index as a service: subscribe to engines' KV
-    /// events and answer locality queries over HTTP.
+    /// events and answer locality queries over HTTP (and gRPC, with --grpc-listen).
     Index {
         /// YAML config file (see docs/config.md); env and flags override it.
         #[arg(long, short)]
@@ -51,6 +51,9 @@ enum Command {
         /// HTTP listen address (env KVGATE_LISTEN).
         #[arg(long)]
         listen: Option<String>,
+        /// gRPC locality API listen address (env KVGATE_GRPC_LISTEN); unset: off.
+        #[arg(long)]
+        grpc_listen: Option<String>,
         /// Bound on tracked (block, endpoint, tier) entries (env KVGATE_MAX_TRACKED_BLOCKS).
         #[arg(long)]
         max_tracked_blocks: Option<usize>,
@@ -137,6 +140,7 @@ async fn main() -> Result<()> {
         Command::Index {
             config,
             listen,
+            grpc_listen,
             max_tracked_blocks,
             sources,
         } => {
@@ -148,6 +152,9 @@ async fn main() -> Result<()> {
                     if let Some(v) = listen {
                         c.listen = v;
                     }
+                    if let Some(v) = grpc_listen {
+                        c.grpc_listen = Some(v);
+                    }
                     if let Some(v) = max_tracked_blocks {
                         c.index.max_tracked_blocks = v;
                     }
@@ -155,7 +162,7 @@ async fn main() -> Result<()> {
                 },
             )?;
             let service = service::IndexService::start(&cfg).await?;
-            tracing::info!(addr = %service.addr, sources = cfg.sources.len(), "index listening");
+            tracing::info!(addr = %service.addr, grpc_addr = ?service.grpc_addr, sources = cfg.sources.len(), "index listening");
             tokio::signal::ctrl_c().await?;
             tracing::info!("shutting down");
             Ok(())
