@@ -38,6 +38,7 @@ use std::sync::Arc;
 
 use kvgate_index::{Clock, EndpointId, IndexConfig, KvIndex, MAX_TIERS};
 use kvgate_keys::{BlockHasher, BlockKey};
+use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
 pub use load::{LoadCounters, LoadSnapshot, RequestGuard};
@@ -208,8 +209,9 @@ pub enum RouteError {
 }
 
 pub struct Scheduler {
-    cfg: RouterConfig,
-    policy: Box<dyn RoutingPolicy>,
+    /// The policy and weights in effect: swapped whole on a config reload
+    /// ([`Scheduler::set_routing`]); each decision reads one snapshot.
+    routing: RwLock<Arc<Routing>>,
     /// Shared turn counter: round robin's position and the tie rotations.
     rr: AtomicUsize,
     /// Learns (keys -> endpoint) from routing decisions, for endpoints without events.
@@ -218,6 +220,31 @@ pub struct Scheduler {
     /// until the engine's events say so.
     speculation: Arc<Speculation>,
 }
+
+/// A router config and the policy built from it.
+struct Routing {
+    cfg: Arc<RouterConfig>,
+    policy: Box<dyn RoutingPolicy>,
+}
+
+impl Routing {
+    fn new(cfg: RouterConfig) -> Arc<Self> {
+        Arc::new(Self {
+            policy: cfg.policy.build(),
+            cfg: Arc::new(cfg),
+        })
+    }
+
+    /// Whether routing decisions are remembered as speculative cache entries.
+    fn speculating(&self) -> bool {
+        self.policy.speculates() && self.cfg.speculative_ttl_secs > 0
+    }
+}
+
+/// A reloaded router config changed what only a restart can apply.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("router settings {0:?} take effect at a restart (policy and weights reload)")]
+pub struct RestartOnly(pub Vec<&'static str>);
 
 impl Scheduler {
     pub fn new(cfg: RouterConfig) -> Self {
@@ -247,16 +274,45 @@ impl Scheduler {
             clock,
         );
         Self {
-            policy: cfg.policy.build(),
             speculation: Arc::new(Speculation::new(speculative, cfg.speculative_ttl_secs)),
-            cfg,
+            routing: RwLock::new(Routing::new(cfg)),
             rr: AtomicUsize::new(0),
             approx,
         }
     }
 
-    pub fn config(&self) -> &RouterConfig {
-        &self.cfg
+    /// The config in effect.
+    pub fn config(&self) -> Arc<RouterConfig> {
+        self.routing.read().cfg.clone()
+    }
+
+    /// Applies a reloaded config's policy and weights to the decisions that
+    /// follow (those in progress finish on the old ones). The indexes' bounds,
+    /// TTL and speculation grace were sized at start: a change to them is
+    /// refused, and nothing changes.
+    pub fn set_routing(&self, cfg: RouterConfig) -> Result<(), RestartOnly> {
+        let now = self.config();
+        let fixed: [(&'static str, bool); 3] = [
+            (
+                "approx_max_blocks",
+                cfg.approx_max_blocks != now.approx_max_blocks,
+            ),
+            (
+                "approx_ttl_secs",
+                cfg.approx_ttl_secs != now.approx_ttl_secs,
+            ),
+            (
+                "speculative_ttl_secs",
+                cfg.speculative_ttl_secs != now.speculative_ttl_secs,
+            ),
+        ];
+        let changed: Vec<&'static str> =
+            fixed.iter().filter(|(_, c)| *c).map(|(n, _)| *n).collect();
+        if !changed.is_empty() {
+            return Err(RestartOnly(changed));
+        }
+        *self.routing.write() = Routing::new(cfg);
+        Ok(())
     }
 
     /// Picks an endpoint. `precise` is the KV event index (None: not available).
@@ -279,24 +335,20 @@ impl Scheduler {
         if eligible.is_empty() {
             return Err(RouteError::NoHealthyEndpoint(req.model.to_string()));
         }
+        let routing = self.routing.read().clone();
         let ctx = PolicyContext::new(
-            &self.cfg,
+            &routing.cfg,
             precise,
             &self.approx,
-            self.speculating().then_some(&self.speculation.index),
+            routing.speculating().then_some(&self.speculation.index),
             &self.rr,
         );
-        Ok(self.policy.route(&Choice {
+        Ok(routing.policy.route(&Choice {
             req,
             candidates,
             eligible: &eligible,
             ctx: &ctx,
         }))
-    }
-
-    /// Whether routing decisions are remembered as speculative cache entries.
-    fn speculating(&self) -> bool {
-        self.policy.speculates() && self.cfg.speculative_ttl_secs > 0
     }
 
     /// Teaches the approximate index that `endpoint` now caches these keys,
@@ -313,7 +365,7 @@ impl Scheduler {
         if let Ok(id) = self.approx.add_endpoint(endpoint, model, block_size) {
             let _ = self.approx.record_keys(id, keys);
         }
-        if !self.speculating() {
+        if !self.routing.read().speculating() {
             return None;
         }
         self.speculation.expect(endpoint, model, block_size, keys)

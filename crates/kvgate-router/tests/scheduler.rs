@@ -401,3 +401,60 @@ fn speculation_lasts_until_the_first_token_and_its_grace() {
     );
     assert!(rr.observe_routed("b", "m", BS, &k[0].1).is_none());
 }
+
+/// A reloaded config's policy and weights decide the requests that follow;
+/// a change to what was sized at start is refused and changes nothing.
+#[test]
+fn a_reload_swaps_policy_and_weights_and_refuses_restart_only_settings() {
+    let tokens: Vec<u32> = (0..1024).collect();
+    let index = index_with_prefix([16, 48, 0], &tokens);
+    let k = keys(&index, &tokens);
+    let req = request(1024, &k);
+    let s = sched(Policy::PrecisePrefix);
+    let all_idle = || candidates([idle(), idle(), idle()], &index);
+    assert_eq!(
+        s.schedule(&req, &all_idle(), Some(&index)).unwrap().reason,
+        "prefix"
+    );
+
+    let refused = s.set_routing(RouterConfig {
+        policy: Policy::RoundRobin,
+        approx_ttl_secs: 7,
+        speculative_ttl_secs: 9,
+        ..Default::default()
+    });
+    assert_eq!(
+        refused,
+        Err(kvgate_router::RestartOnly(vec![
+            "approx_ttl_secs",
+            "speculative_ttl_secs"
+        ]))
+    );
+    assert_eq!(s.config().policy, Policy::PrecisePrefix);
+    assert_eq!(
+        s.schedule(&req, &all_idle(), Some(&index)).unwrap().reason,
+        "prefix"
+    );
+
+    // Weights: a queued prefill token now outweighs b's cached prefix at once.
+    let mut heavy = RouterConfig::default();
+    heavy.weights.queued_prefill_token = 10.0;
+    s.set_routing(heavy).unwrap();
+    let d = s
+        .schedule(
+            &req,
+            &candidates([idle(), busy(1, 300), idle()], &index),
+            Some(&index),
+        )
+        .unwrap();
+    assert_eq!((NAMES[d.chosen], d.reason), ("a", "load_over_prefix"));
+
+    s.set_routing(RouterConfig {
+        policy: Policy::RoundRobin,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(s.config().policy, Policy::RoundRobin);
+    let d = s.schedule(&req, &all_idle(), Some(&index)).unwrap();
+    assert_eq!(d.reason, "round_robin");
+}

@@ -2,8 +2,9 @@
 //! config file is checked every [`RELOAD_CHECK`] and, when it changed, loaded
 //! again exactly as at start (file, env, flags, validation). Its `contracts`
 //! section takes effect at once (credentials, contracts, statuses: see
-//! `kvgate_auth::Sentinel::reload`); other changed settings are logged as
-//! needing a restart. A config that fails to load or validate is refused with
+//! `kvgate_auth::Sentinel::reload`), and so do the router's policy and weights
+//! (`kvgate_router::Scheduler::set_routing`: requests being routed finish on
+//! the old ones); other changed settings are logged as needing a restart. A config that fails to load or validate is refused with
 //! an error log line and the running one stays.
 
 use std::path::PathBuf;
@@ -67,13 +68,25 @@ async fn watch(gw: Weak<Gateway>, mut running: GatewayConfig, reload: ConfigRelo
                 continue;
             }
         };
-        let without_contracts = |c: &GatewayConfig| GatewayConfig {
+        // What reloads: `contracts` (below) and the router's policy and weights.
+        let restart_only = |c: &GatewayConfig| GatewayConfig {
             contracts: Default::default(),
+            router: Default::default(),
             ..c.clone()
         };
-        if without_contracts(&next) != without_contracts(&running) {
+        if restart_only(&next) != restart_only(&running) {
             tracing::warn!(path = %reload.path.display(),
-                "config changed outside `contracts`: those settings take effect at a restart");
+                "config changed outside `contracts` and `router`: those settings take effect at a restart");
+        }
+        if next.router != running.router {
+            match gw.fleet().scheduler().set_routing(next.router.clone()) {
+                Ok(()) => {
+                    tracing::info!(policy = %next.router.policy, "router policy and weights reloaded");
+                    running.router = next.router.clone();
+                }
+                Err(e) => tracing::warn!(path = %reload.path.display(), error = %e,
+                    "router settings refused; the running ones stay"),
+            }
         }
         match gw.reload_contracts(&next.contracts, SOURCE).await {
             Ok((summary, dropped)) => {

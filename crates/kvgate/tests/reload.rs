@@ -120,3 +120,85 @@ async fn a_changed_contracts_section_applies_while_serving() {
     until("ka", 401).await;
     assert_eq!(status("kb").await, 200);
 }
+
+/// The router's policy in the file changes while serving: the requests that
+/// follow are routed by the new one (the decision header names it); a change
+/// to a restart-only router setting is refused and the policy stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_router_policy_applies_while_serving() {
+    let upstream = serve(
+        Router::new()
+            .route(
+                "/v1/completions",
+                post(|| async {
+                    Json(json!({"choices": [{"text": "ok"}],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 1}}))
+                }),
+            )
+            .route("/health", get(|| async { "" }))
+            .route("/metrics", get(|| async { "" })),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kvgate.yaml");
+    let port = free_port();
+    let config = |router: &str| {
+        format!(
+            "listen: 127.0.0.1:{port}\ndebug_headers: true\nendpoints:\n  - {{url: \"{upstream}\", models: [m], block_size: 16}}\n\
+             router:\n{router}"
+        )
+    };
+    std::fs::write(&path, config("  policy: precise_prefix\n")).unwrap();
+    let _proc = Kill(
+        std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+            .args(["gateway", "--config"])
+            .arg(&path)
+            .env("KVGATE_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let client = fresh_client();
+    wait_ready(&client, &url).await;
+    let reason = || {
+        let req = client
+            .post(format!("{url}/v1/completions"))
+            .json(&json!({"model": "m", "prompt": "hello there"}));
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+            let decision = resp.headers()["x-kvgate-decision"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let _: Value = resp.json().await.unwrap();
+            decision.split(' ').next().unwrap_or_default().to_string()
+        }
+    };
+    let until = |want: &'static str| async move {
+        let t = Instant::now();
+        loop {
+            let got = reason().await;
+            if got == want {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "still {got}, never {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(reason().await, "load_no_prefix");
+
+    rewrite(&path, &config("  policy: round_robin\n"));
+    until("round_robin").await;
+
+    // A restart-only router setting with a new policy: refused whole.
+    rewrite(&path, &config("  policy: random\n  approx_ttl_secs: 7\n"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(reason().await, "round_robin");
+
+    rewrite(&path, &config("  policy: precise_prefix\n"));
+    until("load_no_prefix").await;
+}
