@@ -6,6 +6,15 @@ use tokio::sync::watch;
 
 use crate::endpoint::{validate_all, EndpointConfig, EndpointConfigError};
 
+/// Why a discovery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error(transparent)]
+    Endpoint(#[from] EndpointConfigError),
+    #[error("discovery: the engines' http client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
 pub trait Discovery: Send + Sync {
     /// The desired endpoint set, now and whenever it changes.
     fn watch(&self) -> watch::Receiver<Vec<EndpointConfig>>;

@@ -4,7 +4,9 @@
 //! models and block size, its KV-event and replay endpoints on the same
 //! address (vLLM publishes on the pod's IP). A lookup that fails keeps the
 //! last set (a DNS blip is no outage); a record that disappears removes its
-//! endpoint, which closes its event subscription.
+//! endpoint, which closes its event subscription. With `models_from_engine`
+//! (the default) each address's `/v1/models` says what it serves
+//! ([`crate::engine_models`]).
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -16,8 +18,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::discovery::Discovery;
-use crate::endpoint::{validate_all, EndpointConfig, EndpointConfigError};
+use crate::discovery::{Discovery, DiscoveryError};
+use crate::endpoint::{EndpointConfig, EndpointConfigError};
+use crate::engine_models::{
+    default_models_from_engine, default_models_refresh_ms, follow_engine_models, validate_template,
+};
 
 /// How often the name is resolved again by default.
 pub const DEFAULT_DNS_REFRESH_MS: u64 = 5_000;
@@ -30,7 +35,17 @@ pub struct DnsDiscoveryConfig {
     pub name: String,
     /// The engines' HTTP port.
     pub port: u16,
+    /// What every address serves; with `models_from_engine`, only for
+    /// engines whose `/v1/models` has not answered yet (empty: such an
+    /// engine is left out until it answers).
+    #[serde(default)]
     pub models: Vec<String>,
+    /// Ask each engine's `GET /v1/models` for its models and LoRA adapters.
+    #[serde(default = "default_models_from_engine")]
+    pub models_from_engine: bool,
+    /// How often `/v1/models` is asked again (adapters load at runtime).
+    #[serde(default = "default_models_refresh_ms")]
+    pub models_refresh_ms: u64,
     pub block_size: u32,
     /// vLLM's KV-event PUB port on each address (unset: no events).
     #[serde(default)]
@@ -68,7 +83,10 @@ impl DnsDiscoveryConfig {
 
     /// Checks the endpoint an address would make (models, block size).
     pub fn validate(&self) -> Result<(), EndpointConfigError> {
-        validate_all(&[self.endpoint(IpAddr::from([127, 0, 0, 1]))])
+        validate_template(
+            &self.endpoint(IpAddr::from([127, 0, 0, 1])),
+            self.models_from_engine,
+        )
     }
 }
 
@@ -98,12 +116,9 @@ pub struct DnsDiscovery {
 }
 
 impl DnsDiscovery {
-    /// Resolves once now (so the first set is known at start), then keeps
-    /// resolving in the background.
-    pub async fn start(
-        cfg: DnsDiscoveryConfig,
-        resolve: Resolve,
-    ) -> Result<Self, EndpointConfigError> {
+    /// Resolves once now (so the first set is known at start, its engines
+    /// asked for their models), then keeps resolving in the background.
+    pub async fn start(cfg: DnsDiscoveryConfig, resolve: Resolve) -> Result<Self, DiscoveryError> {
         cfg.validate()?;
         let first = match resolve(cfg.name.clone()).await {
             Ok(ips) => endpoints(&cfg, ips),
@@ -112,10 +127,22 @@ impl DnsDiscovery {
                 Vec::new()
             }
         };
-        let tx = watch::Sender::new(first);
-        let sender = tx.clone();
+        let raw = watch::Sender::new(first);
+        let sender = raw.clone();
         let alive = Arc::new(());
         let owner = Arc::downgrade(&alive);
+        let tx = if cfg.models_from_engine {
+            let name_of = Arc::new(|e: &EndpointConfig| e.url.clone());
+            follow_engine_models(
+                raw.subscribe(),
+                cfg.models_refresh_ms,
+                name_of,
+                owner.clone(),
+            )
+            .await?
+        } else {
+            raw
+        };
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(cfg.refresh_ms.max(100)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

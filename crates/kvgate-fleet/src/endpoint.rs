@@ -144,6 +144,20 @@ impl EndpointConfig {
         self.models.iter().any(|m| m == model) || self.adapters.iter().any(|a| a == model)
     }
 
+    /// Whether `other` is the same engine with the same event feed and block
+    /// keys, differing at most in the models past the first and the adapters
+    /// (an engine that loaded a LoRA adapter): the fleet then keeps the
+    /// endpoint, its index entries and its load, and only updates what it serves.
+    pub fn same_engine(&self, other: &Self) -> bool {
+        self.url == other.url
+            && self.root_model() == other.root_model()
+            && self.block_size == other.block_size
+            && self.events == other.events
+            && self.replay == other.replay
+            && self.topic == other.topic
+            && self.bind == other.bind
+    }
+
     /// Parses the flag form
     /// `url=http://H:P,model=M[,model=M2],block_size=16[,adapter=A][,events=tcp://H:P][,replay=tcp://H:P][,topic=T][,bind=true]`
     /// (`name=` is accepted for `url=`), then validates it.

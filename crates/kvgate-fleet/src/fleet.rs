@@ -20,7 +20,9 @@ pub struct Endpoint {
     pub load: Arc<LoadCounters>,
     /// Its id in the precise index when its KV events are followed.
     pub index_id: Option<EndpointId>,
-    breaker: Breaker,
+    /// Shared with the endpoint that replaces this one when only what it
+    /// serves changes ([`EndpointConfig::same_engine`]).
+    breaker: Arc<Breaker>,
 }
 
 impl Endpoint {
@@ -29,7 +31,17 @@ impl Endpoint {
             cfg,
             load: Arc::new(LoadCounters::default()),
             index_id,
-            breaker: Breaker::new(ejection),
+            breaker: Arc::new(Breaker::new(ejection)),
+        }
+    }
+
+    /// The same engine serving what `cfg` says: its load, index id and breaker kept.
+    fn serving(&self, cfg: EndpointConfig) -> Self {
+        Self {
+            cfg,
+            load: self.load.clone(),
+            index_id: self.index_id,
+            breaker: self.breaker.clone(),
         }
     }
 
@@ -182,11 +194,15 @@ impl Fleet {
 
     /// Brings the fleet to `desired`: endpoints no longer wanted leave (their
     /// event feeds stop and their entries are purged), then new ones join.
-    /// An endpoint whose description changed leaves and joins again.
+    /// An endpoint whose description changed leaves and joins again, unless
+    /// only what it serves past its first model changed (a LoRA adapter
+    /// loaded or unloaded): that one is kept, serving the new list.
     pub async fn reconcile(&self, desired: Vec<EndpointConfig>) {
         let _one = self.reconciling.lock().await;
         let current = self.snapshot();
-        for gone in current.iter().filter(|e| !desired.contains(&e.cfg)) {
+        let kept_in =
+            |e: &Endpoint, set: &[EndpointConfig]| set.iter().any(|d| e.cfg.same_engine(d));
+        for gone in current.iter().filter(|e| !kept_in(e, &desired)) {
             let unfollow = self.feeds.lock().unfollow(gone.name());
             unfollow.await;
             self.scheduler.forget_endpoint(gone.name());
@@ -194,10 +210,21 @@ impl Fleet {
         }
         let next: Vec<Arc<Endpoint>> = desired
             .into_iter()
-            .map(|cfg| match current.iter().find(|e| e.cfg == cfg) {
-                Some(kept) => kept.clone(),
-                None => self.enter(cfg),
-            })
+            .map(
+                |cfg| match current.iter().find(|e| e.cfg.same_engine(&cfg)) {
+                    Some(kept) if kept.cfg == cfg => kept.clone(),
+                    Some(kept) => {
+                        tracing::info!(
+                            endpoint = %cfg.url,
+                            models = ?cfg.models,
+                            adapters = ?cfg.adapters,
+                            "endpoint serves a new model list"
+                        );
+                        Arc::new(kept.serving(cfg))
+                    }
+                    None => self.enter(cfg),
+                },
+            )
             .collect();
         *self.endpoints.write() = Arc::new(next);
     }

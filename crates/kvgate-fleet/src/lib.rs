@@ -4,6 +4,7 @@
 //! - [`endpoint`]: the one endpoint description (YAML, flags, discovery), validated once;
 //! - [`discovery`]: where endpoint sets come from, as a stream of desired sets;
 //! - [`dns`]: discovery by a name's A/AAAA records (a headless Service);
+//! - [`engine_models`]: each discovered engine's `/v1/models` (its models and LoRA adapters);
 //! - [`fleet`]: the registry: endpoints, their event feeds, reconcile;
 //! - [`breaker`]: each endpoint's circuit breaker and health-check gate;
 //! - [`probes`]: health checks and engine-metrics scrapes ([`engine_metrics`]);
@@ -14,15 +15,17 @@ pub mod discovery;
 pub mod dns;
 pub mod endpoint;
 pub mod engine_metrics;
+pub mod engine_models;
 pub mod fleet;
 pub mod k8s_config;
 pub mod probes;
 pub mod route;
 
 pub use breaker::Ejection;
-pub use discovery::{Discovery, StaticDiscovery};
+pub use discovery::{Discovery, DiscoveryError, StaticDiscovery};
 pub use dns::{DnsDiscovery, DnsDiscoveryConfig};
 pub use endpoint::{validate_all, EndpointConfig, EndpointConfigError};
+pub use engine_models::{follow_engine_models, ServedModels};
 pub use fleet::{Endpoint, EventFeeds, Fleet, IndexOnly, Unfollow};
 pub use k8s_config::K8sDiscoveryConfig;
 pub use probes::{spawn_probes, ProbeConfig};

@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! DNS discovery: the endpoint set follows the name's records (added,
 //! removed), keeps the last set when a lookup fails, and the system
-//! resolver answers for a real name.
+//! resolver answers for a real name; each address's `/v1/models` says what
+//! it serves.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -16,6 +17,8 @@ fn cfg(name: &str) -> DnsDiscoveryConfig {
         name: name.into(),
         port: 8000,
         models: vec!["m".into()],
+        models_from_engine: false,
+        models_refresh_ms: 5_000,
         block_size: 16,
         events_port: Some(5557),
         replay_port: Some(5558),
@@ -99,4 +102,60 @@ async fn a_config_that_makes_bad_endpoints_is_refused() {
     c.models.clear();
     let answer: Answer = Arc::new(Mutex::new(Ok(vec![])));
     assert!(DnsDiscovery::start(c, fake(&answer)).await.is_err());
+}
+
+#[tokio::test]
+async fn models_from_engine_ask_each_address_and_fall_back_to_the_config() {
+    // An engine on 127.0.0.1 listing a base model and an adapter; none on
+    // 127.0.0.2 (refused at once).
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let models = Arc::new(Mutex::new(serde_json::json!({"object": "list", "data": [
+        {"id": "base", "object": "model", "parent": null},
+        {"id": "lora", "object": "model", "parent": "base"}]})));
+    let served = models.clone();
+    let app = axum::Router::new().route(
+        "/v1/models",
+        axum::routing::get(move || {
+            let body = served.lock().clone();
+            async move { axum::Json(body) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let answer: Answer = Arc::new(Mutex::new(Ok(vec![ip("127.0.0.1"), ip("127.0.0.2")])));
+    let c = DnsDiscoveryConfig {
+        port,
+        models_from_engine: true,
+        models_refresh_ms: 100,
+        ..cfg("vllm.inference.svc")
+    };
+    let d = DnsDiscovery::start(c.clone(), fake(&answer)).await.unwrap();
+    {
+        let set = d.watch().borrow().clone();
+        assert_eq!(set.len(), 2, "{set:?}");
+        assert_eq!(
+            (set[0].models.clone(), set[0].adapters.clone()),
+            (vec!["base".to_string()], vec!["lora".to_string()])
+        );
+        assert_eq!(set[1].models, ["m"], "no answer: the configured models");
+    }
+    // The adapter is unloaded: the refresh drops it.
+    *models.lock() = serde_json::json!({"data": [{"id": "base", "parent": null}]});
+    let mut rx = d.watch();
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while rx.borrow_and_update()[0].serves("lora") {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the unloaded adapter is dropped within 2 s");
+
+    // Without configured models, an address that cannot answer is left out.
+    let c = DnsDiscoveryConfig {
+        models: vec![],
+        ..c
+    };
+    let d = DnsDiscovery::start(c, fake(&answer)).await.unwrap();
+    let urls: Vec<String> = d.watch().borrow().iter().map(|e| e.url.clone()).collect();
+    assert_eq!(urls, [format!("http://127.0.0.1:{port}")]);
 }

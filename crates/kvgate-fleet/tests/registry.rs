@@ -82,6 +82,37 @@ async fn reconcile_follows_discovery_and_rejoins_changed_endpoints() {
 }
 
 #[tokio::test]
+async fn an_engine_that_loads_an_adapter_stays_the_same_endpoint() {
+    let f = fleet(Policy::RoundRobin);
+    let a = EndpointConfig::new("http://a:1", "base", 16);
+    f.reconcile(vec![a.clone()]).await;
+    let before = f.snapshot()[0].clone();
+    let load = before.load.clone();
+    let id = before.index_id;
+    assert!(id.is_some());
+
+    let mut with_lora = a.clone();
+    with_lora.adapters = vec!["lora".into()];
+    f.reconcile(vec![with_lora.clone()]).await;
+    let after = f.snapshot()[0].clone();
+    assert!(after.serves("lora"));
+    assert_eq!(after.index_id, id, "the same index registration");
+    assert!(Arc::ptr_eq(&after.load, &load), "the same load counters");
+    assert_eq!(f.index().endpoints().len(), 1);
+    assert_eq!(f.models(), ["base", "lora"]);
+    // The breaker is shared too: a failure recorded on the old one counts.
+    before.record_failure();
+    assert!(!after.is_available(), "one breaker for the engine");
+
+    // A new root model changes its block keys: it leaves and joins again.
+    let other = EndpointConfig::new("http://a:1", "other", 16);
+    f.reconcile(vec![other]).await;
+    let rejoined = f.snapshot()[0].clone();
+    assert!(!Arc::ptr_eq(&rejoined.load, &load));
+    assert_eq!(f.models(), ["other"]);
+}
+
+#[tokio::test]
 async fn route_counts_load_excludes_and_knows_unknown_models() {
     let f = fleet(Policy::RoundRobin);
     f.join(EndpointConfig::new("http://a:1", "m", 16));

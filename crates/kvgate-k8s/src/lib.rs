@@ -8,23 +8,40 @@
 //! set at once, which closes its event subscription and drops its index
 //! entries (`Fleet::follow`); one that turns Ready joins.
 //!
+//! The InferencePool is watched the same way (`watch_object`). When its
+//! `spec.selector.matchLabels` or `spec.targetPorts` change, the pods are
+//! watched afresh under the new selector and the set is replaced once that
+//! list is in (the old set serves until then); when the pool is deleted its
+//! endpoints leave, and they come back if it is created again.
+//!
 //! Each pod's KV-event and replay endpoints are its IP with the configured
 //! ports, or the ports its annotations name (`kvgate.io/events-port`,
-//! `kvgate.io/replay-port`).
+//! `kvgate.io/replay-port`). With `models_from_engine` (the default) each
+//! pod's `/v1/models` says which models and LoRA adapters it serves
+//! (`kvgate_fleet::engine_models`).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::watcher::{self, Event};
+use kvgate_fleet::engine_models::{follow_engine_models, validate_template, NameOf};
 pub use kvgate_fleet::K8sDiscoveryConfig;
 use kvgate_fleet::{Discovery, EndpointConfig};
+use parking_lot::Mutex;
 use tokio::sync::watch;
+
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub const EVENTS_PORT_ANNOTATION: &str = "kvgate.io/events-port";
 pub const REPLAY_PORT_ANNOTATION: &str = "kvgate.io/replay-port";
+/// A failed watch is retried after this long (the set stays meanwhile).
+const RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
@@ -38,10 +55,12 @@ pub enum K8sError {
     Api(#[from] kube::Error),
     #[error("kubernetes discovery: {0}")]
     Endpoint(#[from] kvgate_fleet::EndpointConfigError),
+    #[error("kubernetes discovery: {0}")]
+    Discovery(#[from] kvgate_fleet::DiscoveryError),
 }
 
-/// Where pods are found, once an InferencePool (if any) is read.
-#[derive(Debug, Clone)]
+/// Where pods are found: the config's selector and port, or an InferencePool's.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Target {
     selector: String,
     port: u16,
@@ -53,73 +72,64 @@ pub struct K8sDiscovery {
 }
 
 impl K8sDiscovery {
-    /// Resolves the target (reads the InferencePool), then watches its pods
-    /// in the background for as long as this value lives or the set is
-    /// watched.
+    /// Reads the InferencePool (if named: a missing pool fails the start, so
+    /// a misspelt name is found at once), then watches it and its pods in
+    /// the background for as long as this value lives or the set is watched.
     pub async fn start(cfg: K8sDiscoveryConfig, client: kube::Client) -> Result<Self, K8sError> {
-        let target = target(&cfg, &client).await?;
-        kvgate_fleet::validate_all(&[endpoint(&cfg, target.port, "127.0.0.1", &BTreeMap::new())])?;
-        let tx = watch::Sender::new(Vec::new());
-        let sender = tx.clone();
+        let (target, pool) = match (&cfg.selector, &cfg.inference_pool) {
+            (Some(selector), None) => (
+                Target {
+                    selector: selector.clone(),
+                    port: cfg.port.ok_or(K8sError::NoPort)?,
+                },
+                None,
+            ),
+            (None, Some(name)) => {
+                let gvk =
+                    GroupVersionKind::gvk("inference.networking.k8s.io", "v1", "InferencePool");
+                let api: Api<DynamicObject> = Api::namespaced_with(
+                    client.clone(),
+                    &cfg.namespace,
+                    &ApiResource::from_gvk(&gvk),
+                );
+                let obj = api.get(name).await?;
+                (pool_target(name, &obj)?, Some((api, name.clone())))
+            }
+            _ => return Err(K8sError::Source),
+        };
+        validate_template(
+            &endpoint(&cfg, target.port, "127.0.0.1", &BTreeMap::new()),
+            cfg.models_from_engine,
+        )?;
+        let raw = watch::Sender::new(Vec::new());
+        let names: Arc<Mutex<HashMap<String, String>>> = Arc::default();
         let alive = Arc::new(());
         let owner = Arc::downgrade(&alive);
-        let pods: Api<Pod> = Api::namespaced(client, &cfg.namespace);
-        tokio::spawn(async move {
-            let wc = watcher::Config::default().labels(&target.selector);
-            let mut events = watcher::watcher(pods, wc).boxed();
-            let mut live: BTreeMap<String, EndpointConfig> = BTreeMap::new();
-            let mut relisting: Option<BTreeMap<String, EndpointConfig>> = None;
-            while let Some(ev) = events.next().await {
-                if owner.strong_count() == 0 && sender.is_closed() {
-                    return;
-                }
-                match ev {
-                    Ok(Event::Init) => relisting = Some(BTreeMap::new()),
-                    Ok(Event::InitApply(pod)) => {
-                        if let (Some(buf), Some((name, e))) =
-                            (&mut relisting, ready(&cfg, &target, &pod))
-                        {
-                            buf.insert(name, e);
-                        }
-                    }
-                    Ok(Event::InitDone) => {
-                        if let Some(buf) = relisting.take() {
-                            live = buf;
-                        }
-                    }
-                    Ok(Event::Apply(pod)) => {
-                        let name = pod.metadata.name.clone().unwrap_or_default();
-                        match ready(&cfg, &target, &pod) {
-                            Some((name, e)) => live.insert(name, e),
-                            None => live.remove(&name),
-                        };
-                    }
-                    Ok(Event::Delete(pod)) => {
-                        live.remove(&pod.metadata.name.clone().unwrap_or_default());
-                    }
-                    // The watcher retries (relisting on 410 Gone); the set stays.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "kubernetes discovery: watch failed; retrying");
-                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                        continue;
-                    }
-                }
-                if relisting.is_none() {
-                    let next: Vec<EndpointConfig> = live.values().cloned().collect();
-                    sender.send_if_modified(|current| {
-                        let changed = *current != next;
-                        if changed {
-                            tracing::info!(
-                                endpoints = next.len(),
-                                "kubernetes discovery: endpoints changed"
-                            );
-                            *current = next;
-                        }
-                        changed
-                    });
-                }
-            }
-        });
+        let tx = if cfg.models_from_engine {
+            let pods = names.clone();
+            let name_of: NameOf =
+                Arc::new(move |e: &EndpointConfig| match pods.lock().get(&e.url) {
+                    Some(pod) => format!("pod/{pod} ({})", e.url),
+                    None => e.url.clone(),
+                });
+            follow_engine_models(
+                raw.subscribe(),
+                cfg.models_refresh_ms,
+                name_of,
+                owner.clone(),
+            )
+            .await?
+        } else {
+            raw.clone()
+        };
+        let watch = Watch {
+            pods: Api::namespaced(client, &cfg.namespace),
+            cfg,
+            sender: raw,
+            names,
+            owner,
+        };
+        tokio::spawn(watch.run(target, pool));
         Ok(Self { tx, _alive: alive })
     }
 }
@@ -130,38 +140,182 @@ impl Discovery for K8sDiscovery {
     }
 }
 
-/// The label selector and port: the config's, or the InferencePool's.
-async fn target(cfg: &K8sDiscoveryConfig, client: &kube::Client) -> Result<Target, K8sError> {
-    match (&cfg.selector, &cfg.inference_pool) {
-        (Some(selector), None) => Ok(Target {
-            selector: selector.clone(),
-            port: cfg.port.ok_or(K8sError::NoPort)?,
-        }),
-        (None, Some(pool)) => {
-            let gvk = GroupVersionKind::gvk("inference.networking.k8s.io", "v1", "InferencePool");
-            let api: Api<DynamicObject> =
-                Api::namespaced_with(client.clone(), &cfg.namespace, &ApiResource::from_gvk(&gvk));
-            let obj = api.get(pool).await?;
-            let bad = |why: &str| K8sError::Pool(pool.clone(), why.to_string());
-            let spec = obj.data.get("spec").ok_or_else(|| bad("no spec"))?;
-            let labels = spec
-                .pointer("/selector/matchLabels")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| bad("no spec.selector.matchLabels"))?;
-            let selector = labels
-                .iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                .collect::<Vec<_>>()
-                .join(",");
-            let port = spec
-                .pointer("/targetPorts/0/number")
-                .and_then(|p| p.as_u64())
-                .and_then(|p| u16::try_from(p).ok())
-                .ok_or_else(|| bad("no spec.targetPorts[0].number"))?;
-            Ok(Target { selector, port })
+type Stream<T> = BoxStream<'static, watcher::Result<T>>;
+
+/// The background watch of the pool (if any) and its pods.
+struct Watch {
+    cfg: K8sDiscoveryConfig,
+    pods: Api<Pod>,
+    /// The set before each engine's `/v1/models` is asked.
+    sender: watch::Sender<Vec<EndpointConfig>>,
+    /// url -> pod name, for the engine models' logs.
+    names: Arc<Mutex<HashMap<String, String>>>,
+    owner: Weak<()>,
+}
+
+// One value a loop turn, moved once: boxing the pod would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Pool(Option<watcher::Result<Option<DynamicObject>>>),
+    Pod(Option<watcher::Result<Event<Pod>>>),
+}
+
+impl Watch {
+    async fn run(self, target: Target, pool: Option<(Api<DynamicObject>, String)>) {
+        let (mut pool_events, pool_name): (Option<Stream<Option<DynamicObject>>>, String) =
+            match pool {
+                Some((api, name)) => (Some(watcher::watch_object(api, &name).boxed()), name),
+                None => (None, String::new()),
+            };
+        let mut target = Some(target);
+        let mut pod_events = target.as_ref().map(|t| self.watch_pods(t));
+        // Pod name -> endpoint; a relist is buffered until it is complete.
+        let mut live: BTreeMap<String, EndpointConfig> = BTreeMap::new();
+        let mut relisting: Option<BTreeMap<String, EndpointConfig>> = None;
+        loop {
+            let step = tokio::select! {
+                ev = next(&mut pool_events) => Step::Pool(ev),
+                ev = next(&mut pod_events) => Step::Pod(ev),
+            };
+            if self.owner.strong_count() == 0 && self.sender.is_closed() {
+                return;
+            }
+            match step {
+                // Watchers do not end; if one did, it is not polled again.
+                Step::Pool(None) => pool_events = None,
+                Step::Pod(None) => pod_events = None,
+                // The watcher retries (relisting on 410 Gone); the set stays.
+                Step::Pool(Some(Err(e))) | Step::Pod(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "kubernetes discovery: watch failed; retrying");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+                Step::Pool(Some(Ok(obj))) => {
+                    let next = match obj {
+                        None => None,
+                        Some(obj) => match pool_target(&pool_name, &obj) {
+                            Ok(t) => Some(t),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "kubernetes discovery: kept the pool's last selector and port");
+                                continue;
+                            }
+                        },
+                    };
+                    if next == target {
+                        continue;
+                    }
+                    tracing::info!(pool = %pool_name, target = ?next, "kubernetes discovery: InferencePool changed");
+                    pod_events = next.as_ref().map(|t| self.watch_pods(t));
+                    relisting = None;
+                    if next.is_none() {
+                        live.clear();
+                    }
+                    target = next;
+                }
+                Step::Pod(Some(Ok(ev))) => {
+                    if let Some(t) = &target {
+                        self.apply(t, ev, &mut live, &mut relisting);
+                    }
+                }
+            }
+            if relisting.is_none() {
+                self.publish(&live);
+            }
         }
-        _ => Err(K8sError::Source),
     }
+
+    fn watch_pods(&self, t: &Target) -> Stream<Event<Pod>> {
+        let wc = watcher::Config::default().labels(&t.selector);
+        watcher::watcher(self.pods.clone(), wc).boxed()
+    }
+
+    fn apply(
+        &self,
+        t: &Target,
+        ev: Event<Pod>,
+        live: &mut BTreeMap<String, EndpointConfig>,
+        relisting: &mut Option<BTreeMap<String, EndpointConfig>>,
+    ) {
+        match ev {
+            Event::Init => *relisting = Some(BTreeMap::new()),
+            Event::InitApply(pod) => {
+                if let (Some(buf), Some((name, e))) =
+                    (relisting.as_mut(), ready(&self.cfg, t, &pod))
+                {
+                    buf.insert(name, e);
+                }
+            }
+            Event::InitDone => {
+                if let Some(buf) = relisting.take() {
+                    *live = buf;
+                }
+            }
+            Event::Apply(pod) => {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                match ready(&self.cfg, t, &pod) {
+                    Some((name, e)) => live.insert(name, e),
+                    None => live.remove(&name),
+                };
+            }
+            Event::Delete(pod) => {
+                live.remove(&pod.metadata.name.clone().unwrap_or_default());
+            }
+        }
+    }
+
+    fn publish(&self, live: &BTreeMap<String, EndpointConfig>) {
+        *self.names.lock() = live
+            .iter()
+            .map(|(pod, e)| (e.url.clone(), pod.clone()))
+            .collect();
+        let next: Vec<EndpointConfig> = live.values().cloned().collect();
+        self.sender.send_if_modified(|current| {
+            let changed = *current != next;
+            if changed {
+                tracing::info!(
+                    endpoints = next.len(),
+                    "kubernetes discovery: endpoints changed"
+                );
+                *current = next;
+            }
+            changed
+        });
+    }
+}
+
+/// The stream's next item; never, when there is no stream.
+async fn next<T>(s: &mut Option<BoxStream<'static, T>>) -> Option<T> {
+    match s {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An InferencePool's label selector and first target port (field names as
+/// the CRD's `openAPIV3Schema` has them).
+fn pool_target(pool: &str, obj: &DynamicObject) -> Result<Target, K8sError> {
+    let bad = |why: &str| K8sError::Pool(pool.to_string(), why.to_string());
+    let spec = obj.data.get("spec").ok_or_else(|| bad("no spec"))?;
+    let labels = spec
+        .pointer("/selector/matchLabels")
+        .and_then(|m| m.as_object())
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| bad("no spec.selector.matchLabels"))?;
+    let selector = labels
+        .iter()
+        .map(|(k, v)| {
+            v.as_str()
+                .map(|v| format!("{k}={v}"))
+                .ok_or_else(|| bad("a matchLabels value is not a string"))
+        })
+        .collect::<Result<Vec<_>, _>>()?
+        .join(",");
+    let port = spec
+        .pointer("/targetPorts/0/number")
+        .and_then(|p| p.as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+        .ok_or_else(|| bad("no spec.targetPorts[0].number"))?;
+    Ok(Target { selector, port })
 }
 
 /// The pod's name and endpoint if it is Ready with an IP.
