@@ -62,12 +62,17 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// One server: `redis://[:password@]host:6379[/db]` (or `rediss://`).
+    /// One server: `redis://[:password@]host:6379[/db]`, or `rediss://`
+    /// for TLS (the server's certificate is always verified).
     #[serde(default)]
     pub url: Option<String>,
     /// Or a Redis Cluster: some of its nodes' URLs (the rest are found).
     #[serde(default)]
     pub cluster: Vec<String>,
+    /// Certificates for `rediss://` URLs; unset: the server's certificate
+    /// must chain to the system's roots, and no client certificate is sent.
+    #[serde(default)]
+    pub tls: Option<RedisTlsConfig>,
     /// Bytes this store keeps in Redis (oldest it wrote first out).
     pub max_bytes: u64,
     /// `back` (default): a chunk is sealed to Redis when memory evicts it.
@@ -75,6 +80,34 @@ pub struct RedisConfig {
     /// sees it at once.
     #[serde(default)]
     pub write: WritePolicy,
+}
+
+/// TLS to Redis (`redis.tls`), for `rediss://` URLs. Files are PEM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisTlsConfig {
+    /// The CA certificates the server's certificate must chain to (instead
+    /// of the system's roots).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// mTLS: this store's certificate chain, with `key_file`.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// mTLS: the private key of `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl RedisConfig {
+    /// Every server URL configured (the one server, or the cluster's seeds).
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.url
+            .as_deref()
+            .into_iter()
+            .chain(self.cluster.iter().map(String::as_str))
+    }
+
+    /// Whether the URLs ask for TLS (`rediss://`).
+    pub fn uses_tls(&self) -> bool {
+        self.urls().any(|u| u.starts_with("rediss://"))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +177,12 @@ pub enum StoreConfigError {
     RedisWithoutContracts,
     #[error("redis needs exactly one of url (one server) or cluster (its nodes)")]
     RedisServers,
+    #[error("redis URLs must all be redis:// or all rediss:// (TLS)")]
+    RedisMixedSchemes,
+    #[error("redis.tls is set but the URLs are redis://: use rediss:// for TLS")]
+    RedisTlsWithoutRediss,
+    #[error("redis.tls needs both cert_file and key_file (mTLS), or neither")]
+    RedisTlsClientPair,
 }
 
 impl StoreConfig {
@@ -188,6 +227,17 @@ impl StoreConfig {
             }
             if r.url.is_some() != r.cluster.is_empty() {
                 return Err(StoreConfigError::RedisServers);
+            }
+            if r.uses_tls() && !r.urls().all(|u| u.starts_with("rediss://")) {
+                return Err(StoreConfigError::RedisMixedSchemes);
+            }
+            if let Some(t) = &r.tls {
+                if !r.uses_tls() {
+                    return Err(StoreConfigError::RedisTlsWithoutRediss);
+                }
+                if t.cert_file.is_some() != t.key_file.is_some() {
+                    return Err(StoreConfigError::RedisTlsClientPair);
+                }
             }
             if self.contracts.contracts.is_empty() {
                 return Err(StoreConfigError::RedisWithoutContracts);

@@ -44,6 +44,16 @@ impl<K: Hash + Eq + Clone> Ledger<K> {
         self.bytes += bytes;
     }
 
+    /// Records `name` as the least recently used (the next out), unless it
+    /// is here already: what a restart finds, older than anything since.
+    pub fn insert_oldest(&mut self, name: K, contract: &str, bytes: u64) {
+        if self.entries.contains(&name) {
+            return;
+        }
+        self.insert(name.clone(), contract, bytes);
+        self.entries.demote(&name);
+    }
+
     pub fn contains(&self, name: &K) -> bool {
         self.entries.contains(name)
     }

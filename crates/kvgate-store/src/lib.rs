@@ -17,6 +17,8 @@ pub mod key;
 mod ledger;
 pub mod memory;
 pub mod protocol;
+mod redis_client;
+mod redis_rebuild;
 pub mod redis_tier;
 pub mod scope;
 mod sealed;
@@ -24,7 +26,7 @@ pub mod server;
 pub mod shred_keys;
 pub mod tiers;
 
-pub use config::{RedisConfig, StoreConfig, StoreConfigError, WritePolicy};
+pub use config::{RedisConfig, RedisTlsConfig, StoreConfig, StoreConfigError, WritePolicy};
 pub use key::{ChunkKey, KeyError};
 pub use protocol::{ChunkMeta, Command, ProtocolError, Reply, Request};
 pub use scope::{Owner, ScopeError, Scopes, Unscoped};

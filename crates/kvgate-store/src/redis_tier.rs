@@ -17,16 +17,25 @@
 //!
 //! Names spread over the cluster's slots by their whole key (no hash tags),
 //! and each command is sent on its own (a pipeline may not cross slots).
-//! `max_bytes` bounds what this store has written since it started, oldest
-//! first out (`DEL`); several stores on one server are bounded together by
-//! Redis's own `maxmemory` (`allkeys-lru`). A command that fails (server
-//! down, timeout) is counted in `errors` and is a miss or a chunk not
-//! written, never an error to the client; for a second after one the tier
-//! is skipped, so a server that is down stalls no request for long.
+//! `max_bytes` bounds what this store accounts for there, oldest first out
+//! (`DEL`): what it writes, and what it found at start (`redis_rebuild.rs`:
+//! every chunk of its contracts already there, ordered by Redis's own idle
+//! time, older than anything written since), so the bound and the order hold
+//! across a restart and a previous run's chunks are served. Several stores on
+//! one server are bounded together by Redis's own `maxmemory`
+//! (`allkeys-lru`). A command that fails (server down, timeout) is counted
+//! in `errors` and is a miss or a chunk not written, never an error to the
+//! client; for a second after one the tier is skipped, so a server that is
+//! down stalls no request for long. `rediss://` is TLS (`redis_client.rs`);
+//! a server that refuses this store at start (a certificate that does not
+//! verify, wrong credentials) stops the store from starting, one that is not
+//! up yet does not (the rebuild then runs at the first write it answers).
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use kvgate_auth::Contract;
+use kvgate_auth::{Contract, ContractRegistry};
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use rand::RngCore;
@@ -38,13 +47,10 @@ use crate::disk::Evicted;
 use crate::ledger::Ledger;
 use crate::memory::TierStats;
 use crate::protocol::ChunkMeta;
+use crate::redis_client::{not_up_yet, Clients, Pool};
 use crate::sealed::{open_chunk, seal_chunk, Loaded, Place};
 use crate::shred_keys::{salted_key, REDIS_KEY_INFO};
 
-/// How long a connection or a reply may take before the tier counts a miss.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-/// Connections kept open to the server (or, in cluster mode, to each node).
-const POOL_SIZE: u32 = 16;
 /// After a failure the tier is skipped this long: a server that is down
 /// costs one timeout a second, not one per request.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -52,38 +58,40 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum RedisTierError {
     /// Redis's error; it names commands and nodes, never values or keys'
-    /// plaintext (every key is keyed already).
+    /// plaintext (every key is keyed already) or the URL's password.
     #[error("redis tier: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("redis tier: no connection: {0}")]
     Pool(#[from] r2d2::Error),
     #[error("redis tier: skipped after a failure less than {RETRY_AFTER:?} ago")]
     Down,
-}
-
-enum Pool {
-    Single(r2d2::Pool<redis::Client>),
-    Cluster(r2d2::Pool<redis::cluster::ClusterClient>),
-}
-
-/// Read and write timeouts on each new single-server connection.
-#[derive(Debug)]
-struct Timeouts;
-
-impl r2d2::CustomizeConnection<redis::Connection, redis::RedisError> for Timeouts {
-    fn on_acquire(&self, conn: &mut redis::Connection) -> Result<(), redis::RedisError> {
-        conn.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-        conn.set_write_timeout(Some(COMMAND_TIMEOUT))
-    }
+    #[error("redis tier: reading redis.tls.{what} {}: {source}", path.display())]
+    TlsFile {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// At start: the server answered, and TLS or the credentials failed
+    /// (every retry would fail alike).
+    #[error("redis tier: cannot use the server: {0} (a TLS or credentials failure at start: check the URL, redis.tls's ca_file, cert_file and key_file, and the password)")]
+    Refused(redis::RedisError),
 }
 
 pub struct RedisTier {
+    clients: Clients,
     pool: Pool,
     max_bytes: u64,
     /// When chunks reach this tier (`redis.write`).
     pub write: WritePolicy,
-    /// What this store has written there, by key name.
+    /// What this store accounts for there, by key name.
     written: Mutex<Ledger<String>>,
+    /// Keyed namespace -> contract, for the rebuild.
+    namespaces: HashMap<String, String>,
+    /// Whether the chunks there at start are accounted for yet.
+    rebuilt: AtomicBool,
+    /// One rebuild at a time; after one fails for a server that is down,
+    /// none before this instant.
+    rebuild_after: Mutex<Option<Instant>>,
     pub stats: TierStats,
     /// Frames that did not open (tampered, another epoch's).
     pub integrity_failures: Counter,
@@ -91,14 +99,7 @@ pub struct RedisTier {
     /// those skipped after one.
     pub errors: Counter,
     /// Set by a failure: until then the tier is not asked.
-    down_until: Mutex<Option<std::time::Instant>>,
-}
-
-fn pool_builder<M: r2d2::ManageConnection>() -> r2d2::Builder<M> {
-    r2d2::Pool::builder()
-        .max_size(POOL_SIZE)
-        .min_idle(Some(0))
-        .connection_timeout(COMMAND_TIMEOUT)
+    down_until: Mutex<Option<Instant>>,
 }
 
 fn namespace(c: &Contract) -> String {
@@ -106,34 +107,80 @@ fn namespace(c: &Contract) -> String {
 }
 
 impl RedisTier {
-    /// Connects lazily: the pool opens connections as they are needed, so a
-    /// store starts (memory and disk serving) while Redis is still coming up.
-    pub fn open(cfg: &RedisConfig) -> Result<Self, RedisTierError> {
-        let pool = if cfg.cluster.is_empty() {
-            let client = redis::Client::open(cfg.url.as_deref().unwrap_or_default())?;
-            Pool::Single(
-                pool_builder()
-                    .connection_customizer(Box::new(Timeouts))
-                    .build_unchecked(client),
-            )
-        } else {
-            let client =
-                redis::cluster::ClusterClient::builder(cfg.cluster.iter().map(String::as_str))
-                    .connection_timeout(COMMAND_TIMEOUT)
-                    .response_timeout(COMMAND_TIMEOUT)
-                    .build()?;
-            Pool::Cluster(pool_builder().build_unchecked(client))
-        };
-        Ok(Self {
-            pool,
+    /// Checks the server (a refusal is an error; a server not up yet is
+    /// not) and accounts for the chunks of `registry`'s contracts already
+    /// there. The pool connects as it is used, so a store starts (memory
+    /// and disk serving) while Redis is still coming up.
+    pub fn open(cfg: &RedisConfig, registry: &ContractRegistry) -> Result<Self, RedisTierError> {
+        let clients = crate::redis_client::clients(cfg)?;
+        let up = clients.check()?;
+        let tier = Self {
+            pool: clients.pool(),
+            clients,
             max_bytes: cfg.max_bytes,
             write: cfg.write,
             written: Mutex::new(Ledger::new()),
+            namespaces: registry
+                .all()
+                .iter()
+                .map(|c| (namespace(c), c.id().to_string()))
+                .collect(),
+            rebuilt: AtomicBool::new(false),
+            rebuild_after: Mutex::new(None),
             stats: TierStats::default(),
             integrity_failures: Counter::default(),
             errors: Counter::default(),
             down_until: Mutex::new(None),
-        })
+        };
+        if up {
+            tier.rebuild();
+        }
+        Ok(tier)
+    }
+
+    /// Whether the chunks already there at start are accounted for.
+    pub fn rebuilt(&self) -> bool {
+        self.rebuilt.load(Ordering::Acquire)
+    }
+
+    /// Accounts for the chunks of this store's contracts on the server, as
+    /// older than anything this store wrote since it started (oldest idle
+    /// first out).
+    fn rebuild(&self) {
+        let Some(mut after) = self.rebuild_after.try_lock() else {
+            return;
+        };
+        if self.rebuilt() || after.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        match crate::redis_rebuild::scan(&self.clients, &self.namespaces) {
+            Ok(mut found) => {
+                // Most recently used first: each goes in as the oldest.
+                found.sort_by_key(|f| f.idle.unwrap_or(u64::MAX));
+                let mut written = self.written.lock();
+                for f in found {
+                    written.insert_oldest(f.name, &f.contract, f.bytes);
+                }
+                tracing::info!(
+                    chunks = written.len(),
+                    bytes = written.bytes(),
+                    "redis tier: chunks already on the server accounted for"
+                );
+                self.rebuilt.store(true, Ordering::Release);
+            }
+            Err(e) if not_up_yet(&e) => {
+                self.errors.inc();
+                *after = Some(Instant::now() + RETRY_AFTER);
+                tracing::warn!(error = %e, "redis tier: rebuild failed; retried at a later write");
+            }
+            Err(e) => {
+                // Not a server away: retrying would fail alike. The bound
+                // covers what this store writes from now on.
+                self.errors.inc();
+                self.rebuilt.store(true, Ordering::Release);
+                tracing::error!(error = %e, "redis tier: chunks already on the server cannot be accounted for");
+            }
+        }
     }
 
     /// Runs one command (or a few, for one key each) on a pooled connection.
@@ -141,7 +188,7 @@ impl RedisTier {
         &self,
         f: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T>,
     ) -> Result<T, RedisTierError> {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         if self.down_until.lock().is_some_and(|t| now < t) {
             self.errors.inc();
             return Err(RedisTierError::Down);
@@ -158,7 +205,7 @@ impl RedisTier {
         };
         if out.is_err() {
             self.errors.inc();
-            *self.down_until.lock() = Some(std::time::Instant::now() + RETRY_AFTER);
+            *self.down_until.lock() = Some(Instant::now() + RETRY_AFTER);
         }
         out
     }
@@ -168,12 +215,13 @@ impl RedisTier {
         self.with(|c| redis::cmd("PING").query::<String>(c)).is_ok()
     }
 
-    /// Bytes this store has written and not evicted.
+    /// Bytes this store accounts for there (written, or found at start),
+    /// not evicted.
     pub fn bytes(&self) -> u64 {
         self.written.lock().bytes()
     }
 
-    /// Chunks this store has written and not evicted.
+    /// Chunks this store accounts for there, not evicted.
     pub fn len(&self) -> usize {
         self.written.lock().len()
     }
@@ -254,6 +302,11 @@ impl RedisTier {
         meta: ChunkMeta,
         data: &[u8],
     ) -> Result<Vec<Evicted>, RedisTierError> {
+        if !self.rebuilt() {
+            // The server was away at start (or is back): what is there
+            // counts before this chunk adds to it.
+            self.rebuild();
+        }
         let epoch = c.epoch();
         let Some(key) = self.key(c, epoch, true)? else {
             return Ok(Vec::new());
@@ -292,8 +345,8 @@ impl RedisTier {
             .collect()
     }
 
-    /// Whether this store knows the chunk is in Redis (written by it and not
-    /// evicted since): no round trip.
+    /// Whether this store knows the chunk is in Redis (written by it or
+    /// found at start, and not evicted since): no round trip.
     pub fn knows(&self, c: &Contract, slot: &str) -> bool {
         self.written.lock().contains(&Self::name(c, slot))
     }

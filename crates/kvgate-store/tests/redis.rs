@@ -6,70 +6,25 @@
 //! miss and not an error, the bound holds, and a shred leaves nothing that
 //! opens, even put back from a copy.
 
-use std::sync::Arc;
-
 use kvgate_auth::audit::AuditLog;
-use kvgate_auth::AuthConfig;
-use kvgate_store::redis_tier::RedisTier;
-use kvgate_store::{ChunkKey, Extras, RedisConfig, Scopes, Store, Unscoped, WritePolicy};
+use kvgate_store::{RedisConfig, WritePolicy};
 
 mod common;
-use common::redis_server::RedisServer;
+use common::redis_server::{RedisServer, Server};
+use common::redis_store::*;
 use common::*;
-use tokio::net::TcpStream;
 
-const MODEL: &str = "/models/secret-model";
+on_redis_and_valkey!(
+    evicted_chunks_are_sealed_to_redis_and_a_second_store_reads_them,
+    writing_through_shares_at_once_and_a_tampered_value_is_a_miss,
+    redis_dump_holds_no_plaintext,
+    the_bound_holds_oldest_first_out,
+    a_shred_leaves_nothing_that_opens_even_put_back_from_a_copy,
+    a_cluster_spreads_the_chunks_over_its_nodes_and_a_shred_takes_them_all,
+);
 
-fn key(hash: i64, salt: &str) -> ChunkKey {
-    ChunkKey::parse(&format!("{MODEL}@1@0@{hash:x}@bfloat16@cachesalt%{salt}")).unwrap()
-}
-
-fn payload(h: i64) -> Vec<u8> {
-    (0..1000u32)
-        .map(|i| (i as u8) ^ (h as u8).wrapping_mul(31))
-        .collect()
-}
-
-fn single(server: &RedisServer, write: WritePolicy, max_bytes: u64) -> RedisConfig {
-    RedisConfig {
-        url: Some(server.url()),
-        cluster: Vec::new(),
-        max_bytes,
-        write,
-    }
-}
-
-/// A store whose memory holds two 1000-byte chunks, over `redis`.
-async fn start(cfg: &AuthConfig, redis: &RedisConfig) -> (TcpStream, Arc<Store>) {
-    start_audited(cfg, redis, AuditLog::disabled()).await
-}
-
-async fn start_audited(
-    cfg: &AuthConfig,
-    redis: &RedisConfig,
-    audit: AuditLog,
-) -> (TcpStream, Arc<Store>) {
-    let store = Store::with(
-        2000,
-        1 << 16,
-        Scopes::new(cfg, Unscoped::Refuse).unwrap(),
-        audit,
-        Extras {
-            redis: Some(RedisTier::open(redis).unwrap()),
-            ..Default::default()
-        },
-    );
-    let addr = serve_store(store.clone()).await;
-    (TcpStream::connect(addr).await.unwrap(), store)
-}
-
-fn redis_of(store: &Store) -> &RedisTier {
-    store.redis.as_ref().unwrap()
-}
-
-#[tokio::test]
-async fn evicted_chunks_are_sealed_to_redis_and_a_second_store_reads_them() {
-    let server = RedisServer::start();
+async fn evicted_chunks_are_sealed_to_redis_and_a_second_store_reads_them(srv: Server) {
+    let server = RedisServer::start(&srv);
     let dir = tempfile::tempdir().unwrap();
     let cfg = contracts(dir.path(), &[("ka", "acme")]);
     let salt = gateway_salt(&cfg, "ka");
@@ -137,9 +92,8 @@ async fn evicted_chunks_are_sealed_to_redis_and_a_second_store_reads_them() {
     }
 }
 
-#[tokio::test]
-async fn writing_through_shares_at_once_and_a_tampered_value_is_a_miss() {
-    let server = RedisServer::start();
+async fn writing_through_shares_at_once_and_a_tampered_value_is_a_miss(srv: Server) {
+    let server = RedisServer::start(&srv);
     let dir = tempfile::tempdir().unwrap();
     let cfg = contracts(dir.path(), &[("ka", "acme")]);
     let salt = gateway_salt(&cfg, "ka");
@@ -182,9 +136,8 @@ async fn writing_through_shares_at_once_and_a_tampered_value_is_a_miss() {
     assert_eq!(redis_of(&store_b).integrity_failures.get(), 0);
 }
 
-#[tokio::test]
-async fn redis_dump_holds_no_plaintext() {
-    let server = RedisServer::start();
+async fn redis_dump_holds_no_plaintext(srv: Server) {
+    let server = RedisServer::start(&srv);
     let dir = tempfile::tempdir().unwrap();
     let cfg = contracts(dir.path(), &[("ka", "acme")]);
     let salt = gateway_salt(&cfg, "ka");
@@ -217,14 +170,13 @@ async fn redis_dump_holds_no_plaintext() {
     }
 }
 
-#[tokio::test]
-async fn the_bound_holds_oldest_first_out() {
-    let server = RedisServer::start();
+async fn the_bound_holds_oldest_first_out(srv: Server) {
+    let server = RedisServer::start(&srv);
     let dir = tempfile::tempdir().unwrap();
     let cfg = contracts(dir.path(), &[("ka", "acme")]);
     let salt = gateway_salt(&cfg, "ka");
     // Room for three sealed chunks.
-    let frame = 1 + 12 + 24 + 1000 + 16;
+    let frame = FRAME;
     let redis = single(&server, WritePolicy::Through, 3 * frame + 10);
     let (mut s, store) = start(&cfg, &redis).await;
     for h in 0..5 {
@@ -260,6 +212,7 @@ async fn a_server_that_is_down_is_a_miss_not_an_error() {
     let redis = RedisConfig {
         url: Some(format!("redis://127.0.0.1:{port}")),
         cluster: Vec::new(),
+        tls: None,
         max_bytes: 1 << 20,
         write: WritePolicy::Through,
     };
@@ -276,9 +229,8 @@ async fn a_server_that_is_down_is_a_miss_not_an_error() {
     assert!(!redis_of(&store).ping());
 }
 
-#[tokio::test]
-async fn a_shred_leaves_nothing_that_opens_even_put_back_from_a_copy() {
-    let server = RedisServer::start();
+async fn a_shred_leaves_nothing_that_opens_even_put_back_from_a_copy(srv: Server) {
+    let server = RedisServer::start(&srv);
     let dir = tempfile::tempdir().unwrap();
     let cfg = contracts(dir.path(), &[("ka", "acme"), ("kb", "globex")]);
     let (salt_a, salt_b) = (gateway_salt(&cfg, "ka"), gateway_salt(&cfg, "kb"));
@@ -369,15 +321,15 @@ async fn a_shred_leaves_nothing_that_opens_even_put_back_from_a_copy() {
     kvgate_auth::audit::verify(&[audit_path], None, None).unwrap();
 }
 
-#[tokio::test]
-async fn a_cluster_spreads_the_chunks_over_its_nodes_and_a_shred_takes_them_all() {
-    let server = RedisServer::cluster();
+async fn a_cluster_spreads_the_chunks_over_its_nodes_and_a_shred_takes_them_all(srv: Server) {
+    let server = RedisServer::cluster(&srv);
     let dir = tempfile::tempdir().unwrap();
     let cfg = contracts(dir.path(), &[("ka", "acme")]);
     let salt = gateway_salt(&cfg, "ka");
     let redis = RedisConfig {
         url: None,
         cluster: server.urls()[..1].to_vec(),
+        tls: None,
         max_bytes: 1 << 20,
         write: WritePolicy::Through,
     };
@@ -394,8 +346,11 @@ async fn a_cluster_spreads_the_chunks_over_its_nodes_and_a_shred_takes_them_all(
         per_node.iter().all(|n| *n >= 3),
         "spread over the nodes: {per_node:?}"
     );
-    // A second store, memory empty, reads every chunk from the cluster.
-    let (mut s2, _store2) = start(&cfg, &redis).await;
+    // A second store, memory empty, found every chunk on every master at
+    // start, and reads each from the cluster.
+    let (mut s2, store2) = start(&cfg, &redis).await;
+    assert_eq!(redis_of(&store2).len(), 30);
+    assert_eq!(redis_of(&store2).bytes(), 30 * FRAME);
     for h in 0..30 {
         assert_eq!(
             get(&mut s2, key(h, &salt)).await,

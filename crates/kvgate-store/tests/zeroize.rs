@@ -3,6 +3,9 @@
 //! freed: this test binary's global allocator looks, while armed, at every
 //! block handed back for a canary that only the chunks' payloads carry. A
 //! chunk buffer that is not zeroized before it is freed fails the test.
+//! (The watcher's self-check uses a pattern of its own: the freed memory of
+//! its deliberately unwiped buffer is reused by small blocks, whose unwritten
+//! tails would otherwise read as a canary.)
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,10 +16,16 @@ mod common;
 use common::*;
 
 const CANARY: &[u8; 16] = b"\xc4NARY-kvgate-\x17\x2a\x99";
+/// The watcher's own check frees an unwiped buffer of this, not of the
+/// canary: what malloc later carves from that freed block (small blocks
+/// whose tails it never writes) must not look like a chunk freed unwiped.
+const PROBE: &[u8; 16] = b"\x5bPROBE-kvgate\x03\x81\x44";
 
 static ARMED: AtomicBool = AtomicBool::new(false);
 /// Blocks freed while armed that still held the canary.
 static FREED_WITH_CANARY: AtomicUsize = AtomicUsize::new(0);
+/// Blocks freed while armed that still held the probe.
+static FREED_WITH_PROBE: AtomicUsize = AtomicUsize::new(0);
 /// Blocks of at least a chunk's size freed while armed.
 static FREED_LARGE: AtomicUsize = AtomicUsize::new(0);
 const CHUNK: usize = 4096;
@@ -34,6 +43,9 @@ unsafe impl GlobalAlloc for Watching {
             let block = unsafe { std::slice::from_raw_parts(ptr, layout.size()) };
             if block.windows(CANARY.len()).any(|w| w == CANARY) {
                 FREED_WITH_CANARY.fetch_add(1, Ordering::Relaxed);
+            }
+            if block.windows(PROBE.len()).any(|w| w == PROBE) {
+                FREED_WITH_PROBE.fetch_add(1, Ordering::Relaxed);
             }
             if layout.size() >= CHUNK {
                 FREED_LARGE.fetch_add(1, Ordering::Relaxed);
@@ -69,9 +81,15 @@ async fn armed<F: std::future::Future<Output = ()>>(f: F) -> (usize, usize) {
 
 #[tokio::test]
 async fn evicted_overwritten_and_shredded_chunks_are_wiped_before_they_are_freed() {
-    // The watcher itself: a canary buffer dropped unwiped is seen.
-    let (seen, _) = armed(async { drop(std::hint::black_box(canary_chunk())) }).await;
-    assert_eq!(seen, 1, "the allocator sees an unwiped canary");
+    // The watcher itself: a buffer dropped unwiped is seen.
+    FREED_WITH_PROBE.store(0, Ordering::SeqCst);
+    let probe: Vec<u8> = PROBE.iter().copied().cycle().take(CHUNK).collect();
+    armed(async { drop(std::hint::black_box(probe)) }).await;
+    assert_eq!(
+        FREED_WITH_PROBE.load(Ordering::SeqCst),
+        1,
+        "the allocator sees an unwiped buffer"
+    );
 
     // A memory tier of four chunks, shared namespace (no contracts).
     let store = Store::new(

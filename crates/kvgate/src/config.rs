@@ -219,11 +219,34 @@ impl LayeredConfig for kvgate_store::StoreConfig {
         ("KVGATE_STORE_MEMORY_BYTES", |c, v| {
             set_parsed(&mut c.memory_bytes, v)
         }),
+        ("KVGATE_STORE_REDIS_CA_FILE", |c, v| {
+            redis_tls_file(c, |t| &mut t.ca_file, v)
+        }),
+        ("KVGATE_STORE_REDIS_CERT_FILE", |c, v| {
+            redis_tls_file(c, |t| &mut t.cert_file, v)
+        }),
+        ("KVGATE_STORE_REDIS_KEY_FILE", |c, v| {
+            redis_tls_file(c, |t| &mut t.key_file, v)
+        }),
     ];
 
     fn validate(&self) -> Result<()> {
         Ok(kvgate_store::StoreConfig::validate(self)?)
     }
+}
+
+/// `KVGATE_STORE_REDIS_*_FILE`: one file of the Redis tier's TLS (the
+/// `redis:` block itself comes from the file: it needs `max_bytes`).
+fn redis_tls_file(
+    c: &mut kvgate_store::StoreConfig,
+    slot: fn(&mut kvgate_store::RedisTlsConfig) -> &mut Option<std::path::PathBuf>,
+    v: &str,
+) -> Result<()> {
+    let Some(r) = c.redis.as_mut() else {
+        bail!("a Redis TLS file needs a redis: block in the store's config");
+    };
+    *slot(r.tls.get_or_insert_with(Default::default)) = Some(v.into());
+    Ok(())
 }
 
 impl LayeredConfig for SimConfig {
@@ -411,6 +434,47 @@ mod tests {
             std::fs::write(&p, yaml).unwrap();
             let e = load::<GatewayConfig>(Some(&p), none, |_| Ok(())).unwrap_err();
             assert!(format!("{e:#}").contains(says), "{yaml}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn store_redis_tls_comes_from_the_file_or_the_env_and_is_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.yaml");
+        let contracts = "contracts: {contracts: [{id: c}]}\n";
+        let none = |_: &str| None;
+        std::fs::write(
+            &p,
+            format!("{contracts}redis: {{url: 'rediss://r:6380', max_bytes: 10, tls: {{ca_file: /tls/ca.crt}}}}\n"),
+        )
+        .unwrap();
+        let cfg: kvgate_store::StoreConfig = load(Some(&p), none, |_| Ok(())).unwrap();
+        let tls = cfg.redis.unwrap().tls.unwrap();
+        assert_eq!(tls.ca_file, Some(PathBuf::from("/tls/ca.crt")));
+        let client = |k: &str| match k {
+            "KVGATE_STORE_REDIS_CERT_FILE" => Some("/tls/c.crt".to_string()),
+            "KVGATE_STORE_REDIS_KEY_FILE" => Some("/tls/c.key".to_string()),
+            _ => None,
+        };
+        let cfg: kvgate_store::StoreConfig = load(Some(&p), client, |_| Ok(())).unwrap();
+        let tls = cfg.redis.unwrap().tls.unwrap();
+        assert_eq!(tls.key_file, Some(PathBuf::from("/tls/c.key")));
+        assert_eq!(tls.ca_file, Some(PathBuf::from("/tls/ca.crt")));
+        let cert_only = |k: &str| (k == "KVGATE_STORE_REDIS_CERT_FILE").then(|| "/c".to_string());
+        let e = load::<kvgate_store::StoreConfig>(Some(&p), cert_only, |_| Ok(())).unwrap_err();
+        assert!(format!("{e:#}").contains("key_file"), "{e:#}");
+        let e = load::<kvgate_store::StoreConfig>(None, cert_only, |_| Ok(())).unwrap_err();
+        assert!(format!("{e:#}").contains("redis: block"), "{e:#}");
+        for (redis, says) in [
+            ("{url: 'redis://r', max_bytes: 10, tls: {}}", "rediss://"),
+            (
+                "{cluster: ['rediss://a', 'redis://b'], max_bytes: 10}",
+                "all rediss://",
+            ),
+        ] {
+            std::fs::write(&p, format!("{contracts}redis: {redis}\n")).unwrap();
+            let e = load::<kvgate_store::StoreConfig>(Some(&p), none, |_| Ok(())).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{redis}: {e:#}");
         }
     }
 

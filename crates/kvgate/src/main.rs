@@ -279,11 +279,12 @@ async fn main() -> Result<()> {
                 quotas: cfg.quotas(),
                 disk,
                 write: cfg.disk.as_ref().map(|d| d.write).unwrap_or_default(),
-                redis: cfg
-                    .redis
-                    .as_ref()
-                    .map(kvgate_store::redis_tier::RedisTier::open)
-                    .transpose()?,
+                redis: match (&cfg.redis, scopes.contracts()) {
+                    (Some(r), Some(registry)) => {
+                        Some(kvgate_store::redis_tier::RedisTier::open(r, registry)?)
+                    }
+                    _ => None,
+                },
                 limits: cfg.limits(),
             };
             let store = kvgate_store::Store::with(

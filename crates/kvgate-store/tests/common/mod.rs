@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub mod redis_server;
+pub mod redis_store;
 
 /// The meta every test PUT carries (a bf16 KV_2LTD chunk).
 pub const META: ChunkMeta = ChunkMeta {

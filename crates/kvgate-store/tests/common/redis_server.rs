@@ -1,11 +1,90 @@
 //! Real Redis servers for the tests: one, or a three-node cluster, each a
-//! `redis-server` process on loopback with nothing saved, killed on drop.
+//! `redis-server` (or `valkey-server`) process on loopback with nothing
+//! saved, killed on drop; one may serve TLS only (`rediss://`).
 //! `scripts/test` installs `redis-server` where it is missing
-//! (`KVGATE_REDIS_SERVER` names another binary, e.g. `valkey-server`).
+//! (`KVGATE_REDIS_SERVER` names another binary) and a Valkey
+//! (`KVGATE_VALKEY_SERVER`; else `valkey-server` on PATH). The tier's tests
+//! run on both: [`on_redis_and_valkey!`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// Which server program the tests run.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub binary: String,
+}
+
+impl Server {
+    /// `redis-server`, or what `KVGATE_REDIS_SERVER` names.
+    pub fn redis() -> Self {
+        Self {
+            binary: std::env::var("KVGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()),
+        }
+    }
+
+    /// The Valkey `KVGATE_VALKEY_SERVER` names (it must run), else a
+    /// `valkey-server` on PATH; None: no Valkey installed here.
+    pub fn valkey() -> Option<Self> {
+        if let Ok(binary) = std::env::var("KVGATE_VALKEY_SERVER") {
+            return Some(Self { binary });
+        }
+        let runs = Command::new("valkey-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        runs.then(|| Self {
+            binary: "valkey-server".into(),
+        })
+    }
+
+    /// What `--version` prints (e.g. `Valkey server v=9.1.2 ...`).
+    pub fn version(&self) -> String {
+        let out = Command::new(&self.binary)
+            .arg("--version")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+/// Runs each named `async fn(Server)` as two tests, `<name>::redis` and
+/// `<name>::valkey`; the second says it was skipped where no Valkey is
+/// installed (`scripts/test` installs one).
+#[macro_export]
+macro_rules! on_redis_and_valkey {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use $crate::common::redis_server::Server;
+
+            #[tokio::test]
+            async fn redis() {
+                super::$name(Server::redis()).await
+            }
+
+            #[tokio::test]
+            async fn valkey() {
+                match Server::valkey() {
+                    Some(s) => {
+                        assert!(s.version().contains("Valkey"), "{} is not Valkey: {}", s.binary, s.version());
+                        super::$name(s).await
+                    }
+                    None => eprintln!(
+                        "skipped: no Valkey here (KVGATE_VALKEY_SERVER unset, no valkey-server on PATH; scripts/test installs one)"
+                    ),
+                }
+            }
+        }
+    )*};
+}
+
+/// The certificates a TLS server presents and checks (PEM files).
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
 
 pub struct RedisServer {
     children: Vec<Child>,
@@ -13,12 +92,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
 }
 
-fn binary() -> String {
-    std::env::var("KVGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
-}
-
 /// A port free for Redis and, for a cluster node, for its bus (port + 10000).
-fn free_port(taken: &[u16]) -> u16 {
+pub fn free_port(taken: &[u16]) -> u16 {
     loop {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let p = l.local_addr().unwrap().port();
@@ -31,25 +106,35 @@ fn free_port(taken: &[u16]) -> u16 {
     }
 }
 
-fn spawn(dir: &Path, port: u16, cluster: bool) -> Child {
-    let mut cmd = Command::new(binary());
+fn command(server: &Server, dir: &Path) -> Command {
+    let mut cmd = Command::new(&server.binary);
     cmd.current_dir(dir)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
         // A dump shows values as they are (a test reads it for plaintext).
         .args(["--rdbcompression", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    cmd
+}
+
+fn run(server: &Server, mut cmd: Command) -> Child {
+    cmd.spawn().unwrap_or_else(|e| {
+        panic!(
+            "cannot run {}: {e} (install it: apt-get install redis-server, or run ./scripts/test)",
+            server.binary
+        )
+    })
+}
+
+fn spawn(server: &Server, dir: &Path, port: u16, cluster: bool) -> Child {
+    let mut cmd = command(server, dir);
+    cmd.args(["--port", &port.to_string()]);
     if cluster {
         cmd.args(["--cluster-enabled", "yes"])
             .args(["--cluster-config-file", &format!("nodes-{port}.conf")]);
     }
-    cmd.spawn().unwrap_or_else(|e| {
-        panic!(
-            "cannot run {}: {e} (install it: apt-get install redis-server, or run ./scripts/test)",
-            binary()
-        )
-    })
+    run(server, cmd)
 }
 
 fn wait_for(port: u16) {
@@ -67,10 +152,14 @@ fn wait_for(port: u16) {
 }
 
 impl RedisServer {
-    pub fn start() -> Self {
+    pub fn start(server: &Server) -> Self {
+        Self::start_on(server, free_port(&[]))
+    }
+
+    /// One server on `port` (e.g. one a store was told of before it ran).
+    pub fn start_on(server: &Server, port: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port(&[]);
-        let child = spawn(dir.path(), port, false);
+        let child = spawn(server, dir.path(), port, false);
         wait_for(port);
         Self {
             children: vec![child],
@@ -79,15 +168,59 @@ impl RedisServer {
         }
     }
 
+    /// TLS only (`--port 0`), presenting `tls.cert`; with `client_certs`
+    /// a client must present one `tls.ca` signed (mTLS).
+    pub fn start_tls(server: &Server, tls: &TlsFiles, client_certs: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port(&[]);
+        let mut cmd = command(server, dir.path());
+        cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&tls.cert)
+            .arg("--tls-key-file")
+            .arg(&tls.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&tls.ca)
+            .args([
+                "--tls-auth-clients",
+                if client_certs { "yes" } else { "no" },
+            ]);
+        let mut child = run(server, cmd);
+        // Up once it accepts connections (a PING would need the client's
+        // TLS, which is what the tests are about).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "{} exited at start ({status}): built without TLS?",
+                    server.binary
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "TLS redis on {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            children: vec![child],
+            ports: vec![port],
+            dir,
+        }
+    }
+
     /// Three masters sharing the 16384 slots, no replicas.
-    pub fn cluster() -> Self {
+    pub fn cluster(server: &Server) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut ports = Vec::new();
         for _ in 0..3 {
             let p = free_port(&ports);
             ports.push(p);
         }
-        let children = ports.iter().map(|p| spawn(dir.path(), *p, true)).collect();
+        let children = ports
+            .iter()
+            .map(|p| spawn(server, dir.path(), *p, true))
+            .collect();
         for p in &ports {
             wait_for(*p);
         }
@@ -134,6 +267,11 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.ports[0])
+    }
+
+    /// The `rediss://` URL of a [`RedisServer::start_tls`] server.
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.ports[0])
     }
 
     pub fn urls(&self) -> Vec<String> {
