@@ -131,3 +131,92 @@ async fn a_lora_adapter_is_routed_to_the_pod_that_serves_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A pod that turns Ready is routed to within 2 s; one that turns unready
+/// gets no new request once discovery has seen it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_appears_is_routed_to_and_one_gone_unready_is_not() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let models = FakeEngine::new(&["base"], &[]);
+    let a = engine_on("127.0.0.1", port, &models).await;
+    let b = engine_on("127.0.0.2", port, &models).await;
+    let fake = FakeApiServer::default();
+    fake.put_pod(pod("vllm-a", "127.0.0.1", true));
+    fake.put_pod(pod("vllm-b", "127.0.0.2", false));
+    let k8s = K8sDiscoveryConfig {
+        namespace: "inference".into(),
+        selector: Some("app=vllm".into()),
+        inference_pool: None,
+        port: Some(port),
+        models: vec!["base".into()],
+        models_from_engine: false,
+        models_refresh_ms: 200,
+        block_size: 16,
+        events_port: None,
+        replay_port: None,
+        topic: String::new(),
+    };
+    let discovery = K8sDiscovery::start(k8s.clone(), fake.client().await.unwrap())
+        .await
+        .unwrap();
+    let mut cfg = GatewayConfig {
+        kubernetes: Some(k8s),
+        health_interval_ms: 100,
+        ..Default::default()
+    };
+    cfg.router.policy = kvgate_router::Policy::RoundRobin;
+    let gw = Gateway::start(cfg, Arc::new(discovery)).await.unwrap();
+    let url = serve(gw.router()).await;
+    let client = reqwest::Client::new();
+    let chat_url = format!("{url}/v1/chat/completions");
+    let send = || async {
+        let r = post_json(&client, &chat_url, &chat("base")).await;
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    };
+    for _ in 0..4 {
+        send().await;
+    }
+    assert_eq!(
+        (models_sent(&a).len(), models_sent(&b).len()),
+        (4, 0),
+        "b is not Ready"
+    );
+
+    // b turns Ready: round robin reaches it within 2 s.
+    fake.put_pod(pod("vllm-b", "127.0.0.2", true));
+    let t = Instant::now();
+    while models_sent(&b).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the Ready pod was never routed to"
+        );
+        send().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // a turns unready: once the fleet has dropped it, nothing more reaches it.
+    fake.put_pod(pod("vllm-a", "127.0.0.1", false));
+    let t = Instant::now();
+    while gw.fleet().snapshot().len() != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the unready pod stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (before_a, before_b) = (models_sent(&a).len(), models_sent(&b).len());
+    for _ in 0..6 {
+        send().await;
+    }
+    assert_eq!(
+        models_sent(&a).len(),
+        before_a,
+        "an unready pod got a request"
+    );
+    assert_eq!(models_sent(&b).len(), before_b + 6);
+}
